@@ -1,0 +1,26 @@
+"""Engine adapters, looked up by the ``engine`` field of a model."""
+
+from __future__ import annotations
+
+from ..config import ModelConfig
+from .base import EngineAdapter, EngineError, LaunchSpec, free_port
+from .command import CommandAdapter
+from .llamacpp import LlamaCppAdapter
+from .vllm import SglangAdapter, VllmAdapter
+
+ADAPTERS: dict[str, type[EngineAdapter]] = {
+    cls.name: cls for cls in (LlamaCppAdapter, CommandAdapter, VllmAdapter, SglangAdapter)
+}
+
+
+def adapter_for(model: ModelConfig) -> EngineAdapter:
+    try:
+        cls = ADAPTERS[model.engine]
+    except KeyError:
+        raise EngineError(
+            f"engine '{model.engine}' has no adapter yet (available: {', '.join(sorted(ADAPTERS))})"
+        ) from None
+    return cls(model)
+
+
+__all__ = ["ADAPTERS", "EngineAdapter", "EngineError", "LaunchSpec", "adapter_for", "free_port"]

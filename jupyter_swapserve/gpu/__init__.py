@@ -1,0 +1,1 @@
+"""GPU layer: device discovery and memory (monitor), CUDA checkpoint/restore (checkpoint)."""

@@ -1,0 +1,19 @@
+"""Tornado handlers of the swap service, all under ``<base_url>/swapserve/``."""
+
+from __future__ import annotations
+
+from .admin import SchemaHandler, StatusHandler, SwapHandler
+from .events import EventsHandler
+from .openai import CompletionsHandler, ModelsHandler
+
+
+def handlers() -> list[tuple]:
+    return [
+        (r"/swapserve/v1/models", ModelsHandler),
+        (r"/swapserve/v1/chat/completions", CompletionsHandler, {"upstream_path": "/v1/chat/completions"}),
+        (r"/swapserve/v1/completions", CompletionsHandler, {"upstream_path": "/v1/completions"}),
+        (r"/swapserve/api/status", StatusHandler),
+        (r"/swapserve/api/events", EventsHandler),
+        (r"/swapserve/api/schema", SchemaHandler),
+        (r"/swapserve/api/models/([^/]+)/(swap-in|swap-out)", SwapHandler),
+    ]

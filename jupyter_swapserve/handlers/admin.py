@@ -1,0 +1,42 @@
+"""Status and manual swaps: GET /swapserve/api/status, POST /swapserve/api/models/<name>/swap-in|swap-out."""
+
+from __future__ import annotations
+
+from ..config import schema
+from ..service import EngineUnavailable, ModelNotFound
+from .base import OpenAIError, SwapServeHandler
+
+
+class StatusHandler(SwapServeHandler):
+    async def get(self) -> None:
+        self.require_user("read")
+        status = self.service.status()
+        status["user"] = {"name": self.user_name}
+        self.finish(status)
+
+
+class SchemaHandler(SwapServeHandler):
+    async def get(self) -> None:
+        self.require_user("read")
+        self.finish(schema())
+
+
+class SwapHandler(SwapServeHandler):
+    async def post(self, name: str, direction: str) -> None:
+        self.require_user("write")
+        try:
+            if direction == "swap-in":
+                waited = await self.service.swap_in(name)
+                result = {"model": name, "swapped": waited > 0, "seconds": waited}
+            else:
+                swapped = await self.service.swap_out(name)
+                result = {"model": name, "swapped": swapped}
+        except ModelNotFound as exc:
+            raise OpenAIError(404, str(exc), param="model", code="model_not_found") from None
+        except EngineUnavailable as exc:
+            raise OpenAIError(503 if exc.retry_after else 409, str(exc), code="engine_unavailable") from None
+        backend = self.service.backends[name]
+        result["state"] = backend.state.value
+        if direction == "swap-out" and not result["swapped"] and backend.error:
+            result["reason"] = backend.error
+        self.finish(result)

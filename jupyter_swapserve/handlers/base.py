@@ -1,0 +1,85 @@
+"""Shared handler behaviour: jupyter_server authentication, OpenAI-shaped errors everywhere."""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+from typing import Any
+
+from jupyter_server.base.handlers import APIHandler
+from tornado import web
+
+from ..service import SwapService
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+
+
+class OpenAIError(web.HTTPError):
+    """An error that reaches the client as ``{"error": {message, type, param, code}}``."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(status, reason=HTTPStatus(status).phrase)
+        self.message, self.param, self.code, self.retry_after = message, param, code, retry_after
+
+
+class SwapServeHandler(APIHandler):
+    auth_resource = "swapserve"
+
+    @property
+    def service(self) -> SwapService:
+        return self.settings["swapserve_service"]
+
+    @property
+    def user_name(self) -> str | None:
+        user = self.current_user
+        return getattr(user, "username", None) or (user if isinstance(user, str) else None)
+
+    def check_xsrf_cookie(self) -> None:
+        # without a user the request is refused with 401 by require_user(); checking XSRF first
+        # would turn that into a 403 about a missing cookie, which misleads API clients
+        if getattr(self, "_jupyter_current_user", None) is None:
+            return
+        super().check_xsrf_cookie()
+
+    def require_user(self, action: str = "read") -> None:
+        if not self.current_user:
+            raise OpenAIError(401, "Missing or invalid credentials: pass the Jupyter token as the API key "
+                                   "(Authorization: Bearer <token>).", code="invalid_api_key")
+        if not self.authorizer.is_authorized(self, self.current_user, action, self.auth_resource):
+            raise OpenAIError(403, f"User '{self.user_name}' may not {action} swapserve.", code="forbidden")
+
+    def read_json(self) -> dict[str, Any]:
+        try:
+            body = json.loads(self.request.body or b"")
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise OpenAIError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
+        return body
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, OpenAIError):
+            message, param, code = exc.message, exc.param, exc.code
+            if exc.retry_after is not None:
+                self.set_header("Retry-After", str(max(1, round(exc.retry_after))))
+        elif isinstance(exc, web.HTTPError) and exc.log_message:
+            message, param, code = exc.log_message % exc.args if exc.args else exc.log_message, None, None
+        elif status_code >= 500:
+            # the traceback goes to the server log, never to the client
+            message, param, code = "Internal error in jupyter-swapserve; see the server log.", None, "internal_error"
+        else:
+            message, param, code = self._reason, None, None
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"error": {
+            "message": message, "type": ERROR_TYPES.get(status_code, "api_error"), "param": param, "code": code,
+        }}))

@@ -1,0 +1,193 @@
+"""One engine instance: its state machine, request accounting, rw-lock and swap steps.
+
+States: stopped → starting → running ⇄ swapping_out → swapped_out ⇄ swapping_in → running,
+plus failed. Requests are forwarded only while ``running`` and under the read side of the
+rw-lock; a swap-out takes the write side, so it waits for in-flight requests and no new one
+is forwarded meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from ..config import ModelConfig
+from ..engines.base import EngineAdapter
+from .reservations import Reservation
+
+
+class State(str, Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    SWAPPING_OUT = "swapping_out"
+    SWAPPED_OUT = "swapped_out"
+    SWAPPING_IN = "swapping_in"
+    FAILED = "failed"
+
+
+class DrainTimeout(TimeoutError):
+    pass
+
+
+class RWLock:
+    """Many readers or one writer; a waiting writer blocks new readers (writer preference)."""
+
+    def __init__(self) -> None:
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+        self._cond = asyncio.Condition()
+
+    @property
+    def readers(self) -> int:
+        return self._readers
+
+    @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[None]:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._writer and self._writers_waiting == 0)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def write(self, timeout: float | None = None) -> AsyncIterator[None]:
+        async with self._cond:
+            self._writers_waiting += 1
+            try:
+                await asyncio.wait_for(
+                    self._cond.wait_for(lambda: not self._writer and self._readers == 0), timeout
+                )
+            except asyncio.TimeoutError:
+                raise DrainTimeout(f"{self._readers} request(s) still in flight after {timeout} s") from None
+            finally:
+                self._writers_waiting -= 1
+                self._cond.notify_all()
+            self._writer = True
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+@dataclass
+class StepTiming:
+    step: str
+    seconds: float
+    ok: bool = True
+
+
+class SwapStepError(RuntimeError):
+    def __init__(self, step: str, cause: BaseException, unwound: bool) -> None:
+        self.step, self.cause, self.unwound = step, cause, unwound
+        super().__init__(f"{step} failed: {cause}" + ("" if unwound else " (unwinding failed too)"))
+
+
+class SwapSteps:
+    """Runs swap steps in order, timing each; on failure undoes the completed ones in reverse."""
+
+    def __init__(self) -> None:
+        self.timings: list[StepTiming] = []
+        self._undo: list[tuple[str, Callable[[], Awaitable[Any]]]] = []
+
+    async def run(self, step: str, action: Callable[[], Awaitable[Any]],
+                  undo: Callable[[], Awaitable[Any]] | None = None) -> None:
+        t0 = time.perf_counter()
+        try:
+            await action()
+        except BaseException as exc:
+            self.timings.append(StepTiming(step, time.perf_counter() - t0, ok=False))
+            unwound = await self.unwind()
+            raise SwapStepError(step, exc, unwound) from exc
+        self.timings.append(StepTiming(step, time.perf_counter() - t0))
+        if undo is not None:
+            self._undo.append((step, undo))
+
+    async def unwind(self) -> bool:
+        ok = True
+        while self._undo:
+            step, undo = self._undo.pop()
+            t0 = time.perf_counter()
+            try:
+                await undo()
+                self.timings.append(StepTiming(f"undo {step}", time.perf_counter() - t0))
+            except Exception:
+                ok = False
+                self.timings.append(StepTiming(f"undo {step}", time.perf_counter() - t0, ok=False))
+        return ok
+
+    @property
+    def total(self) -> float:
+        return sum(t.seconds for t in self.timings)
+
+
+@dataclass
+class Backend:
+    config: ModelConfig
+    adapter: EngineAdapter
+    state: State = State.STOPPED
+    runtime: Any = None  # ProcessRuntime or PodmanRuntime while an engine process exists
+    base_url: str | None = None
+    reservation: Reservation | None = None
+    memory_gib: float | None = None
+    memory_measured: bool = False
+    queued: int = 0
+    in_flight: int = 0
+    last_used: float = 0.0
+    served_since_swap_in: bool = True
+    slept: bool = False  # the engine-aware sleep hook ran on the last swap-out
+    checkpointed_pids: list[int] = field(default_factory=list)
+    error: str | None = None
+    failures: int = 0
+    failed_at: float = 0.0
+    swaps_in: int = 0
+    swaps_out: int = 0
+    last_swap_in_seconds: float | None = None
+    last_swap_out_seconds: float | None = None
+    last_cold_start_seconds: float | None = None
+    last_steps: list[StepTiming] = field(default_factory=list)
+    swap_in_history: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=30))
+    requests_total: int = 0
+
+    def __post_init__(self) -> None:
+        self.rw = RWLock()
+        self.transition = asyncio.Lock()  # one start/swap/stop at a time
+        self.slots = asyncio.Semaphore(self.config.concurrency)
+        self.memory_gib = self.config.memory_gib
+        self.on_change: Callable[[], None] = lambda: None
+        self.watcher: asyncio.Task[None] | None = None
+        self.intentional_stop = False
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def device(self) -> int:
+        return self.config.device
+
+    def set_state(self, state: State, error: str | None = None) -> None:
+        self.state = state
+        if state == State.FAILED:
+            self.error = error
+        elif state == State.RUNNING:
+            self.error = None
+        self.on_change()
+
+    def release_reservation(self) -> None:
+        if self.reservation is not None:
+            self.reservation.release()
+            self.reservation = None

@@ -1,0 +1,227 @@
+"""The swap service as one object: build it from a models file, admit requests, forward them,
+report status. Pure asyncio; the Jupyter extension is one of its users, tests are another."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from ..config import ModelsFile
+from ..engines import EngineError, adapter_for
+from ..gpu.checkpoint import make_checkpointer
+from ..gpu.monitor import GpuMonitor
+from .backend import Backend, State
+from .events import Notifier
+from .scheduler import EngineUnavailable, Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFound(LookupError):
+    def __init__(self, name: str, available: list[str]) -> None:
+        self.name, self.available = name, available
+        listed = ", ".join(available) or "none"
+        super().__init__(f"The model '{name}' does not exist. Available models: {listed}.")
+
+
+class QueueFull(RuntimeError):
+    def __init__(self, name: str, limit: int) -> None:
+        self.retry_after = 5
+        super().__init__(f"The queue of model '{name}' is full ({limit} waiting); retry later.")
+
+
+@dataclass
+class Ticket:
+    """A request admitted to a model: forwarded while the ticket is held."""
+
+    backend: Backend
+    user: str | None
+    queue_seconds: float = 0.0
+    swap_in_seconds: float = 0.0
+
+
+class SwapService:
+    def __init__(self, models: ModelsFile, idle_check_interval: float = 1.0) -> None:
+        self.models_file = models
+        self.config_errors = list(models.errors)
+        self.notifier = Notifier()
+        self.monitor = GpuMonitor(models.devices)
+        self.checkpointer = make_checkpointer(self.monitor.has_gpu)
+        self.backends: dict[str, Backend] = {}
+        for m in models.models:
+            if m.device >= len(self.monitor.devices):
+                self.config_errors.append(f"model '{m.name}': field 'device': {m.device} does not exist here")
+                continue
+            try:
+                adapter = adapter_for(m)
+            except EngineError as exc:
+                self.config_errors.append(f"model '{m.name}': field 'engine': {exc}")
+                continue
+            capacity = self.monitor.devices[m.device].capacity_gib
+            if m.memory_gib is not None and m.memory_gib > capacity:
+                self.config_errors.append(
+                    f"model '{m.name}': field 'memory_gib': {m.memory_gib} GiB exceeds device {m.device} "
+                    f"({capacity:g} GiB)")
+                continue
+            self.backends[m.name] = Backend(config=m, adapter=adapter)
+        for err in self.config_errors:
+            log.error("models file: %s", err)
+        self.scheduler = Scheduler(self.backends, self.monitor, self.checkpointer, self.notifier)
+        self._idle_interval = idle_check_interval
+        self._tasks: list[asyncio.Task[None]] = []
+        self.started_at = time.time()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start every engine in the background (startup snapshot), and the idle sweeper."""
+        self._tasks.append(asyncio.create_task(self._startup_snapshot(), name="swapserve-startup"))
+        self._tasks.append(asyncio.create_task(self._idle_loop(), name="swapserve-idle"))
+
+    async def _startup_snapshot(self) -> None:
+        for backend in list(self.backends.values()):
+            async with backend.transition:
+                if backend.state != State.STOPPED:
+                    continue  # a request already started it
+                with contextlib.suppress(EngineUnavailable):
+                    await self.scheduler.cold_start(backend, snapshot=True)
+
+    async def _idle_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._idle_interval)
+            try:
+                await self.scheduler.swap_out_idle()
+            except Exception:  # keep sweeping; one bad swap must not end idle handling
+                log.exception("idle swap-out failed")
+
+    async def wait_started(self, timeout: float = 600.0) -> None:
+        """Wait until every engine has finished its startup (tests, benchmarks, the demo)."""
+        if self._tasks:
+            await asyncio.wait_for(asyncio.shield(self._tasks[0]), timeout)
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        await self.scheduler.close()
+
+    # ---- requests --------------------------------------------------------------------------
+    def backend(self, name: Any) -> Backend:
+        if not isinstance(name, str) or name not in self.backends:
+            raise ModelNotFound(str(name), sorted(self.backends))
+        return self.backends[name]
+
+    @contextlib.asynccontextmanager
+    async def admit(self, model: str, user: str | None = None) -> AsyncIterator[Ticket]:
+        """Queue for the model, have it swapped in, and hold a forwarding slot."""
+        backend = self.backend(model)
+        if backend.queued >= backend.config.max_queue:
+            raise QueueFull(model, backend.config.max_queue)
+        ticket = Ticket(backend, user)
+        arrived = time.perf_counter()
+        backend.queued += 1
+        self.notifier.notify()
+        admitted = False
+        try:
+            async with backend.slots:
+                while True:
+                    ticket.swap_in_seconds += await self.scheduler.ensure_running(backend)
+                    async with backend.rw.read():
+                        if backend.state != State.RUNNING:
+                            continue  # swapped out between the two steps: go round again
+                        backend.queued -= 1
+                        backend.in_flight += 1
+                        backend.requests_total += 1
+                        backend.served_since_swap_in = True
+                        backend.last_used = time.time()
+                        admitted = True
+                        ticket.queue_seconds = max(0.0, time.perf_counter() - arrived - ticket.swap_in_seconds)
+                        self.notifier.notify()
+                        try:
+                            yield ticket
+                        finally:
+                            backend.in_flight -= 1
+                            backend.last_used = time.time()
+                            self.notifier.notify()
+                        return
+        finally:
+            if not admitted:
+                backend.queued -= 1
+                self.notifier.notify()
+
+    @contextlib.asynccontextmanager
+    async def forward(self, ticket: Ticket, path: str, body: dict[str, Any]) -> AsyncIterator[httpx.Response]:
+        """POST the body to the engine (model name rewritten); the response is streamed."""
+        backend = ticket.backend
+        upstream = {**body, "model": backend.adapter.upstream_model_name()}
+        request = self.scheduler.client.build_request(
+            "POST", f"{backend.base_url}{path}", content=json.dumps(upstream).encode(),
+            headers={"content-type": "application/json"},
+            timeout=httpx.Timeout(30.0, read=backend.config.request_timeout),
+        )
+        try:
+            response = await self.scheduler.client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise EngineUnavailable(f"model '{backend.name}' did not answer: {exc.__class__.__name__}") from None
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    # ---- admin operations ------------------------------------------------------------------
+    async def swap_in(self, name: str) -> float:
+        return await self.scheduler.ensure_running(self.backend(name))
+
+    async def swap_out(self, name: str) -> bool:
+        backend = self.backend(name)
+        if backend.config.pinned:
+            raise EngineUnavailable(f"model '{name}' is pinned and is never swapped out", retry_after=0)
+        return await self.scheduler.swap_out(backend, reason="requested")
+
+    # ---- status ----------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        devices = []
+        for d in self.monitor.devices:
+            manager = self.scheduler.reservations[d.index]
+            devices.append({
+                "index": d.index, "name": d.name, "kind": d.kind, "capacity_gib": d.capacity_gib,
+                "reserved_gib": round(manager.granted_gib, 4), "free_gib": round(manager.free_gib, 4),
+                "used_gib": self.monitor.used_gib(d.index),
+                "waiting": [{"model": o, "gib": g} for o, g, _ in manager.waiting()],
+            })
+        models = []
+        for b in self.backends.values():
+            models.append({
+                "name": b.name, "engine": b.config.engine, "runtime": b.config.runtime, "api": b.config.api,
+                "state": b.state.value, "device": b.device,
+                "device_kind": self.monitor.devices[b.device].kind,
+                "memory_gib": b.memory_gib, "memory_measured": b.memory_measured,
+                "reserved_gib": b.reservation.gib if b.reservation else 0.0,
+                "queue_depth": b.queued, "in_flight": b.in_flight, "max_queue": b.config.max_queue,
+                "pinned": b.config.pinned, "idle_timeout": b.config.idle_timeout,
+                "last_swap_in_seconds": b.last_swap_in_seconds,
+                "last_swap_out_seconds": b.last_swap_out_seconds,
+                "last_cold_start_seconds": b.last_cold_start_seconds,
+                "last_used": b.last_used or None,
+                "swaps_in": b.swaps_in, "swaps_out": b.swaps_out, "requests": b.requests_total,
+                "swap_in_history": [{"t": t, "seconds": s} for t, s in b.swap_in_history],
+                "last_steps": [{"step": s.step, "seconds": s.seconds, "ok": s.ok} for s in b.last_steps],
+                "freezer": getattr(b.runtime, "freezer", None),
+                "error": b.error,
+            })
+        return {
+            "version": self.notifier.version,
+            "checkpointer": self.checkpointer.kind,
+            "devices": devices,
+            "models": models,
+            "config_errors": self.config_errors,
+        }

@@ -1,0 +1,360 @@
+"""Swap orchestration: reserve → evict → swap in; swap out victims and idle engines; cold
+starts with the startup snapshot; restarts of failed engines with backoff.
+
+The decisions (which victim) live in :mod:`.policy`; the memory bookkeeping in
+:mod:`.reservations`; the steps on a process in the runtime and the checkpointer. This module
+only sequences them, times each step and unwinds on failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from ..engines.base import EngineError, free_port
+from ..gpu.checkpoint import CheckpointError
+from ..gpu.monitor import GpuMonitor
+from ..runtime.process import ProcessRuntime, RuntimeStepError
+from .backend import Backend, DrainTimeout, State, SwapStepError, SwapSteps
+from .events import Notifier
+from .policy import BackendSnapshot, choose_victims
+from .reservations import ReservationManager, ReservationTooLarge
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF = 30.0
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine cannot serve now (failed start, died, swap failed). Maps to 503."""
+
+    def __init__(self, message: str, retry_after: float = 5.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _rss_gib(pids: list[int]) -> float:
+    """Resident host memory of processes: the measured size of an engine on a virtual device."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * 4096
+    return total / 1024**3
+
+
+class Scheduler:
+    def __init__(
+        self,
+        backends: dict[str, Backend],
+        monitor: GpuMonitor,
+        checkpointer: Any,
+        notifier: Notifier,
+        runtime_factory: Callable[[Backend], Any] | None = None,
+        lock_timeout_ms: int = 10_000,
+    ) -> None:
+        self.backends = backends
+        self.monitor = monitor
+        self.checkpointer = checkpointer
+        self.notifier = notifier
+        self.lock_timeout_ms = lock_timeout_ms
+        self.reservations = {
+            d.index: ReservationManager(d.index, d.capacity_gib, on_change=notifier.notify) for d in monitor.devices
+        }
+        self._device_locks = {d.index: asyncio.Lock() for d in monitor.devices}
+        self._runtime_factory = runtime_factory or (lambda b: ProcessRuntime(b.name))
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None))
+        for b in backends.values():
+            b.on_change = notifier.notify
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def is_virtual(self, backend: Backend) -> bool:
+        return self.monitor.devices[backend.device].virtual
+
+    def snapshots(self) -> list[BackendSnapshot]:
+        return [
+            BackendSnapshot(
+                name=b.name, device=b.device, state=b.state.value,
+                memory_gib=b.reservation.gib if b.reservation else (b.memory_gib or 0.0),
+                queued=b.queued, in_flight=b.in_flight, last_used=b.last_used, pinned=b.config.pinned,
+                served_since_swap_in=b.served_since_swap_in,
+            )
+            for b in self.backends.values()
+        ]
+
+    def _record(self, backend: Backend, what: str, steps: SwapSteps) -> None:
+        backend.last_steps = steps.timings
+        log.info("%s %s: %s", backend.name, what,
+                 ", ".join(f"{t.step} {t.seconds * 1000:.1f} ms{'' if t.ok else ' FAILED'}" for t in steps.timings))
+
+    # ---- reservation with eviction ---------------------------------------------------------
+    async def _reserve(self, backend: Backend, gib: float) -> None:
+        """Get ``gib`` on the backend's device, evicting victims chosen by the policy."""
+        manager = self.reservations[backend.device]
+        lock = self._device_locks[backend.device]
+        while True:
+            async with lock:
+                reservation = manager.try_acquire(backend.name, gib)
+                if reservation is None:
+                    plan = choose_victims(self.snapshots(), backend.device, gib, manager.free_gib, backend.name)
+                    if plan.sufficient:
+                        for victim in plan.victims:
+                            await self.swap_out(self.backends[victim], reason=f"preempted for {backend.name}")
+                            reservation = manager.try_acquire(backend.name, gib)
+                            if reservation is not None:
+                                break
+                if reservation is not None:
+                    backend.reservation = reservation
+                    return
+            # nothing (enough) evictable now: queue for the memory, re-plan when things change
+            try:
+                backend.reservation = await asyncio.wait_for(manager.acquire(backend.name, gib), timeout=1.0)
+                return
+            except asyncio.TimeoutError:
+                continue
+
+    # ---- the public operations -------------------------------------------------------------
+    async def ensure_running(self, backend: Backend) -> float:
+        """Make the engine serve; returns the seconds this caller waited for it."""
+        t0 = time.perf_counter()
+        while backend.state != State.RUNNING:
+            async with backend.transition:
+                if backend.state == State.RUNNING:
+                    break
+                if backend.state == State.SWAPPED_OUT:
+                    await self.swap_in(backend)
+                elif backend.state in (State.STOPPED, State.FAILED):
+                    await self._wait_backoff(backend)
+                    await self.cold_start(backend, snapshot=False)
+        return time.perf_counter() - t0 if backend.state == State.RUNNING else 0.0
+
+    async def _wait_backoff(self, backend: Backend) -> None:
+        if backend.failures == 0:
+            return
+        delay = min(MAX_BACKOFF, 2.0 ** (backend.failures - 1)) - (time.monotonic() - backend.failed_at)
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def cold_start(self, backend: Backend, snapshot: bool) -> None:
+        """Start the engine, wait until it answers, warm it up; then, for the startup snapshot,
+        swap it out at once (unless pinned) so later requests find it one swap-in away."""
+        t0 = time.perf_counter()
+        backend.set_state(State.STARTING)
+        capacity = self.reservations[backend.device].capacity_gib
+        measure = backend.memory_gib is None
+        try:
+            # unknown size: hold the whole device while starting, shrink to the measured size after
+            await self._reserve(backend, capacity if measure else float(backend.memory_gib or 0))
+            port = backend.config.port or free_port()
+            spec = backend.adapter.launch_spec(port)
+            runtime = self._runtime_factory(backend)
+            await runtime.start(spec)
+            backend.runtime = runtime
+            backend.base_url = spec.base_url
+            backend.intentional_stop = False
+            backend.watcher = asyncio.create_task(self._watch(backend, runtime))
+            await self._wait_ready(backend)
+            if backend.config.warmup:
+                await self._warmup(backend)
+            if measure:
+                self._measure(backend)
+        except (EngineError, RuntimeStepError, ReservationTooLarge, EngineUnavailable, OSError) as exc:
+            await self._fail(backend, f"start failed: {exc}")
+            raise EngineUnavailable(f"model '{backend.name}' could not start: {exc}") from None
+        except BaseException:
+            await self._fail(backend, "start cancelled")
+            raise
+        backend.last_cold_start_seconds = time.perf_counter() - t0
+        backend.failures = 0
+        backend.last_used = time.time()
+        backend.served_since_swap_in = False
+        backend.set_state(State.RUNNING)
+        log.info("%s started in %.2f s", backend.name, backend.last_cold_start_seconds)
+        if snapshot and not backend.config.pinned:
+            with contextlib.suppress(SwapStepError, DrainTimeout):
+                await self._swap_out_locked(backend, reason="startup snapshot")
+
+    async def _wait_ready(self, backend: Backend) -> None:
+        deadline = time.monotonic() + backend.config.start_timeout
+        while time.monotonic() < deadline:
+            if not backend.runtime.running:
+                raise EngineUnavailable(f"engine exited during start: {self._last_log_line(backend)}")
+            if await backend.adapter.is_ready(self.client, backend.base_url or ""):
+                return
+            await asyncio.sleep(0.2)
+        raise EngineUnavailable(f"engine not ready after {backend.config.start_timeout:.0f} s")
+
+    async def _warmup(self, backend: Backend) -> None:
+        path, body = backend.adapter.warmup_request()
+        try:
+            r = await self.client.post(f"{backend.base_url}{path}", json=body, timeout=backend.config.start_timeout)
+        except httpx.HTTPError as exc:
+            raise EngineUnavailable(f"warm-up request failed: {exc}") from None
+        if r.status_code >= 400:
+            raise EngineUnavailable(f"warm-up request got HTTP {r.status_code}: {r.text[:200]}")
+
+    def _measure(self, backend: Backend) -> None:
+        pids = backend.runtime.pids()
+        if self.is_virtual(backend):
+            size = _rss_gib(pids)
+        else:
+            size = self.monitor.process_memory_gib(pids).get(backend.device, 0.0)
+        size = max(size, 0.01)
+        backend.memory_gib = round(size, 3)
+        backend.memory_measured = True
+        if backend.reservation is not None:
+            backend.reservation.resize(backend.memory_gib)
+        log.info("%s measured at %.3f GiB", backend.name, size)
+
+    @staticmethod
+    def _last_log_line(backend: Backend) -> str:
+        tail = backend.runtime.log_tail(30) if backend.runtime else ""
+        lines = [ln for ln in tail.splitlines() if ln.strip()]
+        return lines[-1][:300] if lines else "no output"
+
+    async def swap_in(self, backend: Backend) -> None:
+        """swapped_out → running: reserve (evicting) → thaw → restore → unlock → wake."""
+        assert backend.transition.locked()
+        t0 = time.perf_counter()
+        backend.set_state(State.SWAPPING_IN)
+        try:
+            await self._reserve(backend, float(backend.memory_gib or 0))
+        except BaseException:
+            backend.set_state(State.SWAPPED_OUT)
+            raise
+        steps = SwapSteps()
+        runtime, ckpt = backend.runtime, self.checkpointer
+        pids = list(backend.checkpointed_pids)
+        try:
+            await steps.run("thaw", runtime.thaw, undo=runtime.freeze)
+            for pid in pids:
+                await steps.run("restore", lambda p=pid: asyncio.to_thread(ckpt.restore, p),
+                                undo=lambda p=pid: asyncio.to_thread(ckpt.checkpoint, p))
+            for pid in pids:
+                await steps.run("unlock", lambda p=pid: asyncio.to_thread(ckpt.unlock, p),
+                                undo=lambda p=pid: asyncio.to_thread(ckpt.lock, p, self.lock_timeout_ms))
+            if backend.slept:
+                await steps.run("wake", lambda: backend.adapter.wake(self.client, backend.base_url or ""),
+                                undo=lambda: backend.adapter.sleep(self.client, backend.base_url or ""))
+        except (SwapStepError, asyncio.CancelledError) as exc:
+            self._record(backend, "swap-in failed", steps)
+            backend.release_reservation()
+            if isinstance(exc, SwapStepError) and exc.unwound and runtime.running:
+                backend.set_state(State.SWAPPED_OUT)
+                backend.error = f"swap-in failed at {exc.step}: {exc.cause}"
+            else:
+                await self._fail(backend, f"swap-in failed and could not be undone: {exc}")
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise EngineUnavailable(f"model '{backend.name}' could not be swapped in: {exc}") from None
+        backend.checkpointed_pids = []
+        backend.slept = False
+        elapsed = time.perf_counter() - t0
+        backend.last_swap_in_seconds = elapsed
+        backend.swap_in_history.append((time.time(), elapsed))
+        backend.swaps_in += 1
+        backend.last_used = time.time()
+        backend.served_since_swap_in = False
+        self._record(backend, "swap-in", steps)
+        backend.set_state(State.RUNNING)
+
+    async def swap_out(self, backend: Backend, reason: str) -> bool:
+        """running → swapped_out. False when it was not running or could not drain in time."""
+        async with backend.transition:
+            if backend.state != State.RUNNING:
+                return False
+            try:
+                await self._swap_out_locked(backend, reason)
+            except (SwapStepError, DrainTimeout) as exc:
+                log.warning("swap-out of %s abandoned: %s", backend.name, exc)
+                return False
+            return True
+
+    async def _swap_out_locked(self, backend: Backend, reason: str) -> None:
+        """sleep → lock → checkpoint → freeze, after in-flight requests have finished."""
+        t0 = time.perf_counter()
+        backend.set_state(State.SWAPPING_OUT)
+        steps = SwapSteps()
+        runtime, ckpt = backend.runtime, self.checkpointer
+        try:
+            async with backend.rw.write(timeout=backend.config.drain_timeout):
+                real_gpu = not self.is_virtual(backend)
+                if real_gpu and backend.adapter.supports_sleep:
+                    await steps.run("sleep", lambda: backend.adapter.sleep(self.client, backend.base_url or ""),
+                                    undo=lambda: backend.adapter.wake(self.client, backend.base_url or ""))
+                pids = self.monitor.gpu_pids(runtime.pids()) if real_gpu else []
+                for pid in pids:
+                    await steps.run("lock", lambda p=pid: asyncio.to_thread(ckpt.lock, p, self.lock_timeout_ms),
+                                    undo=lambda p=pid: asyncio.to_thread(ckpt.unlock, p))
+                for pid in pids:
+                    await steps.run("checkpoint", lambda p=pid: asyncio.to_thread(ckpt.checkpoint, p),
+                                    undo=lambda p=pid: asyncio.to_thread(ckpt.restore, p))
+                await steps.run("freeze", runtime.freeze, undo=runtime.thaw)
+        except (SwapStepError, DrainTimeout) as exc:
+            self._record(backend, "swap-out failed", steps)
+            if isinstance(exc, SwapStepError) and not exc.unwound:
+                await self._fail(backend, f"swap-out failed and could not be undone: {exc}")
+            else:
+                backend.set_state(State.RUNNING)
+                backend.error = f"swap-out ({reason}) abandoned: {exc}"
+            raise
+        backend.slept = any(t.step == "sleep" for t in steps.timings)
+        backend.checkpointed_pids = pids
+        backend.release_reservation()
+        elapsed = time.perf_counter() - t0
+        backend.last_swap_out_seconds = elapsed
+        backend.swaps_out += 1
+        self._record(backend, f"swap-out ({reason})", steps)
+        backend.set_state(State.SWAPPED_OUT)
+
+    async def swap_out_idle(self) -> None:
+        now = time.time()
+        for b in list(self.backends.values()):
+            timeout = b.config.idle_timeout
+            if (timeout is not None and not b.config.pinned and b.state == State.RUNNING
+                    and b.queued == 0 and b.in_flight == 0 and now - b.last_used >= timeout):
+                await self.swap_out(b, reason=f"idle for {timeout:g} s")
+
+    # ---- failure and stop ------------------------------------------------------------------
+    async def _watch(self, backend: Backend, runtime: Any) -> None:
+        code = await runtime.wait()
+        if backend.runtime is runtime and not backend.intentional_stop:
+            reason = f"engine exited with code {code}: {self._last_log_line(backend)}"
+            log.error("%s: %s", backend.name, reason)
+            await self._fail(backend, reason)
+
+    async def _fail(self, backend: Backend, reason: str) -> None:
+        backend.failures += 1
+        backend.failed_at = time.monotonic()
+        backend.release_reservation()
+        runtime, backend.runtime = backend.runtime, None
+        backend.checkpointed_pids = []
+        backend.slept = False
+        backend.set_state(State.FAILED, reason)
+        if runtime is not None:
+            backend.intentional_stop = True
+            await runtime.stop()  # also removes the cgroup of a process that already died
+
+    async def stop(self, backend: Backend) -> None:
+        runtime, backend.runtime = backend.runtime, None
+        backend.intentional_stop = True
+        if runtime is not None:
+            await runtime.stop()
+        if backend.watcher is not None:
+            backend.watcher.cancel()
+        backend.release_reservation()
+        backend.checkpointed_pids = []
+        backend.set_state(State.STOPPED)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(self.stop(b) for b in self.backends.values()), return_exceptions=True)
+        await self.client.aclose()
+
+
+__all__ = ["CheckpointError", "EngineUnavailable", "Scheduler"]
