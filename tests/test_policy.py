@@ -1,0 +1,51 @@
+"""The preemption policy is a pure function: snapshots in, ordered victims out."""
+
+from __future__ import annotations
+
+from jupyter_swapserve.service.policy import BackendSnapshot, choose_victims
+
+
+def snap(name: str, queued: int = 0, in_flight: int = 0, last_used: float = 0, gib: float = 4, **kw) -> BackendSnapshot:
+    return BackendSnapshot(name=name, device=kw.pop("device", 0), state=kw.pop("state", "running"), memory_gib=gib,
+                           queued=queued, in_flight=in_flight, last_used=last_used, **kw)
+
+
+def test_no_victims_when_enough_is_free() -> None:
+    plan = choose_victims([snap("a")], device=0, need_gib=2, free_gib=3, requester="x")
+    assert plan.victims == () and plan.sufficient
+
+
+def test_fewest_queued_and_in_flight_first() -> None:
+    backends = [snap("busy", queued=3), snap("idle"), snap("working", in_flight=1)]
+    plan = choose_victims(backends, 0, need_gib=4, free_gib=0, requester="x")
+    assert plan.victims == ("idle",) and plan.sufficient
+    plan = choose_victims(backends, 0, need_gib=12, free_gib=0, requester="x")
+    assert plan.victims == ("idle", "working", "busy")
+
+
+def test_ties_go_to_least_recently_used() -> None:
+    backends = [snap("recent", last_used=200), snap("old", last_used=100), snap("middle", last_used=150)]
+    assert choose_victims(backends, 0, 8, 0, "x").victims == ("old", "middle")
+
+
+def test_never_pinned_requester_other_device_or_not_running() -> None:
+    backends = [snap("pinned", pinned=True), snap("x"), snap("elsewhere", device=1),
+                snap("swapping", state="swapping_in"), snap("out", state="swapped_out"), snap("ok", gib=1)]
+    plan = choose_victims(backends, 0, need_gib=4, free_gib=0, requester="x")
+    assert plan.victims == ("ok",) and not plan.sufficient
+
+
+def test_just_swapped_in_for_waiting_requests_is_protected() -> None:
+    fresh = snap("fresh", queued=1, served_since_swap_in=False)
+    other = snap("other", queued=5, last_used=999)
+    plan = choose_victims([fresh, other], 0, 4, 0, "x")
+    assert plan.victims == ("other",)
+    # once it has served one of them it is an ordinary candidate again
+    plan = choose_victims([snap("fresh", queued=1), other], 0, 4, 0, "x")
+    assert plan.victims == ("fresh",)
+
+
+def test_stops_at_the_shortest_sufficient_prefix() -> None:
+    backends = [snap("a", gib=1, last_used=1), snap("b", gib=2, last_used=2), snap("c", gib=8, last_used=3)]
+    plan = choose_victims(backends, 0, need_gib=3.5, free_gib=0.5, requester="x")
+    assert plan.victims == ("a", "b") and plan.sufficient
