@@ -42,7 +42,8 @@ def test_json_and_defaults(tmp_path: Path) -> None:
     p = write(tmp_path, {"models": [{"name": "m", "engine": "llamacpp", "model": "x.gguf"}]}, "m.json")
     loaded = load_models_file(p)
     m = loaded.models[0]
-    assert (m.runtime, m.api, m.device, m.max_queue, m.pinned, m.idle_timeout) == ("process", "chat", 0, 64, False, None)
+    defaults = (m.runtime, m.api, m.device, m.max_queue, m.pinned, m.idle_timeout)
+    assert defaults == ("process", "chat", 0, 64, False, None)
     assert loaded.devices is None
 
 

@@ -1,8 +1,10 @@
-"""Any OpenAI-compatible server given its command line (``{port}``, ``{host}``, ``{model}`` substituted)."""
+"""Any OpenAI-compatible server given its command line (``{port}``, ``{host}``, ``{model}``,
+``{python}`` (this interpreter) substituted)."""
 
 from __future__ import annotations
 
 import shlex
+import sys
 
 from .base import EngineAdapter, EngineError, LaunchSpec
 
@@ -15,7 +17,7 @@ class CommandAdapter(EngineAdapter):
         argv = shlex.split(command) if isinstance(command, str) else list(command or [])
         if not argv:
             raise EngineError("field 'command' is empty")
-        values = {"port": str(port), "host": "127.0.0.1", "model": self.model.model or ""}
+        values = {"port": str(port), "host": "127.0.0.1", "model": self.model.model or "", "python": sys.executable}
         try:
             argv = [part.format(**values) for part in argv] + list(self.model.args)
         except (KeyError, IndexError, ValueError) as exc:

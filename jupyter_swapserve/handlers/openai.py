@@ -7,6 +7,7 @@ import contextlib
 import json
 from typing import Any
 
+import httpx
 from tornado.iostream import StreamClosedError
 
 from ..service import EngineUnavailable, ModelNotFound, QueueFull
@@ -118,14 +119,24 @@ class CompletionsHandler(SwapServeHandler):
                 self.set_header("x-swapserve-swap-in-seconds", f"{ticket.swap_in_seconds:.4f}")
                 self.set_header("x-swapserve-queue-seconds", f"{ticket.queue_seconds:.4f}")
                 async with self.service.forward(ticket, self.upstream_path, body) as upstream:
-                    await self._relay(upstream, bool(body.get("stream")))
+                    try:
+                        await self._relay(upstream, bool(body.get("stream")))
+                    except httpx.HTTPError as exc:  # the engine died or hung up mid-response
+                        raise EngineUnavailable(
+                            f"model '{model}' stopped answering mid-response: {exc.__class__.__name__}") from None
         except ModelNotFound as exc:
             raise OpenAIError(404, str(exc), param="model", code="model_not_found") from None
         except QueueFull as exc:
             raise OpenAIError(503, str(exc), code="queue_full", retry_after=exc.retry_after) from None
         except EngineUnavailable as exc:
             if self._headers_written:
-                return  # mid-stream: the client sees the stream end early
+                # mid-stream: end the stream with an error event, as OpenAI does
+                error = {"error": {"message": str(exc), "type": "service_unavailable", "param": None,
+                                   "code": "engine_unavailable"}}
+                with contextlib.suppress(StreamClosedError):
+                    self.write(f"data: {json.dumps(error)}\n\n")
+                    self.finish()
+                return
             raise OpenAIError(503, str(exc), code="engine_unavailable", retry_after=exc.retry_after) from None
 
     async def _relay(self, upstream: Any, stream: bool) -> None:

@@ -102,7 +102,7 @@ class ProcessRuntime:
             # it ever has is inside; if the move fails it still runs, with the signal freezer
             argv = ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs" 2>/dev/null; exec "$@"', str(self.cgroup), *argv]
         env = {**os.environ, **spec.env}
-        log_file = open(self.log_path, "ab")
+        log_file = open(self.log_path, "ab")  # noqa: ASYNC230 - a local file, handed to the child
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,

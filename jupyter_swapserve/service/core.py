@@ -216,6 +216,7 @@ class SwapService:
                 "swap_in_history": [{"t": t, "seconds": s} for t, s in b.swap_in_history],
                 "last_steps": [{"step": s.step, "seconds": s.seconds, "ok": s.ok} for s in b.last_steps],
                 "freezer": getattr(b.runtime, "freezer", None),
+                "pids": b.runtime.pids() if b.runtime is not None and b.runtime.running else [],
                 "error": b.error,
             })
         return {

@@ -165,7 +165,8 @@ class ReservationManager:
         self._check_size(gib)
         growth = gib - reservation.gib
         if growth > EPSILON and not self._fits(growth):
-            raise ReservationTooLarge(f"cannot grow {reservation.owner} to {gib:.2f} GiB: only {self.free_gib:.2f} free")
+            raise ReservationTooLarge(
+                f"cannot grow {reservation.owner} to {gib:.2f} GiB: only {self.free_gib:.2f} free")
         reservation.gib = gib
         self._on_change()
         if growth < 0:
