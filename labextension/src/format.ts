@@ -1,0 +1,109 @@
+/** Pure formatting helpers of the panel (unit-tested; no DOM, no JupyterLab). */
+
+const DASH = '–';
+
+function finite(x: unknown): x is number {
+  return typeof x === 'number' && isFinite(x);
+}
+
+/** GiB with a precision that suits the size: 0.60 GiB, 12.3 GiB, 141 GiB. */
+export function formatGiB(gib: number | null | undefined, unit = true): string {
+  if (!finite(gib)) {
+    return DASH;
+  }
+  const abs = Math.abs(gib);
+  const text = abs < 10 ? gib.toFixed(2) : abs < 100 ? gib.toFixed(1) : gib.toFixed(0);
+  return unit ? `${text} GiB` : text;
+}
+
+/** A duration: 850 ms, 1.23 s, 12.3 s, 2 min 05 s. */
+export function formatSeconds(seconds: number | null | undefined): string {
+  if (!finite(seconds) || seconds < 0) {
+    return DASH;
+  }
+  if (seconds < 0.001) {
+    return seconds === 0 ? '0 s' : '<1 ms';
+  }
+  if (seconds < 1) {
+    return `${Math.round(seconds * 1000)} ms`;
+  }
+  if (seconds < 10) {
+    return `${seconds.toFixed(2)} s`;
+  }
+  if (seconds < 60) {
+    return `${seconds.toFixed(1)} s`;
+  }
+  const minutes = Math.floor(seconds / 60);
+  const rest = Math.round(seconds - minutes * 60);
+  return `${minutes} min ${String(rest).padStart(2, '0')} s`;
+}
+
+/** How long ago a unix timestamp (seconds) was, relative to `nowSeconds`. */
+export function formatAgo(unixSeconds: number | null | undefined, nowSeconds: number): string {
+  if (!finite(unixSeconds) || unixSeconds <= 0) {
+    return 'never';
+  }
+  const age = nowSeconds - unixSeconds;
+  if (age < 2) {
+    return 'just now';
+  }
+  if (age < 60) {
+    return `${Math.floor(age)} s ago`;
+  }
+  if (age < 3600) {
+    return `${Math.floor(age / 60)} min ago`;
+  }
+  if (age < 86400) {
+    return `${Math.floor(age / 3600)} h ago`;
+  }
+  return `${Math.floor(age / 86400)} d ago`;
+}
+
+/** Percentage (0–100, clamped) of `part` in `whole`; 0 when either is unknown. */
+export function percent(part: number | null | undefined, whole: number | null | undefined): number {
+  if (!finite(part) || !finite(whole) || whole <= 0) {
+    return 0;
+  }
+  return Math.max(0, Math.min(100, (part / whole) * 100));
+}
+
+const STATE_LABELS: Record<string, string> = {
+  stopped: 'stopped',
+  starting: 'starting…',
+  running: 'running',
+  swapping_out: 'swapping out…',
+  swapped_out: 'swapped out',
+  swapping_in: 'swapping in…',
+  failed: 'failed'
+};
+
+export function stateLabel(state: string): string {
+  return STATE_LABELS[state] ?? state.replace(/_/g, ' ');
+}
+
+/** States in which the engine is moving: shown with a progress indicator. */
+export function isTransitional(state: string): boolean {
+  return state === 'starting' || state === 'swapping_in' || state === 'swapping_out';
+}
+
+/** A CSS-safe token of a state, for class names: `jp-SwapServe-state-swapping_in`. */
+export function stateClass(state: string): string {
+  return 'jp-SwapServe-state-' + state.replace(/[^a-z0-9_-]/gi, '');
+}
+
+/** The device label: its name, and "virtual" for a virtual device. */
+export function deviceKindLabel(kind: string | null | undefined): string {
+  if (kind === 'virtual') {
+    return 'virtual';
+  }
+  if (kind === 'nvidia') {
+    return 'GPU';
+  }
+  return kind || 'device';
+}
+
+/** Queue depth text: "3 / 16" when a limit is known, else "3". */
+export function formatQueue(depth: number, max: number | null | undefined): string {
+  const d = finite(depth) ? depth : 0;
+  return finite(max) && max > 0 ? `${d} / ${max}` : String(d);
+}

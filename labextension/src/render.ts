@@ -1,0 +1,477 @@
+/**
+ * The panel's DOM. Built once; every update patches text and attributes in place, keyed by device
+ * index and model name, so nothing flickers, scroll stays put and a focused button keeps focus.
+ */
+
+import { createChart, summaryText, updateChart } from './chart';
+import { h, reorder, setAttr, setClass, setHidden, setStyle, setText } from './dom';
+import {
+  connectionText,
+  deviceView,
+  IDeviceView,
+  IModelView,
+  IPanelState,
+  modelView
+} from './state';
+import { SwapAction } from './types';
+
+export interface IPanelCallbacks {
+  swap(model: string, action: SwapAction): void;
+  retry(): void;
+  dismiss(model: string): void;
+}
+
+const COLORS = 6;
+
+interface IDeviceRow {
+  root: HTMLElement;
+  title: HTMLElement;
+  kind: HTMLElement;
+  capacity: HTMLElement;
+  bar: HTMLElement;
+  segs: HTMLElement;
+  used: HTMLElement;
+  reserved: HTMLElement;
+  free: HTMLElement;
+  usedLegend: HTMLElement;
+  waiting: HTMLElement;
+}
+
+interface IModelRow {
+  root: HTMLElement;
+  swatch: HTMLElement;
+  name: HTMLElement;
+  subtitle: HTMLElement;
+  pinned: HTMLElement;
+  state: HTMLElement;
+  stateText: HTMLElement;
+  memBar: HTMLElement;
+  memFill: HTMLElement;
+  memText: HTMLElement;
+  values: Record<string, HTMLElement>;
+  chart: SVGSVGElement;
+  chartText: HTMLElement;
+  message: HTMLElement;
+  messageText: HTMLElement;
+  messageClose: HTMLButtonElement;
+  error: HTMLElement;
+  swapIn: HTMLButtonElement;
+  swapOut: HTMLButtonElement;
+}
+
+const STATS: [string, string][] = [
+  ['device', 'Device'],
+  ['queue', 'Queued'],
+  ['inflight', 'In flight'],
+  ['requests', 'Requests'],
+  ['swapin', 'Last swap-in'],
+  ['swapout', 'Last swap-out'],
+  ['lastused', 'Last used']
+];
+
+export class PanelView {
+  readonly node: HTMLElement;
+  private conn: HTMLElement;
+  private connText: HTMLElement;
+  private meta: HTMLElement;
+  private errorBox: HTMLElement;
+  private errorText: HTMLElement;
+  private configErrors: HTMLElement;
+  private devicesSection: HTMLElement;
+  private devicesList: HTMLElement;
+  private modelsSection: HTMLElement;
+  private modelsHeading: HTMLElement;
+  private modelsList: HTMLElement;
+  private empty: HTMLElement;
+  private devices = new Map<number, IDeviceRow>();
+  private models = new Map<string, IModelRow>();
+  /** Extra sections (e.g. admin quotas) appended after the models. */
+  readonly extra: HTMLElement;
+
+  constructor(private callbacks: IPanelCallbacks) {
+    const node = (this.node = h('div', 'jp-SwapServe-content'));
+
+    const header = h('header', 'jp-SwapServe-header');
+    const titleRow = h('div', 'jp-SwapServe-titleRow');
+    titleRow.appendChild(h('h2', 'jp-SwapServe-title', 'SwapServe'));
+    this.conn = h('span', 'jp-SwapServe-conn');
+    this.conn.setAttribute('role', 'status');
+    this.conn.setAttribute('aria-live', 'polite');
+    this.conn.appendChild(h('span', 'jp-SwapServe-connDot'));
+    this.connText = h('span', 'jp-SwapServe-connText', 'connecting…');
+    this.conn.appendChild(this.connText);
+    titleRow.appendChild(this.conn);
+    header.appendChild(titleRow);
+    this.meta = h('div', 'jp-SwapServe-meta');
+    header.appendChild(this.meta);
+    node.appendChild(header);
+
+    this.errorBox = h('div', 'jp-SwapServe-alert jp-SwapServe-alert-error');
+    this.errorBox.setAttribute('role', 'alert');
+    this.errorText = h('span', 'jp-SwapServe-alertText');
+    this.errorBox.appendChild(this.errorText);
+    const retry = h('button', 'jp-SwapServe-button jp-SwapServe-retry', 'Retry now');
+    retry.type = 'button';
+    retry.addEventListener('click', () => this.callbacks.retry());
+    this.errorBox.appendChild(retry);
+    this.errorBox.hidden = true;
+    node.appendChild(this.errorBox);
+
+    this.configErrors = h('ul', 'jp-SwapServe-alert jp-SwapServe-alert-warn jp-SwapServe-configErrors');
+    this.configErrors.setAttribute('aria-label', 'Configuration errors');
+    this.configErrors.hidden = true;
+    node.appendChild(this.configErrors);
+
+    this.devicesSection = h('section', 'jp-SwapServe-section jp-SwapServe-devices');
+    this.devicesSection.setAttribute('aria-label', 'Devices');
+    this.devicesSection.appendChild(h('h3', 'jp-SwapServe-sectionTitle', 'Devices'));
+    this.devicesList = h('div', 'jp-SwapServe-list');
+    this.devicesSection.appendChild(this.devicesList);
+    this.devicesSection.hidden = true;
+    node.appendChild(this.devicesSection);
+
+    this.modelsSection = h('section', 'jp-SwapServe-section jp-SwapServe-models');
+    this.modelsSection.setAttribute('aria-label', 'Models');
+    this.modelsHeading = h('h3', 'jp-SwapServe-sectionTitle', 'Models');
+    this.modelsSection.appendChild(this.modelsHeading);
+    this.modelsList = h('div', 'jp-SwapServe-list');
+    this.modelsSection.appendChild(this.modelsList);
+    this.empty = h('p', 'jp-SwapServe-empty', 'No models are configured. Pass a models file with --SwapServe.models_file.');
+    this.empty.hidden = true;
+    this.modelsSection.appendChild(this.empty);
+    this.modelsSection.hidden = true;
+    node.appendChild(this.modelsSection);
+
+    this.extra = h('div', 'jp-SwapServe-extra');
+    node.appendChild(this.extra);
+  }
+
+  update(state: IPanelState, nowMs: number): void {
+    setAttr(this.conn, 'data-mode', state.connection);
+    setText(this.connText, connectionText(state, nowMs));
+    setAttr(
+      this.conn,
+      'title',
+      state.connection === 'live'
+        ? 'Updates arrive as server-sent events.'
+        : state.connection === 'polling'
+          ? 'Server-sent events are unavailable: polling the status once a second.'
+          : ''
+    );
+
+    setHidden(this.errorBox, !state.error);
+    setText(this.errorText, state.error ? state.error.message : '');
+    setAttr(this.errorBox, 'data-kind', state.error ? state.error.kind : null);
+
+    const status = state.status;
+    setClass(this.node, 'jp-mod-stale', !!state.error && !!status);
+    if (!status) {
+      setText(this.meta, state.error ? '' : 'Loading the status…');
+      return;
+    }
+    const metaParts = [`checkpointer: ${status.checkpointer ?? 'unknown'}`];
+    if (status.user?.name) {
+      metaParts.push(`user: ${status.user.name}`);
+    }
+    setText(this.meta, metaParts.join(' · '));
+
+    this.updateConfigErrors(status.config_errors ?? []);
+
+    setHidden(this.devicesSection, status.devices.length === 0);
+    const deviceRows: HTMLElement[] = [];
+    for (const d of status.devices) {
+      let row = this.devices.get(d.index);
+      if (!row) {
+        row = this.createDevice();
+        this.devices.set(d.index, row);
+      }
+      this.patchDevice(row, deviceView(d, status.models), status.models.map(m => m.name));
+      deviceRows.push(row.root);
+    }
+    for (const [index, row] of this.devices) {
+      if (!status.devices.some(d => d.index === index)) {
+        this.devices.delete(index);
+        row.root.remove();
+      }
+    }
+    reorder(this.devicesList, deviceRows);
+
+    setHidden(this.modelsSection, false);
+    setText(this.modelsHeading, `Models (${status.models.length})`);
+    setHidden(this.empty, status.models.length > 0);
+    const modelRows: HTMLElement[] = [];
+    status.models.forEach((m, i) => {
+      let row = this.models.get(m.name);
+      if (!row) {
+        row = this.createModel(m.name);
+        this.models.set(m.name, row);
+      }
+      const view = modelView(m, status.devices, state.pending[m.name], state.messages[m.name], nowMs / 1000);
+      this.patchModel(row, view, i);
+      modelRows.push(row.root);
+    });
+    for (const [name, row] of this.models) {
+      if (!status.models.some(m => m.name === name)) {
+        this.models.delete(name);
+        row.root.remove();
+      }
+    }
+    reorder(this.modelsList, modelRows);
+  }
+
+  private updateConfigErrors(errors: string[]): void {
+    setHidden(this.configErrors, errors.length === 0);
+    const key = JSON.stringify(errors);
+    if (this.configErrors.getAttribute('data-key') === key) {
+      return;
+    }
+    this.configErrors.setAttribute('data-key', key);
+    this.configErrors.textContent = '';
+    for (const e of errors) {
+      this.configErrors.appendChild(h('li', '', e));
+    }
+  }
+
+  // ---- devices --------------------------------------------------------------------------
+  private createDevice(): IDeviceRow {
+    const root = h('div', 'jp-SwapServe-device');
+    const head = h('div', 'jp-SwapServe-rowHead');
+    const title = h('span', 'jp-SwapServe-deviceName');
+    const kind = h('span', 'jp-SwapServe-badge jp-SwapServe-kind');
+    const capacity = h('span', 'jp-SwapServe-capacity');
+    head.append(title, kind, capacity);
+    const bar = h('div', 'jp-SwapServe-bar jp-SwapServe-deviceBar');
+    bar.setAttribute('role', 'img');
+    const segs = h('div', 'jp-SwapServe-segs');
+    const used = h('div', 'jp-SwapServe-usedMarker');
+    bar.append(segs, used);
+    const legend = h('div', 'jp-SwapServe-legend');
+    const reserved = h('span', 'jp-SwapServe-legendItem jp-SwapServe-legend-reserved');
+    const usedLegend = h('span', 'jp-SwapServe-legendItem jp-SwapServe-legend-used');
+    const free = h('span', 'jp-SwapServe-legendItem jp-SwapServe-legend-free');
+    legend.append(usedLegend, reserved, free);
+    const waiting = h('div', 'jp-SwapServe-waiting');
+    waiting.setAttribute('aria-live', 'polite');
+    root.append(head, bar, legend, waiting);
+    return { root, title, kind, capacity, bar, segs, used, reserved, free, usedLegend, waiting };
+  }
+
+  private patchDevice(row: IDeviceRow, v: IDeviceView, modelOrder: string[]): void {
+    setAttr(row.root, 'data-device', String(v.index));
+    setText(row.title, v.title);
+    setText(row.kind, v.kindText);
+    setClass(row.kind, 'jp-mod-virtual', v.virtual);
+    setAttr(
+      row.kind,
+      'title',
+      v.virtual
+        ? 'A virtual device: capacity and sizes come from the configuration; swaps freeze and thaw the engine, no GPU memory moves.'
+        : null
+    );
+    setText(row.capacity, v.capacityText);
+    setAttr(row.bar, 'aria-label', v.ariaText);
+    setAttr(row.bar, 'title', v.ariaText);
+    // segments keyed by label
+    const wanted: HTMLElement[] = [];
+    const existing = new Map<string, HTMLElement>();
+    row.segs.querySelectorAll<HTMLElement>('.jp-SwapServe-seg').forEach(el => {
+      existing.set(el.dataset.label ?? '', el);
+    });
+    for (const s of v.segments) {
+      let el = existing.get(s.label);
+      if (!el) {
+        el = h('div', 'jp-SwapServe-seg');
+        el.dataset.label = s.label;
+      }
+      const color = s.label ? modelOrder.indexOf(s.label) % COLORS : -1;
+      setAttr(el, 'data-color', String(color));
+      setStyle(el, 'width', `${s.percent.toFixed(2)}%`);
+      setAttr(el, 'title', `${s.label || 'other reservations'}: ${s.gib.toFixed(2)} GiB`);
+      wanted.push(el);
+    }
+    reorder(row.segs, wanted);
+    setHidden(row.used, v.usedPercent === null);
+    if (v.usedPercent !== null) {
+      setStyle(row.used, 'width', `${v.usedPercent.toFixed(2)}%`);
+    }
+    setText(row.usedLegend, `used ${v.legend.used}`);
+    setText(row.reserved, `reserved ${v.legend.reserved}`);
+    setText(row.free, `free ${v.legend.free}`);
+    setHidden(row.waiting, !v.waitingText);
+    setText(row.waiting, v.waitingText ? `Waiting for memory: ${v.waitingText}` : '');
+  }
+
+  // ---- models ---------------------------------------------------------------------------
+  private createModel(name: string): IModelRow {
+    const root = h('article', 'jp-SwapServe-model');
+    root.dataset.model = name;
+    const headId = `jp-SwapServe-model-${name.replace(/[^a-zA-Z0-9_-]/g, '_')}`;
+    root.setAttribute('aria-labelledby', headId);
+
+    const head = h('div', 'jp-SwapServe-rowHead');
+    const swatch = h('span', 'jp-SwapServe-swatch');
+    swatch.setAttribute('aria-hidden', 'true');
+    const titles = h('div', 'jp-SwapServe-titles');
+    const nameEl = h('span', 'jp-SwapServe-modelName', name);
+    nameEl.id = headId;
+    const subtitle = h('span', 'jp-SwapServe-subtitle');
+    titles.append(nameEl, subtitle);
+    const pinned = h('span', 'jp-SwapServe-badge jp-SwapServe-pinned', 'pinned');
+    pinned.title = 'Pinned: never swapped out to make room';
+    const state = h('span', 'jp-SwapServe-state');
+    state.setAttribute('role', 'status');
+    state.setAttribute('aria-live', 'polite');
+    state.appendChild(h('span', 'jp-SwapServe-stateIcon'));
+    const stateText = h('span', 'jp-SwapServe-stateText');
+    state.appendChild(stateText);
+    head.append(swatch, titles, pinned, state);
+
+    const mem = h('div', 'jp-SwapServe-memory');
+    mem.appendChild(h('span', 'jp-SwapServe-label', 'Memory'));
+    const memBar = h('div', 'jp-SwapServe-bar jp-SwapServe-memBar');
+    memBar.setAttribute('role', 'meter');
+    memBar.setAttribute('aria-valuemin', '0');
+    memBar.setAttribute('aria-valuemax', '100');
+    memBar.setAttribute('aria-label', `Memory of ${name} against its device's capacity`);
+    const memFill = h('div', 'jp-SwapServe-memFill');
+    memBar.appendChild(memFill);
+    const memText = h('span', 'jp-SwapServe-memText');
+    mem.append(memBar, memText);
+
+    const stats = h('dl', 'jp-SwapServe-stats');
+    const values: Record<string, HTMLElement> = {};
+    for (const [key, label] of STATS) {
+      const item = h('div', `jp-SwapServe-stat jp-SwapServe-stat-${key}`);
+      item.append(h('dt', '', label));
+      values[key] = h('dd', '');
+      item.append(values[key]);
+      stats.appendChild(item);
+    }
+
+    const chartBox = h('div', 'jp-SwapServe-chartBox');
+    chartBox.appendChild(h('span', 'jp-SwapServe-label', 'Swap-in latency'));
+    const chart = createChart();
+    const chartText = h('span', 'jp-SwapServe-chartText');
+    chartBox.append(chart, chartText);
+
+    const message = h('div', 'jp-SwapServe-message');
+    message.setAttribute('role', 'status');
+    const messageText = h('span', '');
+    const messageClose = h('button', 'jp-SwapServe-iconButton', '×');
+    messageClose.type = 'button';
+    messageClose.setAttribute('aria-label', `Dismiss the message about ${name}`);
+    messageClose.addEventListener('click', () => this.callbacks.dismiss(name));
+    message.append(messageText, messageClose);
+    message.hidden = true;
+
+    const error = h('div', 'jp-SwapServe-modelError');
+    error.hidden = true;
+
+    const actions = h('div', 'jp-SwapServe-actions');
+    const swapIn = this.actionButton(name, 'swap-in');
+    const swapOut = this.actionButton(name, 'swap-out');
+    actions.append(swapIn, swapOut);
+
+    root.append(head, mem, stats, chartBox, message, error, actions);
+    return {
+      root,
+      swatch,
+      name: nameEl,
+      subtitle,
+      pinned,
+      state,
+      stateText,
+      memBar,
+      memFill,
+      memText,
+      values,
+      chart,
+      chartText,
+      message,
+      messageText,
+      messageClose,
+      error,
+      swapIn,
+      swapOut
+    };
+  }
+
+  private actionButton(name: string, action: SwapAction): HTMLButtonElement {
+    const b = h('button', `jp-SwapServe-button jp-SwapServe-${action}`);
+    b.type = 'button';
+    b.dataset.action = action;
+    // aria-disabled, not disabled: a disabled button would drop keyboard focus mid-swap
+    b.addEventListener('click', () => {
+      if (b.getAttribute('aria-disabled') !== 'true') {
+        this.callbacks.swap(name, action);
+      }
+    });
+    return b;
+  }
+
+  private patchModel(row: IModelRow, v: IModelView, index: number): void {
+    setAttr(row.root, 'data-state', v.state);
+    setClass(row.root, 'jp-mod-busy', v.busy);
+    setAttr(row.swatch, 'data-color', String(index % COLORS));
+    setText(row.subtitle, v.subtitle);
+    setHidden(row.pinned, !v.pinned);
+    const stateCls = `jp-SwapServe-state ${v.stateClass}${v.busy ? ' jp-mod-busy' : ''}`;
+    if (row.state.className !== stateCls) {
+      row.state.className = stateCls;
+    }
+    setText(row.stateText, v.stateText);
+    setAttr(row.state, 'aria-label', `${v.name}: ${v.stateText}`);
+
+    setStyle(row.memFill, 'width', `${v.memoryPercent.toFixed(2)}%`);
+    setAttr(row.memFill, 'data-color', String(index % COLORS));
+    setAttr(row.memBar, 'aria-valuenow', v.memoryPercent.toFixed(0));
+    setAttr(row.memBar, 'aria-valuetext', v.memoryTitle);
+    setAttr(row.memBar, 'title', v.memoryTitle);
+    setText(row.memText, v.memoryText);
+
+    setText(row.values.device, v.deviceText);
+    setClass(row.values.device, 'jp-mod-virtual', v.virtual);
+    setText(row.values.queue, v.queueText);
+    setClass(row.values.queue, 'jp-mod-active', v.queueText !== '0' && !v.queueText.startsWith('0 '));
+    setText(row.values.inflight, v.inFlightText);
+    setClass(row.values.inflight, 'jp-mod-active', v.inFlightText !== '0');
+    setText(row.values.requests, v.requestsText);
+    setText(row.values.swapin, v.swapInText);
+    setText(row.values.swapout, v.swapOutText);
+    setText(row.values.lastused, v.lastUsedText);
+
+    updateChart(row.chart, v.history, v.name);
+    setText(row.chartText, summaryText(v.history));
+
+    setHidden(row.message, !v.message);
+    setAttr(row.message, 'data-kind', v.message ? v.message.kind : null);
+    setText(row.messageText, v.message ? v.message.text : '');
+
+    setHidden(row.error, !v.error);
+    setText(row.error, v.error ? `Error: ${v.error}` : '');
+
+    this.patchButton(
+      row.swapIn,
+      v.pendingAction === 'swap-in' ? `${v.swapInLabel === 'Start' ? 'Starting' : 'Swapping in'}…` : v.swapInLabel,
+      v.canSwapIn,
+      `${v.swapInLabel} ${v.name}`,
+      v.pendingAction === 'swap-in'
+    );
+    this.patchButton(
+      row.swapOut,
+      v.pendingAction === 'swap-out' ? 'Swapping out…' : v.swapOutLabel,
+      v.canSwapOut,
+      v.pinned ? `${v.name} is pinned and is never swapped out` : `${v.swapOutLabel} ${v.name}`,
+      v.pendingAction === 'swap-out'
+    );
+  }
+
+  private patchButton(b: HTMLButtonElement, text: string, enabled: boolean, label: string, busy: boolean): void {
+    setText(b, text);
+    setAttr(b, 'aria-disabled', enabled ? null : 'true');
+    setAttr(b, 'aria-label', label);
+    setAttr(b, 'aria-busy', busy ? 'true' : null);
+    setAttr(b, 'title', label);
+    setClass(b, 'jp-mod-busy', busy);
+  }
+}

@@ -1,0 +1,397 @@
+/**
+ * The panel's state and the pure functions that change it and derive what is shown.
+ * Everything here is synchronous and free of DOM and JupyterLab, so it is unit-tested directly.
+ */
+
+import {
+  deviceKindLabel,
+  formatAgo,
+  formatGiB,
+  formatQueue,
+  formatSeconds,
+  isTransitional,
+  percent,
+  stateClass,
+  stateLabel
+} from './format';
+import { IDevice, IModel, ISwapResult, IStatus, SwapAction } from './types';
+
+/** How the panel gets its updates. */
+export type ConnectionMode = 'connecting' | 'live' | 'polling' | 'offline';
+
+export type ErrorKind =
+  | 'unreachable'
+  | 'unauthorized'
+  | 'forbidden'
+  | 'not-found'
+  | 'server'
+  | 'bad-response';
+
+export interface IPanelError {
+  kind: ErrorKind;
+  status?: number;
+  message: string;
+}
+
+export interface IPending {
+  action: SwapAction;
+  since: number;
+}
+
+export interface IActionMessage {
+  kind: 'error' | 'info';
+  text: string;
+}
+
+export interface IPanelState {
+  status: IStatus | null;
+  connection: ConnectionMode;
+  error: IPanelError | null;
+  /** Local time (ms) of the last status received. */
+  lastUpdate: number | null;
+  /** Swap requests sent from this panel that have not answered yet, by model. */
+  pending: Record<string, IPending>;
+  /** The outcome of the last swap request per model, when worth showing. */
+  messages: Record<string, IActionMessage>;
+}
+
+export function initialState(): IPanelState {
+  return {
+    status: null,
+    connection: 'connecting',
+    error: null,
+    lastUpdate: null,
+    pending: {},
+    messages: {}
+  };
+}
+
+export function withStatus(
+  state: IPanelState,
+  status: IStatus,
+  now: number,
+  via: 'sse' | 'poll'
+): IPanelState {
+  return {
+    ...state,
+    status,
+    error: null,
+    lastUpdate: now,
+    connection: via === 'sse' ? 'live' : 'polling'
+  };
+}
+
+/** An error while fetching status: the last status stays (shown as stale). */
+export function withError(state: IPanelState, error: IPanelError): IPanelState {
+  return { ...state, error, connection: 'offline' };
+}
+
+export function withConnection(state: IPanelState, connection: ConnectionMode): IPanelState {
+  return state.connection === connection ? state : { ...state, connection };
+}
+
+export function withPending(
+  state: IPanelState,
+  model: string,
+  action: SwapAction,
+  now: number
+): IPanelState {
+  const messages = { ...state.messages };
+  delete messages[model];
+  return { ...state, pending: { ...state.pending, [model]: { action, since: now } }, messages };
+}
+
+/** A swap request answered: 200 with a result, or an error. */
+export function withActionDone(
+  state: IPanelState,
+  model: string,
+  action: SwapAction,
+  outcome: { result: ISwapResult } | { error: IPanelError }
+): IPanelState {
+  const pending = { ...state.pending };
+  delete pending[model];
+  const messages = { ...state.messages };
+  delete messages[model];
+  if ('error' in outcome) {
+    messages[model] = { kind: 'error', text: outcome.error.message };
+  } else {
+    const r = outcome.result;
+    if (action === 'swap-out' && !r.swapped && r.reason) {
+      messages[model] = { kind: 'error', text: `Not swapped out: ${r.reason}` };
+    } else if (action === 'swap-out' && !r.swapped) {
+      messages[model] = { kind: 'info', text: `Already ${stateLabel(r.state)}.` };
+    } else if (action === 'swap-in' && !r.swapped) {
+      messages[model] = { kind: 'info', text: `Already ${stateLabel(r.state)}.` };
+    }
+  }
+  return { ...state, pending, messages };
+}
+
+export function dismissMessage(state: IPanelState, model: string): IPanelState {
+  if (!(model in state.messages)) {
+    return state;
+  }
+  const messages = { ...state.messages };
+  delete messages[model];
+  return { ...state, messages };
+}
+
+/** Turns an HTTP status (0: no answer) and the answer's body into a message for the panel. */
+export function classifyError(status: number, body: unknown, what = 'the swapserve API'): IPanelError {
+  const detail = errorDetail(body);
+  if (status === 0) {
+    return {
+      kind: 'unreachable',
+      status,
+      message: `Cannot reach the Jupyter server${detail ? ` (${detail})` : ''}. Retrying…`
+    };
+  }
+  if (status === 401) {
+    return {
+      kind: 'unauthorized',
+      status,
+      message: 'Not logged in to the Jupyter server (401). Reload the page and log in again.'
+    };
+  }
+  if (status === 403) {
+    return {
+      kind: 'forbidden',
+      status,
+      message: `Permission denied (403): ${detail || `you may not use ${what}`}.`
+    };
+  }
+  if (status === 404) {
+    return {
+      kind: 'not-found',
+      status,
+      message:
+        detail && !/^not found$/i.test(detail)
+          ? `Not found (404): ${detail}`
+          : `${capitalize(what)} is not available on this server (404): is the jupyter_swapserve server extension enabled?`
+    };
+  }
+  return {
+    kind: 'server',
+    status,
+    message: `The server answered ${status}${detail ? `: ${detail}` : ''}.`
+  };
+}
+
+function capitalize(s: string): string {
+  return s.charAt(0).toUpperCase() + s.slice(1);
+}
+
+/** The message of an OpenAI-shaped error body, a Tornado reason, or a plain string. */
+export function errorDetail(body: unknown): string {
+  if (!body) {
+    return '';
+  }
+  if (typeof body === 'string') {
+    const trimmed = body.trim();
+    if (trimmed.startsWith('{')) {
+      try {
+        return errorDetail(JSON.parse(trimmed));
+      } catch {
+        // not JSON: fall through
+      }
+    }
+    return trimmed.startsWith('<') ? '' : trimmed.slice(0, 300);
+  }
+  if (typeof body === 'object') {
+    const b = body as any;
+    if (b.error && typeof b.error.message === 'string') {
+      return b.error.message;
+    }
+    if (typeof b.message === 'string') {
+      return b.message;
+    }
+    if (typeof b.reason === 'string') {
+      return b.reason;
+    }
+  }
+  return '';
+}
+
+/** Checks that a document looks like the status JSON (protects the panel from a proxy's HTML page). */
+export function isStatus(doc: unknown): doc is IStatus {
+  const d = doc as IStatus;
+  return !!d && typeof d === 'object' && Array.isArray(d.models) && Array.isArray(d.devices);
+}
+
+// ---- derived views ------------------------------------------------------------------------
+
+export interface IModelView {
+  name: string;
+  subtitle: string;
+  state: string;
+  stateText: string;
+  stateClass: string;
+  busy: boolean;
+  pinned: boolean;
+  deviceText: string;
+  virtual: boolean;
+  memoryText: string;
+  memoryPercent: number;
+  memoryTitle: string;
+  queueText: string;
+  inFlightText: string;
+  swapInText: string;
+  swapOutText: string;
+  lastUsedText: string;
+  requestsText: string;
+  canSwapIn: boolean;
+  canSwapOut: boolean;
+  swapInLabel: string;
+  swapOutLabel: string;
+  pendingAction: SwapAction | null;
+  history: number[];
+  error: string | null;
+  message: IActionMessage | null;
+}
+
+/** What a model's row shows, given the status, the pending requests and the time. */
+export function modelView(
+  model: IModel,
+  devices: IDevice[],
+  pending: IPending | undefined,
+  message: IActionMessage | undefined,
+  nowSeconds: number
+): IModelView {
+  const device = devices.find(d => d.index === model.device);
+  const kind = model.device_kind ?? device?.kind;
+  const virtual = kind === 'virtual';
+  let state = model.state;
+  // the POST was sent but the next status has not arrived yet: show the move at once
+  if (pending && !isTransitional(state)) {
+    if (pending.action === 'swap-in' && state !== 'running') {
+      state = state === 'swapped_out' ? 'swapping_in' : 'starting';
+    } else if (pending.action === 'swap-out' && state === 'running') {
+      state = 'swapping_out';
+    }
+  }
+  const busy = isTransitional(state) || !!pending;
+  const startable = state === 'stopped' || state === 'failed';
+  const capacity = device?.capacity_gib ?? null;
+  const deviceName = device ? device.name : `device ${model.device}`;
+  const history = (model.swap_in_history ?? [])
+    .map(s => s.seconds)
+    .filter(s => typeof s === 'number' && isFinite(s));
+  const parts = [model.engine, model.api, model.runtime && model.runtime !== 'process' ? model.runtime : null];
+  return {
+    name: model.name,
+    subtitle: parts.filter(Boolean).join(' · '),
+    state,
+    stateText: stateLabel(state),
+    stateClass: stateClass(state),
+    busy,
+    pinned: !!model.pinned,
+    deviceText: `${deviceName}${virtual ? '' : ` (${deviceKindLabel(kind)} ${model.device})`}`,
+    virtual,
+    memoryText:
+      capacity !== null
+        ? `${formatGiB(model.memory_gib, false)} / ${formatGiB(capacity)}`
+        : formatGiB(model.memory_gib),
+    memoryPercent: percent(model.memory_gib, capacity),
+    memoryTitle:
+      capacity !== null && typeof model.memory_gib === 'number'
+        ? `${formatGiB(model.memory_gib)} of the device's ${formatGiB(capacity)} (${Math.round(
+            percent(model.memory_gib, capacity)
+          )} %)`
+        : 'memory not measured yet',
+    queueText: formatQueue(model.queue_depth, model.max_queue),
+    inFlightText: String(model.in_flight ?? 0),
+    swapInText: formatSeconds(model.last_swap_in_seconds),
+    swapOutText: formatSeconds(model.last_swap_out_seconds),
+    lastUsedText: formatAgo(model.last_used, nowSeconds),
+    requestsText: String(model.requests ?? 0),
+    canSwapIn: !busy && (state === 'swapped_out' || startable),
+    canSwapOut: !busy && state === 'running' && !model.pinned,
+    swapInLabel: startable ? 'Start' : 'Swap in',
+    swapOutLabel: 'Swap out',
+    pendingAction: pending ? pending.action : null,
+    history,
+    error: model.error || null,
+    message: message ?? null
+  };
+}
+
+export interface ISegment {
+  /** A model's name, or '' for memory used outside any model's reservation. */
+  label: string;
+  gib: number;
+  percent: number;
+}
+
+export interface IDeviceView {
+  index: number;
+  title: string;
+  kindText: string;
+  virtual: boolean;
+  capacityText: string;
+  /** Reservations of the models on the device, in model order. */
+  segments: ISegment[];
+  reservedPercent: number;
+  usedPercent: number | null;
+  legend: { used: string; reserved: string; free: string };
+  waitingText: string;
+  ariaText: string;
+}
+
+export function deviceView(device: IDevice, models: IModel[]): IDeviceView {
+  const cap = device.capacity_gib;
+  const segments: ISegment[] = [];
+  let known = 0;
+  for (const m of models) {
+    const gib = m.device === device.index ? m.reserved_gib ?? 0 : 0;
+    if (gib > 0) {
+      segments.push({ label: m.name, gib, percent: percent(gib, cap) });
+      known += gib;
+    }
+  }
+  // reservations not attributed to a listed model (e.g. a kernel): one anonymous segment
+  const rest = device.reserved_gib - known;
+  if (rest > 0.005) {
+    segments.push({ label: '', gib: rest, percent: percent(rest, cap) });
+  }
+  const virtual = device.kind === 'virtual';
+  const used = device.used_gib;
+  const legend = {
+    used: used === null || used === undefined ? (virtual ? 'not measured' : '–') : formatGiB(used),
+    reserved: formatGiB(device.reserved_gib),
+    free: formatGiB(device.free_gib)
+  };
+  const waitingText = (device.waiting ?? [])
+    .map(w => `${w.model} (${formatGiB(w.gib)})`)
+    .join(', ');
+  return {
+    index: device.index,
+    title: device.name,
+    kindText: deviceKindLabel(device.kind),
+    virtual,
+    capacityText: formatGiB(cap),
+    segments,
+    reservedPercent: percent(device.reserved_gib, cap),
+    usedPercent: used === null || used === undefined ? null : percent(used, cap),
+    legend,
+    waitingText,
+    ariaText:
+      `${device.name}: ${legend.reserved} reserved, ${legend.free} free of ${formatGiB(cap)}` +
+      (used === null || used === undefined ? '' : `, ${legend.used} used`)
+  };
+}
+
+/** The connection line of the header. */
+export function connectionText(state: IPanelState, nowMs: number): string {
+  switch (state.connection) {
+    case 'connecting':
+      return 'connecting…';
+    case 'live':
+      return 'live';
+    case 'polling':
+      return 'polling';
+    case 'offline':
+      return state.lastUpdate === null
+        ? 'offline'
+        : `offline · data from ${formatAgo(state.lastUpdate / 1000, nowMs / 1000)}`;
+  }
+}

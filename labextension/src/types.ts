@@ -1,0 +1,90 @@
+/**
+ * The JSON documents of the swapserve server API (GET /swapserve/api/status, the `status`
+ * server-sent event, POST /swapserve/api/models/<name>/swap-in|swap-out).
+ */
+
+export type ModelState =
+  | 'stopped'
+  | 'starting'
+  | 'running'
+  | 'swapping_out'
+  | 'swapped_out'
+  | 'swapping_in'
+  | 'failed';
+
+export interface IWaiting {
+  model: string;
+  gib: number;
+}
+
+export interface IDevice {
+  index: number;
+  name: string;
+  kind: 'nvidia' | 'virtual' | string;
+  capacity_gib: number;
+  reserved_gib: number;
+  free_gib: number;
+  used_gib: number | null;
+  waiting: IWaiting[];
+}
+
+export interface ISwapSample {
+  t: number;
+  seconds: number;
+}
+
+export interface IStep {
+  step: string;
+  seconds: number;
+  ok: boolean;
+}
+
+export interface IModel {
+  name: string;
+  engine: string;
+  runtime?: string;
+  api?: string;
+  state: ModelState | string;
+  device: number;
+  device_kind?: string;
+  memory_gib: number | null;
+  reserved_gib?: number;
+  queue_depth: number;
+  in_flight: number;
+  max_queue?: number | null;
+  pinned?: boolean;
+  last_swap_in_seconds: number | null;
+  last_swap_out_seconds: number | null;
+  last_cold_start_seconds?: number | null;
+  last_used: number | null;
+  swaps_in?: number;
+  swaps_out?: number;
+  requests?: number;
+  swap_in_history?: ISwapSample[];
+  last_steps?: IStep[];
+  error?: string | null;
+}
+
+export interface IStatus {
+  version: number;
+  checkpointer?: string;
+  devices: IDevice[];
+  models: IModel[];
+  config_errors?: string[];
+  user?: { name?: string | null; admin?: boolean } | null;
+}
+
+export interface ISwapResult {
+  model: string;
+  swapped: boolean;
+  state: string;
+  seconds?: number;
+  reason?: string;
+}
+
+/** The error body of every swapserve route (OpenAI's shape). */
+export interface IErrorBody {
+  error: { message: string; type?: string; param?: string | null; code?: string | null };
+}
+
+export type SwapAction = 'swap-in' | 'swap-out';

@@ -1,0 +1,179 @@
+/** The sidebar widget: glues the status client, the panel state and the DOM view. */
+
+import { URLExt } from '@jupyterlab/coreutils';
+import { ServerConnection } from '@jupyterlab/services';
+import { Message } from '@lumino/messaging';
+import { Widget } from '@lumino/widgets';
+
+import { IHttpResponse, Requester, StatusClient } from './client';
+import { swapServeIcon } from './icon';
+import { IQuotaDoc, probeQuotas, QuotaSection } from './quotas';
+import { PanelView } from './render';
+import {
+  dismissMessage,
+  initialState,
+  IPanelState,
+  withActionDone,
+  withConnection,
+  withError,
+  withPending,
+  withStatus
+} from './state';
+import { SwapAction } from './types';
+
+/** Requests under <base>/swapserve/api/ with the page's credentials (cookie + XSRF header, or token). */
+export function makeRequester(settings: ServerConnection.ISettings): Requester {
+  return async (path, init = {}) => {
+    const url = URLExt.join(settings.baseUrl, 'swapserve/api', path);
+    const requestInit: RequestInit = { method: init.method ?? 'GET', cache: 'no-store' };
+    if (init.body !== undefined) {
+      requestInit.body = init.body;
+      requestInit.headers = { 'Content-Type': 'application/json' };
+    }
+    let response: Response;
+    try {
+      response = await ServerConnection.makeRequest(url, requestInit, settings);
+    } catch (e) {
+      return { status: 0, body: e instanceof Error ? e.message : String(e) };
+    }
+    const text = await response.text().catch(() => '');
+    let body: unknown = text;
+    try {
+      body = text ? JSON.parse(text) : null;
+    } catch {
+      // keep the text (an HTML error page, a proxy's message)
+    }
+    return { status: response.status, body } as IHttpResponse;
+  };
+}
+
+/** The events URL: the cookie authenticates; the token is appended only where the settings ask for it. */
+export function eventsUrl(settings: ServerConnection.ISettings): string {
+  const url = URLExt.join(settings.baseUrl, 'swapserve/api/events');
+  return settings.appendToken && settings.token ? `${url}?token=${encodeURIComponent(settings.token)}` : url;
+}
+
+export class SwapServePanel extends Widget {
+  private state: IPanelState = initialState();
+  private view: PanelView;
+  private quotas: QuotaSection;
+  private quotaDoc: IQuotaDoc | null = null;
+  private quotaProbedFor: string | null = null;
+  private client: StatusClient;
+  private request: Requester;
+  private frame = 0;
+  private ticker: ReturnType<typeof setInterval> | null = null;
+
+  constructor(settings: ServerConnection.ISettings = ServerConnection.makeSettings()) {
+    super();
+    this.id = 'jupyter-swapserve-panel';
+    this.title.icon = swapServeIcon;
+    this.title.caption = 'SwapServe: models, GPU memory, queues and swap latency';
+    this.addClass('jp-SwapServe');
+    this.node.setAttribute('role', 'region');
+    this.node.setAttribute('aria-label', 'SwapServe');
+    this.node.tabIndex = -1;
+
+    this.request = makeRequester(settings);
+    this.view = new PanelView({
+      swap: (model, action) => void this.swap(model, action),
+      retry: () => void this.client.refresh(),
+      dismiss: model => this.setState(dismissMessage(this.state, model))
+    });
+    this.quotas = new QuotaSection(this.request);
+    this.view.extra.appendChild(this.quotas.node);
+    this.node.appendChild(this.view.node);
+    this.client = new StatusClient({
+      request: this.request,
+      eventsUrl: typeof EventSource === 'undefined' ? null : eventsUrl(settings),
+      createEventSource: typeof EventSource === 'undefined' ? null : url => new EventSource(url, { withCredentials: true }),
+      onStatus: (status, via) => {
+        this.setState(withStatus(this.state, status, Date.now(), via));
+        const user = status.user?.name ?? '';
+        if (this.quotaProbedFor !== user) {
+          this.quotaProbedFor = user;
+          void probeQuotas(this.request).then(doc => {
+            this.quotaDoc = doc;
+            this.schedule();
+          });
+        }
+      },
+      onError: error => this.setState(withError(this.state, error)),
+      onReconnecting: () => this.setState(withConnection(this.state, this.state.status ? 'polling' : 'connecting'))
+    });
+    this.render();
+  }
+
+  /** For tests and the command palette: swap from code. */
+  async swap(model: string, action: SwapAction): Promise<void> {
+    if (this.state.pending[model]) {
+      return;
+    }
+    this.setState(withPending(this.state, model, action, Date.now()));
+    const outcome = await this.client.swap(model, action);
+    this.setState(withActionDone(this.state, model, action, outcome));
+  }
+
+  dispose(): void {
+    if (this.isDisposed) {
+      return;
+    }
+    this.client.stop();
+    this.stopTicker();
+    if (this.frame) {
+      cancelAnimationFrame(this.frame);
+    }
+    super.dispose();
+  }
+
+  protected onAfterShow(msg: Message): void {
+    super.onAfterShow(msg);
+    this.client.start();
+    this.startTicker();
+    this.render();
+  }
+
+  protected onAfterHide(msg: Message): void {
+    super.onAfterHide(msg);
+    // nobody looks: no stream, no polling
+    this.client.stop();
+    this.stopTicker();
+    this.setState(withConnection(this.state, 'connecting'));
+  }
+
+  private startTicker(): void {
+    if (this.ticker === null) {
+      // relative times ("12 s ago") move on their own
+      this.ticker = setInterval(() => this.schedule(), 1000);
+    }
+  }
+
+  private stopTicker(): void {
+    if (this.ticker !== null) {
+      clearInterval(this.ticker);
+      this.ticker = null;
+    }
+  }
+
+  private setState(state: IPanelState): void {
+    if (state !== this.state) {
+      this.state = state;
+      this.schedule();
+    }
+  }
+
+  /** Coalesces bursts of updates into one DOM patch per animation frame. */
+  private schedule(): void {
+    if (!this.frame) {
+      this.frame = requestAnimationFrame(() => {
+        this.frame = 0;
+        this.render();
+      });
+    }
+  }
+
+  private render(): void {
+    this.view.update(this.state, Date.now());
+    this.quotas.update(this.quotaDoc, this.state.status);
+  }
+}
