@@ -104,12 +104,16 @@ class SwapSteps:
         self._undo: list[tuple[str, Callable[[], Awaitable[Any]]]] = []
 
     async def run(self, step: str, action: Callable[[], Awaitable[Any]],
-                  undo: Callable[[], Awaitable[Any]] | None = None) -> None:
+                  undo: Callable[[], Awaitable[Any]] | None = None, undo_if_failed: bool = False) -> None:
+        """Run one step. ``undo_if_failed``: the step may have half-happened when it fails, and its
+        undo is safe either way (thaw after a failed freeze, wake after a failed sleep)."""
         t0 = time.perf_counter()
         try:
             await action()
         except BaseException as exc:
             self.timings.append(StepTiming(step, time.perf_counter() - t0, ok=False))
+            if undo is not None and undo_if_failed:
+                self._undo.append((step, undo))
             unwound = await self.unwind()
             raise SwapStepError(step, exc, unwound) from exc
         self.timings.append(StepTiming(step, time.perf_counter() - t0))

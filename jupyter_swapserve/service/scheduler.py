@@ -287,7 +287,8 @@ class Scheduler:
                 real_gpu = not self.is_virtual(backend)
                 if real_gpu and backend.adapter.supports_sleep:
                     await steps.run("sleep", lambda: backend.adapter.sleep(self.client, backend.base_url or ""),
-                                    undo=lambda: backend.adapter.wake(self.client, backend.base_url or ""))
+                                    undo=lambda: backend.adapter.wake(self.client, backend.base_url or ""),
+                                    undo_if_failed=True)
                 pids = self.monitor.gpu_pids(runtime.pids()) if real_gpu else []
                 for pid in pids:
                     await steps.run("lock", lambda p=pid: asyncio.to_thread(ckpt.lock, p, self.lock_timeout_ms),
@@ -295,7 +296,7 @@ class Scheduler:
                 for pid in pids:
                     await steps.run("checkpoint", lambda p=pid: asyncio.to_thread(ckpt.checkpoint, p),
                                     undo=lambda p=pid: asyncio.to_thread(ckpt.restore, p))
-                await steps.run("freeze", runtime.freeze, undo=runtime.thaw)
+                await steps.run("freeze", runtime.freeze, undo=runtime.thaw, undo_if_failed=True)
         except (SwapStepError, DrainTimeout) as exc:
             self._record(backend, "swap-out failed", steps)
             if isinstance(exc, SwapStepError) and not exc.unwound:

@@ -1,0 +1,143 @@
+"""The scheduler with real engine processes (Python's http.server stands in for an engine: a real
+process on a real port) and injected step failures: every failed swap step is unwound, the
+reservation is released exactly when the engine leaves the device, and nothing is left behind."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from jupyter_swapserve.config import parse_models
+from jupyter_swapserve.service import EngineUnavailable, SwapService
+from jupyter_swapserve.service.backend import State
+
+
+def service(tmp_path: Path, *names: str, capacity: float = 1.0, **extra: object) -> SwapService:
+    models = [{"name": n, "engine": "command", "command": ["{python}", "-m", "http.server", "--bind", "{host}",
+                                                           "{port}", "--directory", str(tmp_path)],
+               "ready_path": "/", "warmup": False, "memory_gib": 0.6, **extra} for n in names]
+    return SwapService(parse_models({"devices": [{"virtual": True, "memory_gib": capacity}], "models": models}))
+
+
+async def started(svc: SwapService) -> SwapService:
+    svc.start()
+    await svc.wait_started(60)
+    return svc
+
+
+async def test_startup_snapshot_then_swaps_with_room_for_one(tmp_path: Path) -> None:
+    svc = await started(service(tmp_path, "a", "b"))
+    try:
+        assert [b.state for b in svc.backends.values()] == [State.SWAPPED_OUT, State.SWAPPED_OUT]
+        manager = svc.scheduler.reservations[0]
+        assert manager.granted_gib == 0
+        await svc.swap_in("a")
+        assert svc.backends["a"].state == State.RUNNING and manager.granted_gib == pytest.approx(0.6)
+        await svc.swap_in("b")  # a is the only victim
+        assert svc.backends["a"].state == State.SWAPPED_OUT and svc.backends["b"].state == State.RUNNING
+        assert [r.owner for r in manager.granted()] == ["b"]
+        assert [s.step for s in svc.backends["b"].last_steps] == ["thaw"]
+        assert [s.step for s in svc.backends["a"].last_steps] == ["freeze"]
+    finally:
+        await svc.close()
+    assert all(b.state == State.STOPPED for b in svc.backends.values())
+    assert svc.scheduler.reservations[0].granted_gib == 0
+
+
+async def test_failed_freeze_is_unwound_and_the_victim_keeps_running(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    svc = await started(service(tmp_path, "a", "b"))
+    try:
+        await svc.swap_in("a")
+        a = svc.backends["a"]
+        runtime = a.runtime
+        real_freeze = runtime.freeze
+
+        async def freeze_then_fail() -> None:
+            await real_freeze()  # the freeze happened, then something went wrong after it
+            raise OSError("injected: freezer reported an error")
+
+        monkeypatch.setattr(runtime, "freeze", freeze_then_fail)
+        assert await svc.swap_out("a") is False
+        assert a.state == State.RUNNING and not runtime.frozen  # thawed again by the undo
+        assert "injected" in (a.error or "")
+        assert a.reservation is not None and not a.reservation.released
+        assert [(s.step, s.ok) for s in a.last_steps] == [("freeze", False), ("undo freeze", True)]
+        monkeypatch.setattr(runtime, "freeze", real_freeze)
+        assert await svc.swap_out("a") is True
+        assert a.state == State.SWAPPED_OUT and a.reservation is None
+    finally:
+        await svc.close()
+
+
+async def test_failed_swap_in_releases_the_reservation_and_stays_swapped_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    svc = await started(service(tmp_path, "a"))
+    try:
+        a = svc.backends["a"]
+
+        async def thaw_fails() -> None:
+            raise OSError("injected: cannot thaw")
+
+        real_thaw = a.runtime.thaw
+        monkeypatch.setattr(a.runtime, "thaw", thaw_fails)
+        with pytest.raises(EngineUnavailable, match="could not be swapped in"):
+            await svc.swap_in("a")
+        assert a.state == State.SWAPPED_OUT
+        assert svc.scheduler.reservations[0].granted_gib == 0
+        monkeypatch.setattr(a.runtime, "thaw", real_thaw)
+        assert await svc.swap_in("a") > 0
+        assert a.state == State.RUNNING
+    finally:
+        await svc.close()
+
+
+async def test_pinned_model_is_never_a_victim(tmp_path: Path) -> None:
+    models = [
+        {"name": "pinned", "engine": "command", "pinned": True, "memory_gib": 0.6, "ready_path": "/", "warmup": False,
+         "command": ["{python}", "-m", "http.server", "--bind", "{host}", "{port}", "--directory", str(tmp_path)]},
+        {"name": "other", "engine": "command", "memory_gib": 0.6, "ready_path": "/", "warmup": False,
+         "command": ["{python}", "-m", "http.server", "--bind", "{host}", "{port}", "--directory", str(tmp_path)]},
+    ]
+    svc = SwapService(parse_models({"devices": [{"virtual": True, "memory_gib": 1.0}], "models": models}))
+    svc.start()
+    try:
+        await svc.backend("pinned").transition.acquire()  # wait for its start
+        svc.backend("pinned").transition.release()
+        await asyncio.sleep(0)
+        with pytest.raises(EngineUnavailable, match="pinned"):
+            await svc.swap_out("pinned")
+        # "other" can never get room while the pinned model holds the device: it waits, not evicts
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(svc.wait_started(), 3)
+        assert svc.backend("pinned").state == State.RUNNING
+        assert svc.backend("other").state == State.STARTING
+        assert svc.scheduler.reservations[0].waiting() == [("other", 0.6, 0)]
+    finally:
+        await svc.close()
+    assert svc.scheduler.reservations[0].granted_gib == 0
+
+
+async def test_cancelled_request_waiting_for_memory_leaves_no_reservation(tmp_path: Path) -> None:
+    svc = await started(service(tmp_path, "a", "b"))
+    try:
+        await svc.swap_in("a")
+        a = svc.backends["a"]
+        # a request on a is in flight, so b's swap-in has to wait for the drain
+        async with svc.admit("a") as ticket:
+            assert ticket.backend is a
+            waiting = asyncio.create_task(svc.swap_in("b"))
+            await asyncio.sleep(0.3)
+            assert a.state == State.SWAPPING_OUT and not waiting.done()
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+        await asyncio.sleep(0.1)
+        manager = svc.scheduler.reservations[0]
+        assert manager.waiting() == []
+        assert manager.granted_gib <= manager.capacity_gib
+        assert svc.backends["b"].state == State.SWAPPED_OUT and svc.backends["b"].reservation is None
+    finally:
+        await svc.close()
