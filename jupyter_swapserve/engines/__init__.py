@@ -6,10 +6,12 @@ from ..config import ModelConfig
 from .base import EngineAdapter, EngineError, LaunchSpec, free_port
 from .command import CommandAdapter
 from .llamacpp import LlamaCppAdapter
+from .reference import ReferenceAdapter, TransformersAdapter
 from .vllm import SglangAdapter, VllmAdapter
 
 ADAPTERS: dict[str, type[EngineAdapter]] = {
-    cls.name: cls for cls in (LlamaCppAdapter, CommandAdapter, VllmAdapter, SglangAdapter)
+    cls.name: cls
+    for cls in (LlamaCppAdapter, CommandAdapter, VllmAdapter, SglangAdapter, ReferenceAdapter, TransformersAdapter)
 }
 
 
