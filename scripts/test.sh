@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Runs the whole test suite (after scripts/setup.sh test).
+# The test command: installs everything it needs into ./.venv (idempotent, quick once done),
+# then runs the linter and the whole test suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/setup.sh test
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1
 ruff check .
