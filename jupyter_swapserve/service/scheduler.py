@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from ..engines.base import EngineError, free_port
-from ..gpu.checkpoint import CheckpointError
+from ..gpu.checkpoint import CheckpointError, run_guarded
 from ..gpu.monitor import GpuMonitor
 from ..runtime.process import ProcessRuntime, RuntimeStepError
 from .backend import Backend, DrainTimeout, State, SwapStepError, SwapSteps
@@ -58,12 +58,15 @@ class Scheduler:
         notifier: Notifier,
         runtime_factory: Callable[[Backend], Any] | None = None,
         lock_timeout_ms: int = 10_000,
+        driver_timeout_s: float = 300.0,
     ) -> None:
         self.backends = backends
         self.monitor = monitor
         self.checkpointer = checkpointer
         self.notifier = notifier
         self.lock_timeout_ms = lock_timeout_ms
+        # checkpoint copies at ~1.5 GB/s and restore at ~4 GB/s (design.md §2): 80 GB take < 60 s
+        self.driver_timeout_s = driver_timeout_s
         self.reservations = {
             d.index: ReservationManager(d.index, d.capacity_gib, on_change=notifier.notify) for d in monitor.devices
         }
@@ -87,6 +90,12 @@ class Scheduler:
             )
             for b in self.backends.values()
         ]
+
+    async def _driver(self, step: str, call: Callable[..., Any], pid: int, *args: Any) -> None:
+        """A checkpoint driver call in a thread, never awaited for longer than it can take: a
+        hung call (restore of a frozen process) fails the step instead of the whole service."""
+        timeout = self.lock_timeout_ms / 1000 + 30 if step == "lock" else self.driver_timeout_s
+        await run_guarded(step, pid, call, pid, *args, timeout=timeout)
 
     def _record(self, backend: Backend, what: str, steps: SwapSteps) -> None:
         backend.last_steps = steps.timings
@@ -234,11 +243,11 @@ class Scheduler:
         try:
             await steps.run("thaw", runtime.thaw, undo=runtime.freeze)
             for pid in pids:
-                await steps.run("restore", lambda p=pid: asyncio.to_thread(ckpt.restore, p),
-                                undo=lambda p=pid: asyncio.to_thread(ckpt.checkpoint, p))
+                await steps.run("restore", lambda p=pid: self._driver("restore", ckpt.restore, p),
+                                undo=lambda p=pid: self._driver("checkpoint", ckpt.checkpoint, p))
             for pid in pids:
-                await steps.run("unlock", lambda p=pid: asyncio.to_thread(ckpt.unlock, p),
-                                undo=lambda p=pid: asyncio.to_thread(ckpt.lock, p, self.lock_timeout_ms))
+                await steps.run("unlock", lambda p=pid: self._driver("unlock", ckpt.unlock, p),
+                                undo=lambda p=pid: self._driver("lock", ckpt.lock, p, self.lock_timeout_ms))
             if backend.slept:
                 await steps.run("wake", lambda: backend.adapter.wake(self.client, backend.base_url or ""),
                                 undo=lambda: backend.adapter.sleep(self.client, backend.base_url or ""))
@@ -291,11 +300,11 @@ class Scheduler:
                                     undo_if_failed=True)
                 pids = self.monitor.gpu_pids(runtime.pids()) if real_gpu else []
                 for pid in pids:
-                    await steps.run("lock", lambda p=pid: asyncio.to_thread(ckpt.lock, p, self.lock_timeout_ms),
-                                    undo=lambda p=pid: asyncio.to_thread(ckpt.unlock, p))
+                    await steps.run("lock", lambda p=pid: self._driver("lock", ckpt.lock, p, self.lock_timeout_ms),
+                                    undo=lambda p=pid: self._driver("unlock", ckpt.unlock, p))
                 for pid in pids:
-                    await steps.run("checkpoint", lambda p=pid: asyncio.to_thread(ckpt.checkpoint, p),
-                                    undo=lambda p=pid: asyncio.to_thread(ckpt.restore, p))
+                    await steps.run("checkpoint", lambda p=pid: self._driver("checkpoint", ckpt.checkpoint, p),
+                                    undo=lambda p=pid: self._driver("restore", ckpt.restore, p))
                 await steps.run("freeze", runtime.freeze, undo=runtime.thaw, undo_if_failed=True)
         except (SwapStepError, DrainTimeout) as exc:
             self._record(backend, "swap-out failed", steps)
