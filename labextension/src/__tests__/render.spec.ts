@@ -1,0 +1,144 @@
+import { PanelView } from '../render';
+import { classifyError, initialState, IPanelState, withError, withPending, withStatus } from '../state';
+import { SwapAction } from '../types';
+import { model, status } from './fixtures';
+
+function mount() {
+  const swaps: [string, SwapAction][] = [];
+  const view = new PanelView({
+    swap: (m, a) => swaps.push([m, a]),
+    retry: () => undefined,
+    dismiss: () => undefined
+  });
+  document.body.appendChild(view.node);
+  return { view, swaps };
+}
+
+const card = (root: HTMLElement, name: string) =>
+  root.querySelector<HTMLElement>(`.jp-SwapServe-model[data-model="${name}"]`)!;
+
+afterEach(() => {
+  document.body.textContent = '';
+});
+
+describe('PanelView', () => {
+  it('shows loading, then one card per model and one bar per device', () => {
+    const { view } = mount();
+    view.update(initialState(), 0);
+    expect(view.node.textContent).toContain('Loading the status');
+    view.update(withStatus(initialState(), status(), 1000, 'sse'), 1000);
+    expect(view.node.querySelectorAll('.jp-SwapServe-model')).toHaveLength(2);
+    expect(view.node.querySelectorAll('.jp-SwapServe-device')).toHaveLength(1);
+    const gemma = card(view.node, 'gemma');
+    expect(gemma.querySelector('.jp-SwapServe-stateText')!.textContent).toBe('swapped out');
+    expect(gemma.querySelector('.jp-SwapServe-memText')!.textContent).toBe('0.60 / 1.00 GiB');
+    expect(view.node.querySelector('.jp-SwapServe-kind')!.textContent).toBe('virtual');
+    expect(view.node.querySelector('.jp-SwapServe-connText')!.textContent).toBe('live');
+  });
+
+  it('patches in place: same nodes, focus kept, nothing rebuilt', () => {
+    const { view } = mount();
+    let s: IPanelState = withStatus(initialState(), status(), 1000, 'sse');
+    view.update(s, 1000);
+    const gemma = card(view.node, 'gemma');
+    const button = gemma.querySelector<HTMLButtonElement>('.jp-SwapServe-swap-in')!;
+    button.focus();
+    expect(document.activeElement).toBe(button);
+    const observer = new MutationObserver(() => undefined);
+    observer.observe(view.node, { subtree: true, childList: true, attributes: true, characterData: true });
+    // the same status again: not a single DOM mutation
+    view.update(withStatus(s, status(), 1000, 'sse'), 1000);
+    expect(observer.takeRecords()).toHaveLength(0);
+    // a real change: still the same nodes, the focused button keeps focus
+    const st = status();
+    st.models[0] = model({ state: 'swapping_in' });
+    s = withStatus(s, st, 2000, 'sse');
+    view.update(s, 2000);
+    expect(card(view.node, 'gemma')).toBe(gemma);
+    expect(document.activeElement).toBe(button);
+    expect(gemma.querySelector('.jp-SwapServe-stateText')!.textContent).toBe('swapping in…');
+    expect(gemma.querySelector('.jp-SwapServe-state')!.classList.contains('jp-mod-busy')).toBe(true);
+    expect(button.getAttribute('aria-disabled')).toBe('true');
+    observer.disconnect();
+  });
+
+  it('calls back on swap buttons, not when disabled', () => {
+    const { view, swaps } = mount();
+    view.update(withStatus(initialState(), status(), 0, 'sse'), 0);
+    card(view.node, 'gemma').querySelector<HTMLButtonElement>('.jp-SwapServe-swap-in')!.click();
+    card(view.node, 'gemma').querySelector<HTMLButtonElement>('.jp-SwapServe-swap-out')!.click();
+    card(view.node, 'smollm2').querySelector<HTMLButtonElement>('.jp-SwapServe-swap-out')!.click();
+    expect(swaps).toEqual([
+      ['gemma', 'swap-in'],
+      ['smollm2', 'swap-out']
+    ]);
+    const b = card(view.node, 'gemma').querySelector<HTMLButtonElement>('.jp-SwapServe-swap-in')!;
+    expect(b.getAttribute('aria-label')).toBe('Swap in gemma');
+    expect(b.type).toBe('button');
+  });
+
+  it('labels the pending button and the state right away', () => {
+    const { view } = mount();
+    const s = withPending(withStatus(initialState(), status(), 0, 'sse'), 'gemma', 'swap-in', 0);
+    view.update(s, 0);
+    const gemma = card(view.node, 'gemma');
+    expect(gemma.querySelector('.jp-SwapServe-swap-in')!.textContent).toBe('Swapping in…');
+    expect(gemma.querySelector('.jp-SwapServe-swap-in')!.getAttribute('aria-busy')).toBe('true');
+    expect(gemma.getAttribute('data-state')).toBe('swapping_in');
+  });
+
+  it('shows errors, keeps the stale data, and hides the error once fixed', () => {
+    const { view } = mount();
+    let s = withStatus(initialState(), status(), 0, 'sse');
+    view.update(s, 0);
+    s = withError(s, classifyError(403, { error: { message: 'no' } }));
+    view.update(s, 5000);
+    const alert = view.node.querySelector<HTMLElement>('[role="alert"]')!;
+    expect(alert.hidden).toBe(false);
+    expect(alert.textContent).toContain('Permission denied (403): no.');
+    expect(view.node.classList.contains('jp-mod-stale')).toBe(true);
+    expect(view.node.querySelectorAll('.jp-SwapServe-model')).toHaveLength(2);
+    view.update(withStatus(s, status(), 6000, 'poll'), 6000);
+    expect(alert.hidden).toBe(true);
+    expect(view.node.querySelector('.jp-SwapServe-connText')!.textContent).toBe('polling');
+  });
+
+  it('shows an error with no data at all (never silent emptiness)', () => {
+    const { view } = mount();
+    view.update(withError(initialState(), classifyError(0, 'Failed to fetch')), 0);
+    const alert = view.node.querySelector<HTMLElement>('[role="alert"]')!;
+    expect(alert.hidden).toBe(false);
+    expect(alert.textContent).toContain('Cannot reach the Jupyter server');
+  });
+
+  it('adds, removes and reorders models', () => {
+    const { view } = mount();
+    view.update(withStatus(initialState(), status(), 0, 'sse'), 0);
+    const st = status();
+    st.models = [st.models[1], model({ name: 'phi' })];
+    view.update(withStatus(initialState(), st, 0, 'sse'), 0);
+    const names = [...view.node.querySelectorAll<HTMLElement>('.jp-SwapServe-model')].map(e => e.dataset.model);
+    expect(names).toEqual(['smollm2', 'phi']);
+  });
+
+  it('draws the device reservations per model and the waiting list', () => {
+    const { view } = mount();
+    const st = status();
+    st.devices[0].waiting = [{ model: 'gemma', gib: 0.6 }];
+    view.update(withStatus(initialState(), st, 0, 'sse'), 0);
+    const segs = view.node.querySelectorAll<HTMLElement>('.jp-SwapServe-seg');
+    expect(segs).toHaveLength(1);
+    expect(segs[0].style.width).toBe('50.00%');
+    expect(segs[0].title).toBe('smollm2: 0.50 GiB');
+    expect(view.node.querySelector('.jp-SwapServe-waiting')!.textContent).toBe('Waiting for memory: gemma (0.60 GiB)');
+    expect(view.node.querySelector('.jp-SwapServe-usedMarker')!.hasAttribute('hidden')).toBe(true);
+  });
+
+  it('lists configuration errors', () => {
+    const { view } = mount();
+    view.update(withStatus(initialState(), status({ config_errors: ['models[2]: unknown engine'] }), 0, 'sse'), 0);
+    const list = view.node.querySelector<HTMLElement>('.jp-SwapServe-configErrors')!;
+    expect(list.hidden).toBe(false);
+    expect(list.textContent).toBe('models[2]: unknown engine');
+  });
+});
