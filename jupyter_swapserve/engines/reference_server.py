@@ -300,7 +300,11 @@ class Engine:
 
             cfg = AutoConfig.from_pretrained(args.model)
             self.shape = shape_from_hf_config(cfg)
-            self.tokenizer = HfTokenizer(args.model)
+            try:
+                self.tokenizer = HfTokenizer(args.model)
+            except (OSError, ValueError) as exc:  # a checkpoint without tokenizer files
+                log.warning("no tokenizer in %s (%s): using bytes", args.model, exc)
+                self.tokenizer = ByteTokenizer()
             hf_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=self.dtype)
             hf_state = {k.removeprefix("model."): v for k, v in hf_model.state_dict().items()}
             rotary = getattr(getattr(hf_model, "model", hf_model), "rotary_emb", None)

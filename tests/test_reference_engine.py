@@ -1,0 +1,196 @@
+"""The reference engine on the CPU: the same server the GPU benchmarks run, with a tiny random
+model. Checks the OpenAI routes, streaming, the sleep protocol (weights survive a sleep/wake
+cycle), the startup breakdown, that its forward pass matches transformers' Llama, and that the
+swap service drives it through the adapter."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from jupyter_swapserve.config import parse_models  # noqa: E402
+from jupyter_swapserve.engines import ADAPTERS, adapter_for  # noqa: E402
+
+from .server import free_port, run_server  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--model", "shape:tiny", "--device", "cpu", "--max-model-len", "128"]
+
+
+@contextlib.contextmanager
+def engine(*extra: str) -> Iterator[str]:
+    port = free_port()
+    argv = [sys.executable, "-m", "jupyter_swapserve.engines.reference_server", *TINY, "--port", str(port),
+            "--served-model-name", "tiny", *extra]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"engine exited: {proc.stdout.read().decode() if proc.stdout else ''}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError("engine did not start")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Iterator[str]:
+    with engine() as url:
+        yield url
+
+
+def complete(url: str, prompt: str = "hello", n: int = 8) -> httpx.Response:
+    return httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": n,
+                                                     "temperature": 0}, timeout=60)
+
+
+def test_models_and_completion(tiny: str) -> None:
+    models = httpx.get(tiny + "/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["tiny"]
+    body = complete(tiny).json()
+    assert body["object"] == "text_completion"
+    assert len(body["choices"][0]["text"]) == 8
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 8
+    assert complete(tiny).json()["choices"][0]["text"] == body["choices"][0]["text"], "greedy is deterministic"
+
+
+def test_chat_stream_arrives_in_chunks(tiny: str) -> None:
+    events = []
+    with httpx.stream("POST", tiny + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    content = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"][0]["delta"].get("content")]
+    assert len(content) == 5
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_bad_requests_get_openai_errors(tiny: str) -> None:
+    r = httpx.post(tiny + "/v1/chat/completions", json={"model": "tiny", "messages": []})
+    assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+    r = httpx.post(tiny + "/v1/completions", content=b"{not json")
+    assert r.status_code == 400
+    assert httpx.get(tiny + "/nope").status_code == 404
+
+
+def test_sleep_and_wake_keep_the_weights(tiny: str) -> None:
+    before = complete(tiny, "the same prompt", 12).json()["choices"][0]["text"]
+    r = httpx.post(tiny + "/sleep", params={"level": 1}, timeout=60)
+    assert r.status_code == 200 and r.json()["level"] == 1
+    assert httpx.get(tiny + "/is_sleeping").json() == {"is_sleeping": True}
+    asleep = complete(tiny)
+    assert asleep.status_code == 503 and "sleeping" in asleep.json()["error"]["message"]
+    assert httpx.get(tiny + "/v1/models").status_code == 200, "the API still answers while asleep"
+    assert httpx.post(tiny + "/wake_up", timeout=60).status_code == 200
+    assert httpx.get(tiny + "/is_sleeping").json() == {"is_sleeping": False}
+    assert complete(tiny, "the same prompt", 12).json()["choices"][0]["text"] == before
+    stats = httpx.get(tiny + "/stats").json()
+    assert stats["cycles"] == 1 and stats["last_sleep"]["level"] == 1
+
+
+def test_sleep_level_2_reloads_the_weights(tiny: str) -> None:
+    before = complete(tiny, "level two", 6).json()["choices"][0]["text"]
+    assert httpx.post(tiny + "/sleep?level=2", timeout=60).json()["level"] == 2
+    assert httpx.post(tiny + "/wake_up", timeout=60).status_code == 200
+    assert complete(tiny, "level two", 6).json()["choices"][0]["text"] == before  # same seed, same weights
+    assert httpx.post(tiny + "/sleep?level=3").status_code == 400
+
+
+def test_startup_timings_have_the_cold_start_parts(tiny: str) -> None:
+    t = httpx.get(tiny + "/startup_timings").json()
+    for part in ("import_s", "load_s", "kv_alloc_s", "compile_s", "graph_s", "warmup_s", "ready_s"):
+        assert part in t and t[part] >= 0
+    assert t["ready_s"] >= t["load_s"]
+
+
+def test_forward_matches_transformers_llama(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from jupyter_swapserve.engines.reference_server import Engine, parse_args
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=300, max_position_embeddings=64,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    ids = [5, 17, 99, 3, 250, 42, 7]
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0, -1].float()
+    eng = Engine(parse_args(["--model", str(tmp_path), "--device", "cpu", "--dtype", "float32",
+                             "--max-model-len", "32"]))
+    with torch.inference_mode():
+        got = eng._prefill(torch.tensor(ids))[0]
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+        # the decode step (the path that is compiled and captured on a GPU) agrees with prefill
+        nxt = int(got.argmax())
+        with torch.no_grad():
+            want2 = hf(torch.tensor([[*ids, nxt]])).logits[0, -1].float()
+        got2 = eng._decode(nxt, len(ids))[0]
+        assert torch.allclose(got2, want2, atol=1e-4, rtol=1e-4), (got2 - want2).abs().max()
+
+
+def test_adapter_launches_the_server() -> None:
+    assert {"reference", "transformers"} <= set(ADAPTERS)
+    models = parse_models({"models": [{"name": "r", "engine": "reference", "model": "shape:tiny",
+                                       "args": ["--device", "cpu"]}]})
+    adapter = adapter_for(models.models[0])
+    assert adapter.supports_sleep
+    spec = adapter.launch_spec(4321)
+    assert spec.argv[1:3] == ["-m", "jupyter_swapserve.engines.reference_server"]
+    assert spec.argv[spec.argv.index("--port") + 1] == "4321"
+    assert spec.argv[spec.argv.index("--served-model-name") + 1] == "r"
+    assert spec.argv[-2:] == ["--device", "cpu"]
+
+
+def test_served_through_the_swap_service(tmp_path: Path) -> None:
+    """Two reference engines on a virtual device with room for one: requests alternate, both
+    answer, and the swaps happen (freeze/thaw; the sleep hook is for real GPUs)."""
+    models = {
+        "devices": [{"virtual": True, "memory_gib": 1.0}],
+        "models": [{"name": n, "engine": "reference", "model": "shape:tiny", "api": "completion",
+                    "memory_gib": 0.6, "args": ["--device", "cpu", "--max-model-len", "64", "--seed", str(i)]}
+                   for i, n in enumerate(("ref-a", "ref-b"))],
+    }
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps(models))
+    env = {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with run_server(path, env=env) as server:
+        server.wait_models()
+        texts = {}
+        for name in ("ref-a", "ref-b", "ref-a"):
+            r = httpx.post(server.api + "/completions", headers=server.headers(), timeout=120,
+                           json={"model": name, "prompt": "x", "max_tokens": 4, "temperature": 0})
+            assert r.status_code == 200, r.text
+            assert float(r.headers["x-swapserve-swap-in-seconds"]) > 0
+            texts.setdefault(name, r.json()["choices"][0]["text"])
+            assert r.json()["choices"][0]["text"] == texts[name]
+        status = {m["name"]: m for m in server.status()["models"]}
+        assert status["ref-a"]["swaps_in"] == 2 and status["ref-b"]["swaps_in"] == 1
+        assert status["ref-b"]["state"] == "swapped_out" and status["ref-a"]["state"] == "running"
