@@ -100,6 +100,30 @@ def test_full_queue_is_503_with_retry_after(faults_server: ServerHandle) -> None
     assert results == {"long": 200, "queued": 200}  # nothing that was admitted is lost
 
 
+def test_client_leaving_the_queue_frees_its_place(faults_server: ServerHandle) -> None:
+    long_body = {"model": "tiny", "messages": [{"role": "user", "content": "Write a long story."}],
+                 "max_tokens": 300}
+    done: dict[str, int] = {}
+
+    def long_request() -> None:
+        r = httpx.post(faults_server.api + "/chat/completions", json=long_body, headers=faults_server.headers(),
+                       timeout=120)
+        done["long"] = r.status_code
+
+    first = threading.Thread(target=long_request)
+    first.start()
+    _wait(lambda: faults_server.model("tiny")["in_flight"] == 1)
+    # a second client queues behind it, then gives up before it is served
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(faults_server.api + "/chat/completions", headers=faults_server.headers(), timeout=0.5,
+                   json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
+    _wait(lambda: faults_server.model("tiny")["queue_depth"] == 0, timeout=3)
+    assert faults_server.model("tiny")["in_flight"] == 1, "the long request is still being served"
+    first.join(120)
+    assert done == {"long": 200}
+    assert faults_server.model("tiny")["requests"] >= 1
+
+
 def test_idle_model_is_swapped_out(faults_server: ServerHandle) -> None:
     openai(faults_server).chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
