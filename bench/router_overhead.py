@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.server import run_server  # noqa: E402
+from tests.server import run_server
 
 
 def percentile(values: list[float], q: float) -> float:
