@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The one command a GPU machine (the device tool) runs: install the carried wheels, record the
+# environment, run the GPU tests and/or the swap-latency benchmark, and leave logs in $OUT.
+#   bash bench/gpu_run.sh tests                 # tests/gpu (real Jupyter server, real checkpoints)
+#   bash bench/gpu_run.sh bench [ARGS...]       # bench/swap_latency.py ARGS
+#   bash bench/gpu_run.sh all [ARGS...]         # both
+# Wheels: `bash ../shared/device/make-wheels.sh` here first, then carry [".whl"].
+# Every step has its own `timeout`: a device call must never hang.
+set -uo pipefail
+OUT=${OUT:-/tmp/swapserve-out}
+mkdir -p "$OUT"
+what=${1:-all}
+shift || true
+TESTS_TIMEOUT=${TESTS_TIMEOUT:-420}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-540}
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >/dev/null 2>&1 || { echo "wheel install failed"; exit 1; }
+fi
+export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv
+  timeout 60 python3 -c "import torch, transformers; print('torch', torch.__version__, torch.version.cuda, 'transformers', transformers.__version__)"
+  timeout 60 python3 -c "import torch_memory_saver; print('torch_memory_saver ok')"
+  grep cgroup2 /proc/mounts; nproc; free -g | head -2
+} 2>&1 | tee "$OUT/env.txt"
+rc=0
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  timeout "$TESTS_TIMEOUT" python3 -m pytest -q -s -rA -p no:cacheprovider -o addopts="" tests/gpu 2>&1 \
+    | tee "$OUT/gpu-tests.log"
+  rc=$((rc | ${PIPESTATUS[0]}))
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  timeout "$BENCH_TIMEOUT" python3 bench/swap_latency.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
+  rc=$((rc | ${PIPESTATUS[0]}))
+fi
+# the engines' own logs (startup breakdown, sleep/wake timings, errors), as one file
+tar czf "$OUT/engine-logs.tgz" -C /tmp jupyter-swapserve 2>/dev/null || true
+exit $rc
