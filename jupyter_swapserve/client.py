@@ -9,10 +9,12 @@ the request.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -24,6 +26,10 @@ CONFIGURE_HINT = "Configure with: %llm config --url URL --token TOKEN"
 # streamed answers may wait long in a queue or behind a swap-in; an interrupt ends them sooner
 READ_TIMEOUT = 600.0
 PROBE_TIMEOUT = 3.0
+WAIT_DELAY = 0.5  # no waiting line for answers that start at once
+WAIT_POLL = 0.5
+# base models behind the completions route stop after 16 tokens by default (llama.cpp, OpenAI)
+COMPLETION_DEFAULT_MAX_TOKENS = 256
 
 
 class LLMError(Exception):
@@ -305,8 +311,8 @@ class SwapServeClient:
             return r.json()
         raise AssertionError("unreachable")
 
-    def status(self) -> dict[str, Any]:
-        return self.request("GET", "swapserve/api/status")
+    def status(self, timeout: float = 30.0) -> dict[str, Any]:
+        return self.request("GET", "swapserve/api/status", timeout=timeout)
 
     def models(self, refresh: bool = False) -> dict[str, dict[str, Any]]:
         """name → the ``swapserve`` part of GET /v1/models ({engine, api, state})."""
@@ -326,6 +332,26 @@ class SwapServeClient:
 
     def swap(self, name: str, direction: str) -> dict[str, Any]:
         return self.request("POST", f"swapserve/api/models/{name}/{direction}", content=b"{}")
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        """Status documents from GET /swapserve/api/events, one on every change, until closed.
+
+        Keepalives come every 15 s, so a read timeout well above that means a dead server."""
+        conn = self.connection
+        try:
+            with self.http.stream("GET", conn.base_url + "swapserve/api/events", headers=_auth(conn),
+                                  timeout=httpx.Timeout(10.0, read=60.0)) as r:
+                if r.status_code >= 400:
+                    raise parse_error(r, r.read())
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        try:
+                            yield json.loads(line[5:])
+                        except ValueError:
+                            continue
+        except httpx.TransportError as exc:
+            self.forget()
+            raise LLMError(f"Lost the status stream from {conn.base_url}: {_describe_http_error(exc)}") from None
 
     # ---- streaming --------------------------------------------------------------------------
     def stream(self, model: str, api: str, body: dict[str, Any]) -> _StreamContext:
@@ -372,25 +398,92 @@ class _StreamContext:
             self._cm = None
 
 
+def build_body(api: str, prompt: str, *, system: str | None = None, history: list[dict[str, str]] | None = None,
+               max_tokens: int | None = None, temperature: float | None = None,
+               seed: int | None = None) -> dict[str, Any]:
+    """The request body for a model's API; history is earlier user/assistant messages, alternating."""
+    history = history or []
+    body: dict[str, Any] = {}
+    if api == "completion":
+        # a base model continues text: system text and earlier turns become a preamble
+        parts = [system] if system else []
+        parts += [history[i]["content"] + history[i + 1]["content"] for i in range(0, len(history) - 1, 2)]
+        body["prompt"] = "\n\n".join([*parts, prompt])
+        body["max_tokens"] = max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
+    else:
+        messages = [{"role": "system", "content": system}] if system else []
+        body["messages"] = [*messages, *history, {"role": "user", "content": prompt}]
+        if max_tokens:
+            body["max_tokens"] = max_tokens
+    if temperature is not None:
+        body["temperature"] = temperature
+    if seed is not None:
+        body["seed"] = seed
+    return body
+
+
 def wait_line(model: str, status: dict[str, Any], waited: float) -> str | None:
     """What to say while no byte of the answer has arrived yet, from the status document."""
-    m = next((m for m in status.get("models", []) if m.get("name") == model), None)
+    models = status.get("models", [])
+    m = next((m for m in models if m.get("name") == model), None)
     if m is None:
         return None
     state = m.get("state")
-    secs = f"{waited:.0f} s"
+    secs = f"({waited:.0f} s)"
+    device = next((d for d in status.get("devices", []) if d.get("index") == m.get("device")), {})
+    if any(w.get("model") == model for w in device.get("waiting") or []):
+        # the reservation waits until busy models on the device can be swapped out
+        busy = [o["name"] for o in models
+                if o.get("device") == m.get("device") and o["name"] != model and o.get("in_flight")]
+        why = f": {', '.join(busy)} {'is' if len(busy) == 1 else 'are'} answering" if busy else ""
+        return f"{model} is waiting for memory{why}… {secs}"
     if state == "swapping_in":
-        return f"{model} is swapping in… ({secs})"
+        return f"{model} is swapping in… {secs}"
     if state in ("swapped_out", "swapping_out"):
-        return f"{model} is waiting for memory to swap in… ({secs})"
+        return f"{model} is waiting to swap in… {secs}"
     if state in ("starting", "stopped"):
-        return f"{model} is starting… ({secs})"
+        return f"{model} is starting… {secs}"
     if state == "failed":
         return f"{model} failed: {m.get('error') or 'see the server log'}"
     ahead = int(m.get("queue_depth") or 0) - 1  # this request is one of the queued
     if ahead > 0:
-        return f"{model}: queued behind {ahead} request(s)… ({secs})"
-    return f"{model} is working on it… ({secs})"
+        return f"{model}: queued behind {ahead} request(s)… {secs}"
+    return f"{model} is working on it… {secs}"
+
+
+class Waiter:
+    """Until the first byte of the answer arrives, says (from the status route) why it has not yet:
+    queued, swapping in, starting. Runs beside the blocking request so the main thread stays
+    interruptible, and in the cell's context so its output lands in the cell."""
+
+    def __init__(self, client: SwapServeClient, model: str, show: Callable[[str], None]) -> None:
+        self.client, self.model, self.show = client, model, show
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,),
+                                        name="swapserve-wait", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        if self._stop.wait(WAIT_DELAY):
+            return
+        shown = None
+        while not self._stop.is_set():
+            try:
+                line = wait_line(self.model, self.client.status(timeout=PROBE_TIMEOUT), time.monotonic() - started)
+            except Exception:  # the request itself will report a broken server
+                line = None
+            if line and line != shown and not self._stop.is_set():
+                self.show(line)
+                shown = line
+            self._stop.wait(WAIT_POLL)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
 
 
 def seconds(value: float) -> str:

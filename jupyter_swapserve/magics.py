@@ -12,30 +12,31 @@ failure, interrupt) are one red line, never a traceback.
 from __future__ import annotations
 
 import argparse
-import contextvars
 import html
 import json
 import re
 import shlex
 import string
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.display import DisplayHandle, display
 
-from .client import Connection, LLMError, SwapServeClient, normalize_base_url, seconds, wait_line
+from .client import (
+    Connection,
+    LLMError,
+    SwapServeClient,
+    Waiter,
+    build_body,
+    normalize_base_url,
+    seconds,
+)
 
 FORMATS = ("markdown", "text", "code", "json")
 UPDATE_INTERVAL = 0.05  # seconds between display updates: progressive, without a message per token
-WAIT_DELAY = 0.5  # no waiting line for answers that start at once
-WAIT_POLL = 0.5
-# base models behind the completions route stop after 16 tokens by default (llama.cpp, OpenAI)
-COMPLETION_DEFAULT_MAX_TOKENS = 256
-COMMANDS = ("list", "status", "swap-in", "swap-out", "config", "reset", "help")
+COMMANDS = ("list", "status", "swap-in", "swap-out", "config", "reset", "panel", "chat", "help")
 
 USAGE = """\
 %%llm MODEL [-f markdown|text|code|json] [--max-tokens N] [--temperature T] [--seed S]
@@ -45,7 +46,8 @@ USAGE = """\
 %llm status                       devices and models in detail
 %llm swap-in NAME | swap-out NAME
 %llm config [--url URL] [--token TOKEN] [--reset]
-%llm reset [MODEL]                forget the --chat conversation (of one model, or all)"""
+%llm reset [MODEL]                forget the --chat conversation (of one model, or all)
+%llm panel | chat [MODEL]         live model panel, chat box (ipywidgets)"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -135,39 +137,6 @@ def _ago(timestamp: Any) -> str:
     return f"{s:.0f} s ago" if s < 120 else f"{s / 60:.0f} min ago" if s < 7200 else f"{s / 3600:.0f} h ago"
 
 
-class _Waiter:
-    """Until the first byte of the answer arrives, says (from the status route) why it has not yet:
-    queued, swapping in, starting. Runs beside the blocking request so the main thread stays
-    interruptible, and in the cell's context so its output lands in the cell."""
-
-    def __init__(self, client: SwapServeClient, model: str, show: Callable[[str], None]) -> None:
-        self.client, self.model, self.show = client, model, show
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,),
-                                        name="swapserve-wait", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        started = time.monotonic()
-        if self._stop.wait(WAIT_DELAY):
-            return
-        while not self._stop.is_set():
-            try:
-                line = wait_line(self.model, self.client.status(), time.monotonic() - started)
-            except Exception:  # the request itself will report a broken server
-                line = None
-            if line and not self._stop.is_set():
-                self.show(line)
-            self._stop.wait(WAIT_POLL)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-
 class _Output:
     """The cell's two outputs: a quiet status line (waiting, swapped in) above the streamed answer."""
 
@@ -238,7 +207,8 @@ class LLMMagics(Magics):
         system = interpolate(args.system, ns) if args.system else None
         api = self.client.model(args.model).get("api", "chat")
         history = self.conversations.get(args.model, []) if args.chat else []
-        body = self._body(api, args, prompt, system, history)
+        body = build_body(api, prompt, system=system, history=history, max_tokens=args.max_tokens,
+                          temperature=args.temperature, seed=args.seed)
         out = _Output(args.format)
         try:
             text, stream_note = self._stream(args.model, api, body, out)
@@ -249,39 +219,17 @@ class LLMMagics(Magics):
         except LLMError:
             out.set_status("")  # a waiting line must not outlive the request
             raise
-        value = self._render(text, args.format, out)
-        if stream_note:
-            out.set_status(stream_note)
+        value, render_note = self._render(text, args.format, out)
+        out.set_status(" · ".join(n for n in (stream_note, render_note) if n))
         if args.output:
             ns[args.output] = value
         if args.chat:
             self.conversations.setdefault(args.model, []).extend(
                 [{"role": "user", "content": prompt}, {"role": "assistant", "content": text}])
 
-    @staticmethod
-    def _body(api: str, args: argparse.Namespace, prompt: str, system: str | None,
-              history: list[dict[str, str]]) -> dict[str, Any]:
-        body: dict[str, Any] = {}
-        if api == "completion":
-            # a base model continues text: system text and earlier turns become a preamble
-            parts = [system] if system else []
-            parts += [history[i]["content"] + history[i + 1]["content"] for i in range(0, len(history) - 1, 2)]
-            body["prompt"] = "\n\n".join([*parts, prompt])
-            body["max_tokens"] = args.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
-        else:
-            messages = [{"role": "system", "content": system}] if system else []
-            body["messages"] = [*messages, *history, {"role": "user", "content": prompt}]
-            if args.max_tokens:
-                body["max_tokens"] = args.max_tokens
-        if args.temperature is not None:
-            body["temperature"] = args.temperature
-        if args.seed is not None:
-            body["seed"] = args.seed
-        return body
-
     def _stream(self, model: str, api: str, body: dict[str, Any], out: _Output) -> tuple[str, str]:
         """Stream the answer into out; the answer's text and the line about swap and queue."""
-        waiter = _Waiter(self.client, model, out.set_status)
+        waiter = Waiter(self.client, model, out.set_status)
         waiter.start()
         text, note = "", ""
         try:
@@ -306,30 +254,29 @@ class LLMMagics(Magics):
             waiter.stop()
         return text, note
 
-    def _render(self, text: str, fmt: str, out: _Output) -> Any:
-        """Show the final answer in its format; the value -o stores."""
+    def _render(self, text: str, fmt: str, out: _Output) -> tuple[Any, str]:
+        """Show the final answer in its format; the value -o stores, and a note about it."""
         if fmt == "markdown":
             out.final({"text/markdown": text, "text/plain": text})
-            return text
+            return text, ""
         if fmt == "text":
             out.final({"text/plain": text})
-            return text
+            return text, ""
         if fmt == "code":
             code, lang = strip_fences(text)
             out.final({"text/markdown": f"```{lang or 'python'}\n{code}\n```", "text/plain": code})
             # the front end inserts a new cell below with the code (jupyter-ai's -f code)
             self.shell.set_next_input(code, replace=False)
-            return code
+            return code, "code inserted in a new cell below"
         body, _ = strip_fences(text)
         try:
             value = json.loads(body)
         except ValueError:
             out.final({"text/plain": text})
-            out.set_status("the answer is not valid JSON; shown as text")
-            return text
+            return text, "the answer is not valid JSON; shown as text"
         out.final({"application/json": value if isinstance(value, (dict, list)) else {"value": value},
                    "text/plain": json.dumps(value, indent=2)})
-        return text
+        return text, ""
 
     # ---- %llm -------------------------------------------------------------------------------
     def _line(self, line: str) -> None:
@@ -353,6 +300,8 @@ class LLMMagics(Magics):
             self._config(rest)
         elif command == "reset":
             self._reset(rest)
+        elif command in ("panel", "chat"):
+            self._widget(command, rest)
         else:
             raise UsageError(f"Unknown command '{command}' (commands: {', '.join(COMMANDS)}); "
                              f"to prompt a model use the cell magic: %%llm {command}")
@@ -423,6 +372,19 @@ class LLMMagics(Magics):
             token = args.token if args.token is not None else (current.token if current else "")
             self.client.configure(Connection(url, token, "%llm config"))
         print(f"swapserve: {self.client.connection.describe()}")
+
+    def _widget(self, command: str, argv: list[str]) -> None:
+        try:
+            from .widgets import ChatBox, ModelPanel
+        except ImportError:
+            raise LLMError(f"%llm {command} needs ipywidgets: pip install ipywidgets") from None
+        if command == "panel":
+            display(ModelPanel(client=self.client))
+        else:
+            model = argv[0] if argv else None
+            if model is not None:
+                self.client.model(model)  # one line listing the models when the name is unknown
+            display(ChatBox(model, client=self.client))
 
     def _reset(self, argv: list[str]) -> None:
         if argv:

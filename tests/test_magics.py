@@ -354,7 +354,7 @@ def test_chat_remembers_the_previous_turn(kernel: ServerKernel) -> None:
     assert [t["role"] for t in conv] == ["user", "assistant", "user", "assistant"]
     assert conv[0]["content"].startswith("My name is Ada") and conv[1]["content"] == first
     # the second request carried the first turn: the model can only know the name from it
-    assert "Ada" in second
+    assert "Ada" in second or "Lovelace" in second
 
     # without --chat nothing is remembered, and reset forgets
     assert kernel.run("%%llm smollm2 --max-tokens 4\nHi").ok
