@@ -59,14 +59,14 @@ interface IModelRow {
   swapOut: HTMLButtonElement;
 }
 
-const STATS: [string, string][] = [
-  ['device', 'Device'],
-  ['queue', 'Queued'],
-  ['inflight', 'In flight'],
-  ['requests', 'Requests'],
-  ['swapin', 'Last swap-in'],
-  ['swapout', 'Last swap-out'],
-  ['lastused', 'Last used']
+const STATS: [string, string, string][] = [
+  ['device', 'Device', 'The device the model runs on'],
+  ['queue', 'Queued', 'Requests waiting in the queue (of the queue limit)'],
+  ['inflight', 'In flight', 'Requests being answered by the engine now'],
+  ['requests', 'Requests', 'Requests served since the server started'],
+  ['swapin', 'Swap-in', 'Duration of the last swap-in'],
+  ['swapout', 'Swap-out', 'Duration of the last swap-out'],
+  ['lastused', 'Last used', 'When the model last answered a request']
 ];
 
 export class PanelView {
@@ -238,8 +238,8 @@ export class PanelView {
     const head = h('div', 'jp-SwapServe-rowHead');
     const title = h('span', 'jp-SwapServe-deviceName');
     const kind = h('span', 'jp-SwapServe-badge jp-SwapServe-kind');
-    const capacity = h('span', 'jp-SwapServe-capacity');
-    head.append(title, kind, capacity);
+    head.append(title, kind);
+    const capacity = h('span', 'jp-SwapServe-legendItem jp-SwapServe-capacity');
     const bar = h('div', 'jp-SwapServe-bar jp-SwapServe-deviceBar');
     bar.setAttribute('role', 'img');
     const segs = h('div', 'jp-SwapServe-segs');
@@ -249,7 +249,7 @@ export class PanelView {
     const reserved = h('span', 'jp-SwapServe-legendItem jp-SwapServe-legend-reserved');
     const usedLegend = h('span', 'jp-SwapServe-legendItem jp-SwapServe-legend-used');
     const free = h('span', 'jp-SwapServe-legendItem jp-SwapServe-legend-free');
-    legend.append(usedLegend, reserved, free);
+    legend.append(reserved, free, usedLegend, capacity);
     const waiting = h('div', 'jp-SwapServe-waiting');
     waiting.setAttribute('aria-live', 'polite');
     root.append(head, bar, legend, waiting);
@@ -259,6 +259,7 @@ export class PanelView {
   private patchDevice(row: IDeviceRow, v: IDeviceView, modelOrder: string[]): void {
     setAttr(row.root, 'data-device', String(v.index));
     setText(row.title, v.title);
+    setAttr(row.title, 'title', v.title);
     setText(row.kind, v.kindText);
     setClass(row.kind, 'jp-mod-virtual', v.virtual);
     setAttr(
@@ -268,7 +269,7 @@ export class PanelView {
         ? 'A virtual device: capacity and sizes come from the configuration; swaps freeze and thaw the engine, no GPU memory moves.'
         : null
     );
-    setText(row.capacity, v.capacityText);
+    setText(row.capacity, `of ${v.capacityText}`);
     setAttr(row.bar, 'aria-label', v.ariaText);
     setAttr(row.bar, 'title', v.ariaText);
     // segments keyed by label
@@ -311,11 +312,10 @@ export class PanelView {
     const head = h('div', 'jp-SwapServe-rowHead');
     const swatch = h('span', 'jp-SwapServe-swatch');
     swatch.setAttribute('aria-hidden', 'true');
-    const titles = h('div', 'jp-SwapServe-titles');
     const nameEl = h('span', 'jp-SwapServe-modelName', name);
     nameEl.id = headId;
-    const subtitle = h('span', 'jp-SwapServe-subtitle');
-    titles.append(nameEl, subtitle);
+    nameEl.title = name;
+    const subtitle = h('div', 'jp-SwapServe-subtitle');
     const pinned = h('span', 'jp-SwapServe-badge jp-SwapServe-pinned', 'pinned');
     pinned.title = 'Pinned: never swapped out to make room';
     const state = h('span', 'jp-SwapServe-state');
@@ -324,7 +324,7 @@ export class PanelView {
     state.appendChild(h('span', 'jp-SwapServe-stateIcon'));
     const stateText = h('span', 'jp-SwapServe-stateText');
     state.appendChild(stateText);
-    head.append(swatch, titles, pinned, state);
+    head.append(swatch, nameEl, pinned, state);
 
     const mem = h('div', 'jp-SwapServe-memory');
     mem.appendChild(h('span', 'jp-SwapServe-label', 'Memory'));
@@ -340,8 +340,9 @@ export class PanelView {
 
     const stats = h('dl', 'jp-SwapServe-stats');
     const values: Record<string, HTMLElement> = {};
-    for (const [key, label] of STATS) {
+    for (const [key, label, help] of STATS) {
       const item = h('div', `jp-SwapServe-stat jp-SwapServe-stat-${key}`);
+      item.title = help;
       item.append(h('dt', '', label));
       values[key] = h('dd', '');
       item.append(values[key]);
@@ -372,7 +373,7 @@ export class PanelView {
     const swapOut = this.actionButton(name, 'swap-out');
     actions.append(swapIn, swapOut);
 
-    root.append(head, mem, stats, chartBox, message, error, actions);
+    root.append(head, subtitle, mem, stats, chartBox, message, error, actions);
     return {
       root,
       swatch,
@@ -439,6 +440,9 @@ export class PanelView {
     setText(row.values.swapin, v.swapInText);
     setText(row.values.swapout, v.swapOutText);
     setText(row.values.lastused, v.lastUsedText);
+    for (const key of ['swapin', 'swapout', 'lastused', 'queue']) {
+      setAttr(row.values[key], 'title', row.values[key].textContent);
+    }
 
     updateChart(row.chart, v.history, v.name);
     setText(row.chartText, summaryText(v.history));

@@ -157,7 +157,7 @@ export function classifyError(status: number, body: unknown, what = 'the swapser
     return {
       kind: 'forbidden',
       status,
-      message: `Permission denied (403): ${detail || `you may not use ${what}`}.`
+      message: `Permission denied (403): ${sentence(detail || `you may not use ${what}`)}`
     };
   }
   if (status === 404) {
@@ -173,8 +173,14 @@ export function classifyError(status: number, body: unknown, what = 'the swapser
   return {
     kind: 'server',
     status,
-    message: `The server answered ${status}${detail ? `: ${detail}` : ''}.`
+    message: `The server answered ${status}${detail ? `: ${sentence(detail)}` : '.'}`
   };
+}
+
+/** Ends a message with a full stop unless it already ends with punctuation. */
+export function sentence(s: string): string {
+  const t = s.trim();
+  return /[.!?…]$/.test(t) ? t : `${t}.`;
 }
 
 function capitalize(s: string): string {
@@ -285,7 +291,11 @@ export function modelView(
     stateClass: stateClass(state),
     busy,
     pinned: !!model.pinned,
-    deviceText: `${deviceName}${virtual ? '' : ` (${deviceKindLabel(kind)} ${model.device})`}`,
+    deviceText: virtual
+      ? /virtual/i.test(deviceName)
+        ? deviceName
+        : `${deviceName} (virtual)`
+      : `${deviceName} (${deviceKindLabel(kind)} ${model.device})`,
     virtual,
     memoryText:
       capacity !== null

@@ -79,7 +79,8 @@ describe('errors', () => {
     expect(classifyError(401, null).kind).toBe('unauthorized');
     const forbidden = classifyError(403, { error: { message: "User 'bob' may not read swapserve." } });
     expect(forbidden.kind).toBe('forbidden');
-    expect(forbidden.message).toBe("Permission denied (403): User 'bob' may not read swapserve..");
+    expect(forbidden.message).toBe("Permission denied (403): User 'bob' may not read swapserve.");
+    expect(classifyError(403, null).message).toBe('Permission denied (403): you may not use the swapserve API.');
     expect(classifyError(404, '<html>Not Found</html>').message).toMatch(/server extension enabled/);
     expect(classifyError(503, { error: { message: 'queue full' } }).message).toBe('The server answered 503: queue full.');
   });
@@ -153,6 +154,11 @@ describe('modelView', () => {
     expect(v.canSwapIn).toBe(true);
     expect(v.swapInLabel).toBe('Start');
     expect(v.error).toBe('start failed: boom');
+  });
+
+  it('labels a virtual device as virtual', () => {
+    const d = [{ ...st.devices[0], name: 'laptop' }];
+    expect(modelView(st.models[0], d, undefined, undefined, NOW).deviceText).toBe('laptop (virtual)');
   });
 
   it('names a GPU device with its index', () => {
