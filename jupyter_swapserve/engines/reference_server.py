@@ -244,6 +244,8 @@ class Engine:
         self.timings: dict[str, float] = {"import_s": round(_process_age(), 3)}
         self.device = torch.device(args.device)
         self.cuda = self.device.type == "cuda"
+        if self.cuda and self.device.index is None:  # mem_get_info and friends want an index
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if args.dtype == "auto":
             self.dtype = torch.bfloat16 if self.cuda else torch.float32
         else:
