@@ -12,7 +12,6 @@ import os
 import re
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: 
 pytestmark = pytest.mark.engines
 
 ARTIFACTS = ROOT / "test-artifacts"
+DASH = "\u2013"  # what the panel shows for "no value yet"
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                "--disable-sync", "--no-first-run"]
 PANEL = "#jupyter-swapserve-panel"
@@ -53,10 +53,10 @@ RECORDER = """
     }
   };
   scan();
-  new MutationObserver(scan).observe(document.querySelector('%s'),
+  new MutationObserver(scan).observe(document.querySelector('PANEL'),
     {subtree: true, childList: true, attributes: true, characterData: true});
 }
-""" % PANEL
+""".replace("PANEL", PANEL)
 
 
 @pytest.fixture(scope="module")
@@ -126,13 +126,13 @@ def test_sidebar_live(lab: ServerHandle, browser: Browser) -> None:
     expect(page.locator(f"{PANEL} .jp-SwapServe-device .jp-SwapServe-kind")).to_have_text("virtual")
     expect(page.locator(f"{PANEL} .jp-SwapServe-conn")).to_have_attribute("data-mode", "live")
     expect(card(page, "gemma")).to_have_attribute("data-state", "swapped_out")
-    expect(stat(page, "gemma", "swapin")).to_have_text("–")
+    expect(stat(page, "gemma", "swapin")).to_have_text(DASH)
     page.evaluate(RECORDER)
 
     # swap-in from the panel: the state moves to running, the latency shows up
     page.get_by_role("button", name="Swap in gemma").click()
     expect(card(page, "gemma")).to_have_attribute("data-state", "running")
-    expect(stat(page, "gemma", "swapin")).not_to_have_text("–")
+    expect(stat(page, "gemma", "swapin")).not_to_have_text(DASH)
     expect(card(page, "gemma").locator(".jp-SwapServe-chart rect")).to_have_count(1)
     expect(card(page, "gemma").locator(".jp-SwapServe-chartText")).to_contain_text("1 swap-in:")
     states = record(page)["gemma"]["state"]
@@ -155,6 +155,12 @@ def test_sidebar_live(lab: ServerHandle, browser: Browser) -> None:
         except Exception as exc:  # reported by the assertion below
             answer["error"] = exc
 
+    # a short window, the panel scrolled: live updates must not move it
+    page.set_viewport_size({"width": 1280, "height": 480})
+    page.evaluate(f"() => {{ document.querySelector('{PANEL}').scrollTop = 120; }}")
+    scroll_before = page.evaluate(f"() => document.querySelector('{PANEL}').scrollTop")
+    assert scroll_before > 0
+
     worker = threading.Thread(target=ask)
     worker.start()
     # smollm2 needs gemma's memory: gemma is swapped out, smollm2 swapped in, then it answers
@@ -172,6 +178,8 @@ def test_sidebar_live(lab: ServerHandle, browser: Browser) -> None:
     assert any(q.split(" ")[0] != "0" for q in seen["smollm2"]["queue"]) or "1" in seen["smollm2"]["inflight"], seen
     expect(card(page, "smollm2").locator(".jp-SwapServe-chart rect")).to_have_count(1)
     expect(page.locator(f"{PANEL} [role=alert]")).to_be_hidden()
+    assert page.evaluate(f"() => document.querySelector('{PANEL}').scrollTop") == scroll_before
+    page.set_viewport_size({"width": 1280, "height": 900})
 
     # keyboard: focus a button, press Enter; the button keeps focus through the swap
     swap_out = card(page, "smollm2").get_by_role("button", name="Swap out smollm2")
@@ -179,7 +187,7 @@ def test_sidebar_live(lab: ServerHandle, browser: Browser) -> None:
     page.keyboard.press("Enter")
     expect(card(page, "smollm2")).to_have_attribute("data-state", "swapped_out")
     assert page.evaluate("() => document.activeElement.dataset.action") == "swap-out"
-    expect(stat(page, "smollm2", "swapout")).not_to_have_text("–")
+    expect(stat(page, "smollm2", "swapout")).not_to_have_text(DASH)
 
     # one last swap-in so the screenshot shows a running engine next to a swapped-out one
     page.get_by_role("button", name="Swap in smollm2").click()
@@ -240,5 +248,4 @@ def test_sidebar_unreachable(lab: ServerHandle, browser: Browser) -> None:
     expect(page.locator(f"{PANEL} .jp-SwapServe-model")).to_have_count(2)
     expect(page.locator(f"{PANEL} .jp-SwapServe-content")).to_have_class(
         "jp-SwapServe-content jp-mod-stale")
-    time.sleep(0.1)
     page.close()
