@@ -79,6 +79,9 @@ def test_alternating_models_swap_every_time(demo_server: ServerHandle) -> None:
         r = c.chat.completions.with_raw_response.create(model="smollm2", messages=CHAT, max_tokens=8)
         assert r.parse().choices[0].message.content
         swapped_headers.append(float(r.headers["x-swapserve-swap-in-seconds"]))
+    # the same model again: nothing to swap, and the header says so
+    r = c.chat.completions.with_raw_response.create(model="smollm2", messages=CHAT, max_tokens=2)
+    assert float(r.headers["x-swapserve-swap-in-seconds"]) == 0
     after = {m["name"]: m for m in demo_server.status()["models"]}
     # the device has room for one model only: each request found its model swapped out
     assert after["gemma"]["swaps_in"] - before["gemma"]["swaps_in"] == 3

@@ -131,6 +131,8 @@ class Scheduler:
     # ---- the public operations -------------------------------------------------------------
     async def ensure_running(self, backend: Backend) -> float:
         """Make the engine serve; returns the seconds this caller waited for it."""
+        if backend.state == State.RUNNING:
+            return 0.0  # the common case: no swap, no wait
         t0 = time.perf_counter()
         while backend.state != State.RUNNING:
             async with backend.transition:
@@ -141,7 +143,7 @@ class Scheduler:
                 elif backend.state in (State.STOPPED, State.FAILED):
                     await self._wait_backoff(backend)
                     await self.cold_start(backend, snapshot=False)
-        return time.perf_counter() - t0 if backend.state == State.RUNNING else 0.0
+        return time.perf_counter() - t0
 
     async def _wait_backoff(self, backend: Backend) -> None:
         if backend.failures == 0:
