@@ -109,12 +109,16 @@ async def test_pinned_model_is_never_a_victim(tmp_path: Path) -> None:
         await asyncio.sleep(0)
         with pytest.raises(EngineUnavailable, match="pinned"):
             await svc.swap_out("pinned")
-        # "other" can never get room while the pinned model holds the device: it waits, not evicts
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(svc.wait_started(), 3)
+        # "other" can never get room while the pinned model holds the device: it fails with the
+        # reason instead of waiting forever, and the pinned model is untouched
+        await asyncio.wait_for(svc.wait_started(), 10)
         assert svc.backend("pinned").state == State.RUNNING
-        assert svc.backend("other").state == State.STARTING
-        assert svc.scheduler.reservations[0].waiting() == [("other", 0.6, 0)]
+        other = svc.backend("other")
+        assert other.state == State.FAILED and "pinned models hold 0.60 of 1.00 GiB" in (other.error or "")
+        with pytest.raises(EngineUnavailable, match="pinned models hold"):
+            async with svc.admit("other"):
+                pass
+        assert other.queued == 0 and svc.scheduler.reservations[0].waiting() == []
     finally:
         await svc.close()
     assert svc.scheduler.reservations[0].granted_gib == 0

@@ -108,6 +108,13 @@ class Scheduler:
         manager = self.reservations[backend.device]
         lock = self._device_locks[backend.device]
         while True:
+            # pinned models never leave: if what they hold leaves too little, waiting cannot help
+            pinned = sum(b.reservation.gib for b in self.backends.values()
+                         if b.config.pinned and b.device == backend.device and b.reservation and b is not backend)
+            if gib > manager.capacity_gib - pinned + 1e-9:
+                raise EngineUnavailable(
+                    f"model '{backend.name}' needs {gib:.2f} GiB but pinned models hold {pinned:.2f} of "
+                    f"{manager.capacity_gib:.2f} GiB on device {backend.device}", retry_after=60)
             async with lock:
                 reservation = manager.try_acquire(backend.name, gib)
                 if reservation is None:
