@@ -46,7 +46,8 @@ SHAPES = {"1b": "shape:llama-3.2-1b", "8b": "shape:llama-3.1-8b", "tiny": "shape
 ENGINE_LOGS = Path(tempfile.gettempdir()) / "jupyter-swapserve"
 
 
-def models_file(sizes: list[str], utils: dict[str, float], compile_: bool, graphs: bool, plain: bool) -> dict:
+def models_file(sizes: list[str], utils: dict[str, float], compile_: bool, graphs: bool, plain: bool,
+                torch_saver: bool = False) -> dict:
     models = []
     for size in sizes:
         args = ["--gpu-memory-utilization", str(utils[size]), "--max-model-len", "2048"]
@@ -55,12 +56,72 @@ def models_file(sizes: list[str], utils: dict[str, float], compile_: bool, graph
         # an honest cold start: no inductor/Triton cache from an earlier engine of the same shape
         models.append({"name": f"{size}-aware", "engine": "reference", "model": SHAPES[size], "api": "completion",
                        "args": args, "env": {"TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}, "start_timeout": 900})
+        if torch_saver and size == sizes[0]:
+            # the same engine releasing memory with plain torch instead of torch-memory-saver
+            models.append({"name": f"{size}-aware-torch", "engine": "reference", "model": SHAPES[size],
+                           "api": "completion", "args": [*args, "--memory-saver", "torch"], "start_timeout": 900})
         if plain:
             cmd = [sys.executable, "-m", "jupyter_swapserve.engines.reference_server", "--model", SHAPES[size],
                    "--served-model-name", f"{size}-plain", "--port", "{port}", *args]
             models.append({"name": f"{size}-plain", "engine": "command", "command": cmd, "api": "completion",
                            "start_timeout": 900})
     return {"models": models}
+
+
+RAW_CHILD = """
+import sys, torch
+dev_gib, pinned_gib = float(sys.argv[1]), float(sys.argv[2])
+x = torch.empty(max(1, int(dev_gib * 2**29)), dtype=torch.bfloat16, device="cuda").normal_()
+h = torch.empty(int(pinned_gib * 2**30), dtype=torch.uint8, pin_memory=True) if pinned_gib else None
+if h is not None:
+    h.fill_(1)
+torch.cuda.synchronize()
+print("READY", flush=True)
+sys.stdin.readline()
+"""
+
+
+def raw_probe(configs: list[tuple[float, float]]) -> list[dict[str, Any]]:
+    """Raw driver timings for a bare process holding ``dev`` GiB on the GPU and ``pinned`` GiB of
+    pinned host memory: what the checkpoint of an engine's residual costs, and why."""
+    from jupyter_swapserve.gpu.checkpoint import CudaCheckpointer
+
+    ck = CudaCheckpointer()
+    out = []
+    for dev, pinned in configs:
+        proc = subprocess.Popen([sys.executable, "-c", RAW_CHILD, str(dev), str(pinned)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None and proc.stdin is not None
+            if proc.stdout.readline().strip() != "READY":
+                raise RuntimeError("raw probe child did not start")
+            used = nvml_pid_gib(proc.pid)
+            t = [time.perf_counter()]
+            for call, extra in ((ck.lock, (10_000,)), (ck.checkpoint, ()), (ck.restore, ()), (ck.unlock, ())):
+                call(proc.pid, *extra)
+                t.append(time.perf_counter())
+            row = {"device_gib": dev, "pinned_gib": pinned, "nvml_gib": used, "lock_s": t[1] - t[0],
+                   "checkpoint_s": t[2] - t[1], "restore_s": t[3] - t[2], "unlock_s": t[4] - t[3]}
+            print("raw " + json.dumps(row), flush=True)
+            out.append(row)
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+        finally:
+            proc.kill()
+            proc.wait()
+    return out
+
+
+def nvml_pid_gib(pid: int) -> float | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        return sum((p.usedGpuMemory or 0) for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                   if p.pid == pid) / 1024**3
+    except Exception:
+        return None
 
 
 def engine_log_json(name: str, tag: str) -> list[dict[str, Any]]:
@@ -127,12 +188,15 @@ def med(values: list[float]) -> float | None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = args.sizes.split(",")
     utils = {"1b": args.util_1b, "8b": args.util_8b, "tiny": 0.05}
-    spec = models_file(sizes, utils, not args.no_compile, not args.no_graphs, not args.no_plain)
+    spec = models_file(sizes, utils, not args.no_compile, not args.no_graphs, not args.no_plain, args.torch_saver)
     path = Path(tempfile.mkdtemp()) / "bench-models.json"
     path.write_text(json.dumps(spec))
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
            "JUPYTER_CONFIG_PATH": str(ROOT / "jupyter-config")}
     results: dict[str, Any] = {"models": {}, "config": vars(args), "spec": spec}
+    if args.raw:
+        configs = [tuple(float(v) for v in c.split(":")) for c in args.raw.split(",")]
+        results["raw"] = raw_probe(configs)  # type: ignore[arg-type]
     t_start = time.perf_counter()
     with run_server(path, env=env) as server:
         try:
@@ -173,9 +237,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ft["used_gib_after_out"] = nvml_used_gib()
                 results["models"][name]["cycles"].append(ft)
                 print(f"cycle {cycle} {name}: " + json.dumps(ft), flush=True)
+            partial = Path(args.out) / "partial.json"  # insurance against a cut-off run
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(results, default=str))
         for name in names:
             results["models"][name]["sleep_log"] = engine_log_json(name, "SLEEP")
             results["models"][name]["wake_log"] = engine_log_json(name, "WAKE")
+            results["models"][name]["first_token_log"] = engine_log_json(name, "FIRST_TOKEN_AFTER_WAKE")
         results["server_log_tail"] = server.log()[-4000:]
     return results
 
@@ -187,7 +255,9 @@ def summarize(results: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
         aware = r["engine"] == "reference"
         sleeps = r.get("sleep_log") or []
         row = {
-            "model": name, "path": "engine-aware" if aware else "plain checkpoint",
+            "model": name, "path": ("engine-aware" + (" (torch release)" if name.endswith("-torch") else ""))
+            if aware else "plain checkpoint",
+            "engine_first_token_s": med([x.get("seconds") for x in r.get("first_token_log") or []]),
             "memory_gib": r["memory_gib"],
             "checkpointed_gib": (med([s.get("resident_gib") for s in sleeps]) if aware else r["memory_gib"]),
             "weights_gib": (sleeps[0].get("weights_gib") if sleeps else None),
@@ -245,13 +315,23 @@ def summarize(results: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
         "Engine-aware details (engine's own log): weights copied at PCIe speed to pinned staging buffers that are "
         "pinned once (first sleep) and reused.",
         "",
-        "| model | weights GiB | pin (first sleep) s | D2H s | H2D s | sleep step s | checkpoint step s |",
-        "|---|---|---|---|---|---|---|",
+        "| model | weights GiB | pin (first sleep) s | D2H s | H2D s | sleep step s | checkpoint step s "
+        "| engine's first token after wake s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r["path"] == "engine-aware":
+        if r["path"].startswith("engine-aware"):
             lines.append(f"| {r['model']} | {f(r['weights_gib'])} | {f(r['pin_s'])} | {f(r['d2h_s'], 3)} | "
-                         f"{f(r['h2d_s'], 3)} | {f(r['sleep_s'], 3)} | {f(r['checkpoint_s'], 3)} |")
+                         f"{f(r['h2d_s'], 3)} | {f(r['sleep_s'], 3)} | {f(r['checkpoint_s'], 3)} | "
+                         f"{f(r['engine_first_token_s'], 3)} |")
+    if results.get("raw"):
+        lines += ["", "Raw driver calls on a bare process (GPU memory and pinned host memory it holds):", "",
+                  "| device GiB | pinned host GiB | NVML GiB | lock ms | checkpoint s | restore s | unlock ms |",
+                  "|---|---|---|---|---|---|---|"]
+        for x in results["raw"]:
+            lines.append(f"| {f(x['device_gib'])} | {f(x['pinned_gib'])} | {f(x['nvml_gib'])} | "
+                         f"{f(1e3 * x['lock_s'], 1)} | {f(x['checkpoint_s'], 3)} | {f(x['restore_s'], 3)} | "
+                         f"{f(1e3 * x['unlock_s'], 1)} |")
     return rows, "\n".join(lines) + "\n"
 
 
@@ -264,6 +344,9 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-graphs", action="store_true")
     p.add_argument("--no-plain", action="store_true")
+    p.add_argument("--torch-saver", action="store_true",
+                   help="also run the first size's engine-aware model with --memory-saver torch")
+    p.add_argument("--raw", default="", help="raw driver probe first: DEV_GIB:PINNED_GIB,... (e.g. 0:0,0:16,16:0)")
     p.add_argument("--start-timeout", type=float, default=1500)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--tag", default="h100")
@@ -283,6 +366,7 @@ def main() -> None:
     stem = f"{results['date']}-{args.tag}-swap_latency"
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str))
     (out / f"{stem}.md").write_text(table)
+    (out / "partial.json").unlink(missing_ok=True)
     print(table)
 
 

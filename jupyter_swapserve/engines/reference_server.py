@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import logging
 import math
@@ -256,6 +255,7 @@ class Engine:
         self.last_sleep: dict[str, Any] = {}
         self.last_wake: dict[str, Any] = {}
         self.graph: Any = None
+        self.first_after_wake = False
         self.cycles = 0
         self.max_len = args.max_model_len
         t0 = time.perf_counter()
@@ -574,11 +574,15 @@ class Engine:
             t = time.perf_counter()
             self.saver.release("weights", self.flat)
             self.saver.release("kv", self.kv)
-            gc.collect()
+            info["release_s"] = round(time.perf_counter() - t, 4)
             if self.cuda:
+                # what the allocator still caches (prefill activations) would be checkpointed for nothing
+                t = time.perf_counter()
                 torch.cuda.empty_cache()
                 self._sync()
-            info["release_s"] = round(time.perf_counter() - t, 4)
+                info["empty_cache_s"] = round(time.perf_counter() - t, 4)
+            info["staging_gib"] = round(self.staging.numel() * self.staging.element_size() / GIB, 3) \
+                if self.staging is not None else 0.0
             info["total_s"] = round(time.perf_counter() - t0, 4)
             info["resident_gib"] = self._resident_gib()
             self.sleeping = level
@@ -611,6 +615,7 @@ class Engine:
                 info["recapture_s"] = round(time.perf_counter() - t, 4)
             info["total_s"] = round(time.perf_counter() - t0, 4)
             self.sleeping = 0
+            self.first_after_wake = True
             self.cycles += 1
             self.last_wake = info
             log.info("WAKE %s", json.dumps(info))
@@ -774,8 +779,13 @@ class Handler(BaseHTTPRequestHandler):
                 if chat:
                     self._sse(self._chunk(rid, created, chat, {"role": "assistant", "content": ""}, None))
             text, n, finish = "", 0, "length"
+            t_start = time.perf_counter()
             for token in eng.generate(ids, max_tokens, temperature, seed):
                 n += 1
+                if n == 1 and eng.first_after_wake:
+                    eng.first_after_wake = False
+                    log.info("FIRST_TOKEN_AFTER_WAKE %s", json.dumps(
+                        {"seconds": round(time.perf_counter() - t_start, 4), "prompt_tokens": len(ids)}))
                 piece = eng.tokenizer.decode_one(token)
                 if token in eng.tokenizer.eos_ids:
                     finish = "stop"
