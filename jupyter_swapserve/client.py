@@ -431,10 +431,12 @@ def wait_line(model: str, status: dict[str, Any], waited: float) -> str | None:
     state = m.get("state")
     secs = f"({waited:.0f} s)"
     device = next((d for d in status.get("devices", []) if d.get("index") == m.get("device")), {})
-    if any(w.get("model") == model for w in device.get("waiting") or []):
-        # the reservation waits until busy models on the device can be swapped out
-        busy = [o["name"] for o in models
-                if o.get("device") == m.get("device") and o["name"] != model and o.get("in_flight")]
+    reserving = any(w.get("model") == model for w in device.get("waiting") or [])
+    # models on the same device still answering: a swap-in waits for victims to drain and swap out
+    busy = [o["name"] for o in models
+            if o.get("device") == m.get("device") and o["name"] != model and o.get("in_flight")
+            and (o.get("state") == "swapping_out" or (reserving and o.get("state") == "running"))]
+    if state in ("swapping_in", "swapped_out") and (reserving or busy):
         why = f": {', '.join(busy)} {'is' if len(busy) == 1 else 'are'} answering" if busy else ""
         return f"{model} is waiting for memory{why}… {secs}"
     if state == "swapping_in":

@@ -11,6 +11,7 @@ import json
 import queue
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import pytest
 from jupyter_client import BlockingKernelClient
 from jupyter_core.paths import jupyter_runtime_dir
 
-from jupyter_swapserve.client import ServerError
+from jupyter_swapserve.client import ServerError, seconds, wait_line
 from jupyter_swapserve.magics import interpolate, strip_fences
 
 from .server import ServerHandle, free_port, run_server
@@ -405,6 +406,55 @@ def test_interrupt_cancels_the_request_on_the_server(kernel: ServerKernel, demo_
     assert kernel.run("%%llm gemma -f text --max-tokens 2\nHello").ok
 
 
+def test_waiting_line_and_interrupt_while_waiting(kernel: ServerKernel, demo_server: ServerHandle) -> None:
+    # another client keeps gemma answering, so smollm2 has to wait for device memory
+    assert kernel.run("%llm swap-in gemma").ok
+    release = threading.Event()
+
+    def busy() -> None:
+        body = {"model": "gemma", "prompt": "1, 2, 3, 4,", "max_tokens": 1500, "stream": True}
+        with httpx.stream("POST", demo_server.api + "/completions", headers=demo_server.headers(), json=body,
+                          timeout=120) as r:
+            for _ in r.iter_lines():
+                if release.is_set():
+                    return
+
+    other = threading.Thread(target=busy)
+    other.start()
+    try:
+        deadline = time.monotonic() + 60
+        while demo_server.model("gemma")["in_flight"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        msg_id = kernel.execute("%%llm smollm2 --max-tokens 8\nHello")
+
+        def says_waiting(m: dict[str, Any]) -> bool:
+            text = m["content"].get("data", {}).get("text/plain", "") if "data" in m["content"] else ""
+            return m["msg_type"] in ("display_data", "update_display_data") and "waiting for memory" in text
+
+        first = kernel.collect(msg_id, until=says_waiting)
+        line = first.displays()[-1][2]["text/plain"]
+        assert line.startswith("smollm2 is waiting for memory: gemma is answering"), line
+        kernel.interrupt()
+        run = kernel.collect(msg_id)
+    finally:
+        release.set()
+        other.join()
+    assert "Interrupted" in one_line_error(run)
+    # the waiting line does not outlive the request
+    status_id = first.displays()[-1][1]
+    assert [d for _, i, d in run.displays() if i == status_id][-1]["text/plain"] == ""
+    # the server dropped the queued request: no queue, no reservation waiting
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        status = demo_server.status()
+        smollm2 = next(m for m in status["models"] if m["name"] == "smollm2")
+        if smollm2["queue_depth"] == 0 and not status["devices"][0]["waiting"]:
+            break
+        time.sleep(0.1)
+    assert smollm2["queue_depth"] == 0 and smollm2["in_flight"] == 0
+    assert status["devices"][0]["waiting"] == []
+
+
 # ---- expected failures: one line each -------------------------------------------------------------
 
 def test_unknown_model_lists_the_models(kernel: ServerKernel) -> None:
@@ -463,3 +513,24 @@ def test_quota_error_shows_reason_and_reset() -> None:
                       {"x-ratelimit-reset-tokens": "6m0s"})
     assert str(err) == "Quota used up; resets at 12:00 UTC. (resets: x-ratelimit-reset-tokens: 6m0s)"
     assert err._render_traceback_() == [f"\x1b[31m{err}\x1b[0m"]
+
+
+def test_wait_line_says_why_there_is_no_answer_yet() -> None:
+    def status(mine: dict[str, Any], other: dict[str, Any], waiting: tuple[str, ...] = ()) -> dict[str, Any]:
+        return {"devices": [{"index": 0, "waiting": [{"model": w, "gib": 0.5} for w in waiting]}],
+                "models": [{"name": "a", "device": 0, "queue_depth": 1, "in_flight": 0, **mine},
+                           {"name": "b", "device": 0, "queue_depth": 0, "in_flight": 0, **other}]}
+
+    assert wait_line("a", status({"state": "swapping_in"}, {"state": "swapping_out", "in_flight": 1}), 3) == \
+        "a is waiting for memory: b is answering… (3 s)"
+    assert wait_line("a", status({"state": "swapping_in"}, {"state": "running", "in_flight": 2}, ["a"]), 1) == \
+        "a is waiting for memory: b is answering… (1 s)"
+    # a busy neighbour that is not in the way is not blamed
+    assert wait_line("a", status({"state": "swapping_in"}, {"state": "running", "in_flight": 2}), 1) == \
+        "a is swapping in… (1 s)"
+    assert wait_line("a", status({"state": "running", "queue_depth": 3}, {"state": "running"}), 2) == \
+        "a: queued behind 2 request(s)… (2 s)"
+    assert wait_line("a", status({"state": "failed", "error": "no GGUF"}, {"state": "running"}), 0) == \
+        "a failed: no GGUF"
+    assert wait_line("zzz", status({"state": "running"}, {"state": "running"}), 0) is None
+    assert [seconds(x) for x in (0.0004, 0.25, 7.14)] == ["<1 ms", "250 ms", "7.1 s"]
