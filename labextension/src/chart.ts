@@ -39,10 +39,12 @@ export function summaryText(values: number[]): string {
 export function bars(values: number[], points = CHART_POINTS): { x: number; y: number; w: number; h: number }[] {
   const shown = values.slice(-points);
   const max = Math.max(...shown, 1e-9);
-  const slot = WIDTH / points;
+  // at least 8 slots, so one or two swaps still draw readable bars
+  const slots = Math.min(points, Math.max(8, shown.length));
+  const slot = WIDTH / slots;
   const w = Math.max(1, slot * 0.7);
   // newest on the right, like a time axis
-  const offset = points - shown.length;
+  const offset = slots - shown.length;
   return shown.map((v, i) => {
     const h = Math.max(1.5, (v / max) * (HEIGHT - 2));
     return { x: (offset + i) * slot + (slot - w) / 2, y: HEIGHT - h, w, h };

@@ -64,7 +64,11 @@ def lab() -> Iterator[ServerHandle]:
     # settings and workspaces of this run only: the test switches the theme, which must not leak
     home = Path(tempfile.mkdtemp(prefix="swapserve-lab-"))
     env = {"JUPYTERLAB_SETTINGS_DIR": str(home / "settings"), "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces")}
-    args = ["--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+    # no "Would you like to get notified about Jupyter news?" toast over the screenshots
+    notification = home / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
+    notification.parent.mkdir(parents=True)
+    notification.write_text('{"fetchNews": "false", "checkForUpdates": false}')
+    args = ["--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
     with run_server(lab=True, env=env, extra_args=args) as server:
         server.wait_models()
         yield server
@@ -157,7 +161,8 @@ def test_sidebar_live(lab: ServerHandle, browser: Browser) -> None:
 
     # a short window, the panel scrolled: live updates must not move it
     page.set_viewport_size({"width": 1280, "height": 480})
-    page.evaluate(f"() => {{ document.querySelector('{PANEL}').scrollTop = 120; }}")
+    page.wait_for_function(f"() => {{ const p = document.querySelector('{PANEL}'); "
+                           f"p.scrollTop = 120; return p.scrollTop > 0; }}")
     scroll_before = page.evaluate(f"() => document.querySelector('{PANEL}').scrollTop")
     assert scroll_before > 0
 
@@ -189,9 +194,25 @@ def test_sidebar_live(lab: ServerHandle, browser: Browser) -> None:
     assert page.evaluate("() => document.activeElement.dataset.action") == "swap-out"
     expect(stat(page, "smollm2", "swapout")).not_to_have_text(DASH)
 
-    # one last swap-in so the screenshot shows a running engine next to a swapped-out one
-    page.get_by_role("button", name="Swap in smollm2").click()
+    # in progress: hold the swap-in request to see (and photograph) the in-progress state
+    held: list = []
+    swap_in_url = "**/swapserve/api/models/smollm2/swap-in*"  # makeRequest may add a cache-busting query
+    page.route(swap_in_url, lambda route: held.append(route))
+    button = page.get_by_role("button", name="Swap in smollm2")
+    button.click()
+    expect(card(page, "smollm2")).to_have_attribute("data-state", "swapping_in")
+    expect(card(page, "smollm2").locator(".jp-SwapServe-state")).to_have_class(re.compile("jp-mod-busy"))
+    expect(card(page, "smollm2").locator(".jp-SwapServe-stateText")).to_have_text("swapping in…")
+    expect(button).to_have_text("Swapping in…")
+    expect(button).to_have_attribute("aria-busy", "true")
+    page.mouse.move(900, 600)
+    screenshot(page, "sidebar-swapping.png")
+    assert len(held) == 1
+    held[0].continue_()
+    page.unroute(swap_in_url)
+    # the swap goes through: a running engine next to a swapped-out one for the screenshot
     expect(card(page, "smollm2")).to_have_attribute("data-state", "running")
+    expect(button).to_have_text("Swap in")
     page.mouse.move(900, 600)  # no hover styles in the picture
     page.wait_for_timeout(500)  # bar transitions
     shot = screenshot(page, "sidebar-light.png")
