@@ -23,6 +23,7 @@ export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 HF_
   timeout 60 python3 -c "import torch, transformers; print('torch', torch.__version__, torch.version.cuda, 'transformers', transformers.__version__)"
   timeout 60 python3 -c "import torch_memory_saver; print('torch_memory_saver ok')"
   grep cgroup2 /proc/mounts; nproc; free -g | head -2
+  echo "THP: $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null)"
 } 2>&1 | tee "$OUT/env.txt"
 rc=0
 if [ "$what" = tests ] || [ "$what" = all ]; then

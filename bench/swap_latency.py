@@ -47,7 +47,7 @@ ENGINE_LOGS = Path(tempfile.gettempdir()) / "jupyter-swapserve"
 
 
 def models_file(sizes: list[str], utils: dict[str, float], compile_: bool, graphs: bool, plain: bool,
-                torch_saver: bool = False) -> dict:
+                torch_saver: bool = False, hugepages: bool = False) -> dict:
     models = []
     for size in sizes:
         args = ["--gpu-memory-utilization", str(utils[size]), "--max-model-len", "2048"]
@@ -56,6 +56,9 @@ def models_file(sizes: list[str], utils: dict[str, float], compile_: bool, graph
         # an honest cold start: no inductor/Triton cache from an earlier engine of the same shape
         models.append({"name": f"{size}-aware", "engine": "reference", "model": SHAPES[size], "api": "completion",
                        "args": args, "env": {"TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}, "start_timeout": 900})
+        if hugepages:
+            models.append({"name": f"{size}-aware-hp", "engine": "reference", "model": SHAPES[size],
+                           "api": "completion", "args": [*args, "--staging", "hugepages"], "start_timeout": 900})
         if torch_saver and size == sizes[0]:
             # the same engine releasing memory with plain torch instead of torch-memory-saver
             models.append({"name": f"{size}-aware-torch", "engine": "reference", "model": SHAPES[size],
@@ -72,8 +75,16 @@ RAW_CHILD = """
 import sys, torch
 dev_gib, pinned_gib = float(sys.argv[1]), float(sys.argv[2])
 x = torch.empty(max(1, int(dev_gib * 2**29)), dtype=torch.bfloat16, device="cuda").normal_()
-h = torch.empty(int(pinned_gib * 2**30), dtype=torch.uint8, pin_memory=True) if pinned_gib else None
-if h is not None:
+h = None
+if pinned_gib and sys.argv[3] == "h":  # transparent huge pages, registered with the driver
+    import mmap
+    buf = mmap.mmap(-1, int(pinned_gib * 2**30), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf.madvise(mmap.MADV_HUGEPAGE)
+    h = torch.frombuffer(buf, dtype=torch.uint8)
+    h.fill_(1)
+    assert int(torch.cuda.cudart().cudaHostRegister(h.data_ptr(), h.numel(), 0)) == 0
+elif pinned_gib:
+    h = torch.empty(int(pinned_gib * 2**30), dtype=torch.uint8, pin_memory=True)
     h.fill_(1)
 torch.cuda.synchronize()
 print("READY", flush=True)
@@ -81,16 +92,17 @@ sys.stdin.readline()
 """
 
 
-def raw_probe(configs: list[tuple[float, float]]) -> list[dict[str, Any]]:
+def raw_probe(configs: list[tuple[float, float, str]]) -> list[dict[str, Any]]:
     """Raw driver timings for a bare process holding ``dev`` GiB on the GPU and ``pinned`` GiB of
     pinned host memory: what the checkpoint of an engine's residual costs, and why."""
     from jupyter_swapserve.gpu.checkpoint import CudaCheckpointer
 
     ck = CudaCheckpointer()
     out = []
-    for dev, pinned in configs:
-        proc = subprocess.Popen([sys.executable, "-c", RAW_CHILD, str(dev), str(pinned)], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, text=True)
+    for dev, pinned, kind in configs:
+        t_setup = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-c", RAW_CHILD, str(dev), str(pinned), kind or "p"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             assert proc.stdout is not None and proc.stdin is not None
             if proc.stdout.readline().strip() != "READY":
@@ -100,7 +112,8 @@ def raw_probe(configs: list[tuple[float, float]]) -> list[dict[str, Any]]:
             for call, extra in ((ck.lock, (10_000,)), (ck.checkpoint, ()), (ck.restore, ()), (ck.unlock, ())):
                 call(proc.pid, *extra)
                 t.append(time.perf_counter())
-            row = {"device_gib": dev, "pinned_gib": pinned, "nvml_gib": used, "lock_s": t[1] - t[0],
+            row = {"device_gib": dev, "pinned_gib": pinned, "host": "huge pages" if kind == "h" else "cudaHostAlloc",
+                   "setup_s": t[0] - t_setup, "nvml_gib": used, "lock_s": t[1] - t[0],
                    "checkpoint_s": t[2] - t[1], "restore_s": t[3] - t[2], "unlock_s": t[4] - t[3]}
             print("raw " + json.dumps(row), flush=True)
             out.append(row)
@@ -188,15 +201,19 @@ def med(values: list[float]) -> float | None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = args.sizes.split(",")
     utils = {"1b": args.util_1b, "8b": args.util_8b, "tiny": 0.05}
-    spec = models_file(sizes, utils, not args.no_compile, not args.no_graphs, not args.no_plain, args.torch_saver)
+    spec = models_file(sizes, utils, not args.no_compile, not args.no_graphs, not args.no_plain, args.torch_saver,
+                       args.hugepages)
     path = Path(tempfile.mkdtemp()) / "bench-models.json"
     path.write_text(json.dumps(spec))
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
            "JUPYTER_CONFIG_PATH": str(ROOT / "jupyter-config")}
     results: dict[str, Any] = {"models": {}, "config": vars(args), "spec": spec}
     if args.raw:
-        configs = [tuple(float(v) for v in c.split(":")) for c in args.raw.split(",")]
-        results["raw"] = raw_probe(configs)  # type: ignore[arg-type]
+        configs = []
+        for c in args.raw.split(","):  # DEV:PINNED[h]
+            dev, pinned = c.split(":")
+            configs.append((float(dev), float(pinned.rstrip("h")), "h" if pinned.endswith("h") else ""))
+        results["raw"] = raw_probe(configs)
     t_start = time.perf_counter()
     with run_server(path, env=env) as server:
         try:
@@ -255,7 +272,8 @@ def summarize(results: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
         aware = r["engine"] == "reference"
         sleeps = r.get("sleep_log") or []
         row = {
-            "model": name, "path": ("engine-aware" + (" (torch release)" if name.endswith("-torch") else ""))
+            "model": name, "path": ("engine-aware" + (" (torch release)" if name.endswith("-torch") else "")
+                                    + (" (huge-page staging)" if name.endswith("-hp") else ""))
             if aware else "plain checkpoint",
             "engine_first_token_s": med([x.get("seconds") for x in r.get("first_token_log") or []]),
             "memory_gib": r["memory_gib"],
@@ -326,10 +344,11 @@ def summarize(results: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
                          f"{f(r['engine_first_token_s'], 3)} |")
     if results.get("raw"):
         lines += ["", "Raw driver calls on a bare process (GPU memory and pinned host memory it holds):", "",
-                  "| device GiB | pinned host GiB | NVML GiB | lock ms | checkpoint s | restore s | unlock ms |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| device GiB | pinned host GiB | host memory | NVML GiB | lock ms | checkpoint s | restore s "
+                  "| unlock ms |",
+                  "|---|---|---|---|---|---|---|---|"]
         for x in results["raw"]:
-            lines.append(f"| {f(x['device_gib'])} | {f(x['pinned_gib'])} | {f(x['nvml_gib'])} | "
+            lines.append(f"| {f(x['device_gib'])} | {f(x['pinned_gib'])} | {x.get('host', '')} | {f(x['nvml_gib'])} | "
                          f"{f(1e3 * x['lock_s'], 1)} | {f(x['checkpoint_s'], 3)} | {f(x['restore_s'], 3)} | "
                          f"{f(1e3 * x['unlock_s'], 1)} |")
     return rows, "\n".join(lines) + "\n"
@@ -346,6 +365,8 @@ def main() -> None:
     p.add_argument("--no-plain", action="store_true")
     p.add_argument("--torch-saver", action="store_true",
                    help="also run the first size's engine-aware model with --memory-saver torch")
+    p.add_argument("--hugepages", action="store_true",
+                   help="also run each size's engine-aware model with huge-page staging buffers")
     p.add_argument("--raw", default="", help="raw driver probe first: DEV_GIB:PINNED_GIB,... (e.g. 0:0,0:16,16:0)")
     p.add_argument("--start-timeout", type=float, default=1500)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
