@@ -24,15 +24,19 @@ export function summarize(values: number[]): IChartSummary {
   return { count: values.length, last: values[values.length - 1], median, max: sorted[sorted.length - 1] };
 }
 
-export function summaryText(values: number[]): string {
+export function summaryParts(values: number[]): string[] {
   const s = summarize(values);
   if (!s.count) {
-    return 'no swap-in yet';
+    return ['no swap-in yet'];
   }
   if (s.count === 1) {
-    return `1 swap-in: ${formatSeconds(s.last)}`;
+    return [`1 swap-in: ${formatSeconds(s.last)}`];
   }
-  return `last ${formatSeconds(s.last)} · median ${formatSeconds(s.median)} · max ${formatSeconds(s.max)}`;
+  return [`last ${formatSeconds(s.last)}`, `median ${formatSeconds(s.median)}`, `max ${formatSeconds(s.max)}`];
+}
+
+export function summaryText(values: number[]): string {
+  return summaryParts(values).join(' · ');
 }
 
 /** Geometry of the bars (pure, tested): x, width, height and y in the 200×36 view box. */

@@ -3,7 +3,7 @@
  * index and model name, so nothing flickers, scroll stays put and a focused button keeps focus.
  */
 
-import { createChart, summaryText, updateChart } from './chart';
+import { createChart, summaryParts, updateChart } from './chart';
 import { h, reorder, setAttr, setClass, setHidden, setStyle, setText } from './dom';
 import {
   connectionText,
@@ -315,7 +315,8 @@ export class PanelView {
     const nameEl = h('span', 'jp-SwapServe-modelName', name);
     nameEl.id = headId;
     nameEl.title = name;
-    const subtitle = h('div', 'jp-SwapServe-subtitle');
+    const subRow = h('div', 'jp-SwapServe-subRow');
+    const subtitle = h('span', 'jp-SwapServe-subtitle');
     const pinned = h('span', 'jp-SwapServe-badge jp-SwapServe-pinned', 'pinned');
     pinned.title = 'Pinned: never swapped out to make room';
     const state = h('span', 'jp-SwapServe-state');
@@ -324,7 +325,8 @@ export class PanelView {
     state.appendChild(h('span', 'jp-SwapServe-stateIcon'));
     const stateText = h('span', 'jp-SwapServe-stateText');
     state.appendChild(stateText);
-    head.append(swatch, nameEl, pinned, state);
+    head.append(swatch, nameEl);
+    subRow.append(subtitle, pinned, state);
 
     const mem = h('div', 'jp-SwapServe-memory');
     mem.appendChild(h('span', 'jp-SwapServe-label', 'Memory'));
@@ -373,7 +375,7 @@ export class PanelView {
     const swapOut = this.actionButton(name, 'swap-out');
     actions.append(swapIn, swapOut);
 
-    root.append(head, subtitle, mem, stats, chartBox, message, error, actions);
+    root.append(head, subRow, mem, stats, chartBox, message, error, actions);
     return {
       root,
       swatch,
@@ -440,12 +442,22 @@ export class PanelView {
     setText(row.values.swapin, v.swapInText);
     setText(row.values.swapout, v.swapOutText);
     setText(row.values.lastused, v.lastUsedText);
-    for (const key of ['swapin', 'swapout', 'lastused', 'queue']) {
+    setAttr(row.subtitle, 'title', v.subtitle);
+    for (const key of ['device', 'swapin', 'swapout', 'lastused', 'queue']) {
       setAttr(row.values[key], 'title', row.values[key].textContent);
     }
 
     updateChart(row.chart, v.history, v.name);
-    setText(row.chartText, summaryText(v.history));
+    // one span per figure: lines break between figures, never inside one
+    const parts = summaryParts(v.history);
+    const key = parts.join('|');
+    if (row.chartText.getAttribute('data-key') !== key) {
+      row.chartText.setAttribute('data-key', key);
+      row.chartText.textContent = '';
+      parts.forEach((part, i) => {
+        row.chartText.appendChild(h('span', '', i < parts.length - 1 ? `${part} ·` : part));
+      });
+    }
 
     setHidden(row.message, !v.message);
     setAttr(row.message, 'data-kind', v.message ? v.message.kind : null);

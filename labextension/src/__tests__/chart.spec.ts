@@ -1,4 +1,4 @@
-import { bars, createChart, summarize, summaryText, updateChart } from '../chart';
+import { bars, createChart, summarize, summaryParts, summaryText, updateChart } from '../chart';
 
 describe('swap-in chart', () => {
   it('summarizes', () => {
@@ -8,6 +8,7 @@ describe('swap-in chart', () => {
     expect(summaryText([])).toBe('no swap-in yet');
     expect(summaryText([0.5])).toBe('1 swap-in: 500 ms');
     expect(summaryText([0.5, 1.5])).toBe('last 1.50 s · median 1.00 s · max 1.50 s');
+    expect(summaryParts([0.5, 1.5])).toEqual(['last 1.50 s', 'median 1.00 s', 'max 1.50 s']);
   });
 
   it('draws the newest bars on the right, scaled to the largest', () => {
