@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # TypeScript unit tests of the sidebar (formatting, state, client, DOM patching), for CI.
-# Usage: labextension/run-tests.sh [jest args]   (node >= 18; jlpm from jupyter_builder/jupyterlab)
+# Usage: labextension/run-tests.sh [jest args]   (node >= 20.19; jlpm from jupyter_builder or jupyterlab)
 set -euo pipefail
 cd "$(dirname "$0")"
 if ! command -v jlpm >/dev/null && [ -f ../.venv/bin/activate ]; then
