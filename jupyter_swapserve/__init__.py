@@ -11,6 +11,11 @@ def _jupyter_server_extension_points() -> list[dict]:
     return [{"module": "jupyter_swapserve", "app": SwapServe}]
 
 
+def _jupyter_labextension_paths() -> list[dict]:
+    # lets `jupyter labextension develop` link the sidebar built into jupyter_swapserve/labextension
+    return [{"src": "labextension", "dest": "jupyter-swapserve"}]
+
+
 def load_ipython_extension(ipython) -> None:
     """``%load_ext jupyter_swapserve`` registers the ``%%llm`` magic."""
     from .magics import load_ipython_extension as _load

@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
 # Installs everything into ./.venv (idempotent). Usage: scripts/setup.sh [demo|test]
-# demo: the engines and models; test: those plus test tools, the browser and podman.
+# demo: the engines and models; test: those plus the test tools and Chromium for the browser tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-demo}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+if [ "$what" = test ] && [ ! -x /usr/bin/chromium ]; then
+  # the sidebar's browser tests drive Debian's Chromium through playwright (no browser download)
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+  else
+    echo "note: /usr/bin/chromium is missing (apt-get install chromium); the browser tests will skip" >&2
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi

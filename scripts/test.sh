@@ -7,4 +7,5 @@ bash scripts/setup.sh test
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1
 ruff check .
+bash labextension/run-tests.sh   # the sidebar's TypeScript unit tests (jest)
 python -m pytest -q -ra "$@"
