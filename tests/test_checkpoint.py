@@ -96,15 +96,25 @@ def test_error_names_the_call_the_code_and_the_cause() -> None:
     assert "managed/UVM memory" in text  # the hint says what to do about it
 
 
-def test_lock_timeout_is_explained() -> None:
-    c = ck.CudaCheckpointer(FakeDriver({"cuCheckpointProcessLock": 909}))
+@pytest.mark.parametrize("code", [600, 909])  # 600 is what the H100's driver returns
+def test_lock_timeout_is_explained(code: int) -> None:
+    c = ck.CudaCheckpointer(FakeDriver({"cuCheckpointProcessLock": code}))
     with pytest.raises(ck.CheckpointError, match="lock timed out"):
         c.lock(7, 1)
 
 
+def test_target_without_cuda_and_missing_pid_are_explained() -> None:
+    c = ck.CudaCheckpointer(FakeDriver({"cuCheckpointProcessLock": 3}))
+    with pytest.raises(ck.CheckpointError, match="has not initialised CUDA"):
+        c.lock(7, 100)
+    c = ck.CudaCheckpointer(FakeDriver({"cuCheckpointProcessLock": 304}))
+    with pytest.raises(ck.CheckpointError, match="could not reach the process"):
+        c.lock(7, 100)
+
+
 def test_init_failure_is_a_checkpoint_error() -> None:
     c = ck.CudaCheckpointer(FakeDriver({"cuInit": 100}))
-    with pytest.raises(ck.CheckpointError, match="no CUDA device"):
+    with pytest.raises(ck.CheckpointError, match="no CUDA device is visible to the server"):
         c.unlock(1)
 
 

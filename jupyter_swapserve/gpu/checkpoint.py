@@ -28,6 +28,7 @@ CUDA_ERROR_INVALID_VALUE = 1
 CUDA_ERROR_OUT_OF_MEMORY = 2
 CUDA_ERROR_NOT_INITIALIZED = 3
 CUDA_ERROR_NO_DEVICE = 100
+CUDA_ERROR_OPERATING_SYSTEM = 304
 CUDA_ERROR_ILLEGAL_STATE = 401
 CUDA_ERROR_NOT_FOUND = 500
 CUDA_ERROR_NOT_READY = 600
@@ -36,18 +37,26 @@ CUDA_ERROR_NOT_SUPPORTED = 801
 CUDA_ERROR_TIMEOUT = 909
 CUDA_ERROR_UNKNOWN = 999
 
+# Seen on the H100 (driver 580.159, tests/gpu/test_gpu_checkpoint.py): restore or unlock of a
+# running process → 401; lock of a process that never initialised CUDA → 3; lock of a pid that does
+# not exist → 304; lock while a kernel runs past timeoutMs → 600 (not 909).
 _HINTS: dict[int, str] = {
     CUDA_ERROR_INVALID_VALUE: "no such process, or it has no CUDA context",
     CUDA_ERROR_OUT_OF_MEMORY: "not enough host memory for the checkpoint, or device memory for the restore",
-    CUDA_ERROR_NOT_INITIALIZED: "the CUDA driver is not initialised in this process",
+    CUDA_ERROR_NOT_INITIALIZED: "the process has not initialised CUDA: there is nothing to checkpoint in it",
     CUDA_ERROR_NO_DEVICE: "no CUDA device is visible to this process",
+    CUDA_ERROR_OPERATING_SYSTEM: "the driver could not reach the process (it exited, or the pid is wrong)",
     CUDA_ERROR_ILLEGAL_STATE: "the process is not in the state this step needs (e.g. restore of a running process)",
     CUDA_ERROR_NOT_FOUND: "the process has no CUDA state to act on",
+    CUDA_ERROR_NOT_READY: "the lock timed out: a CUDA call in the engine did not finish in time",
     CUDA_ERROR_NOT_PERMITTED: "not permitted (another user's process, or missing privileges)",
     CUDA_ERROR_NOT_SUPPORTED: "the process uses something the checkpoint cannot move "
                               "(managed/UVM memory, IPC handles, MPS, ...)",
     CUDA_ERROR_TIMEOUT: "the lock timed out: a CUDA call in the engine did not finish in time",
 }
+# cuInit failing in this (the controlling) process means something else than in a target process
+_INIT_HINTS = {CUDA_ERROR_NOT_INITIALIZED: "the CUDA driver could not be initialised in the server process",
+               CUDA_ERROR_NO_DEVICE: "no CUDA device is visible to the server process"}
 
 
 class CheckpointError(RuntimeError):
@@ -55,7 +64,7 @@ class CheckpointError(RuntimeError):
 
     def __init__(self, step: str, pid: int, code: int, message: str) -> None:
         self.step, self.pid, self.code = step, pid, code
-        hint = _HINTS.get(code)
+        hint = (_INIT_HINTS if step == "init" else _HINTS).get(code)
         detail = f"{message} (CUresult {code})" + (f": {hint}" if hint else "")
         super().__init__(f"cuCheckpointProcess{step.capitalize()}(pid={pid}) failed: {detail}")
 
