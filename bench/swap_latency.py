@@ -47,7 +47,7 @@ ENGINE_LOGS = Path(tempfile.gettempdir()) / "jupyter-swapserve"
 
 
 def models_file(sizes: list[str], utils: dict[str, float], compile_: bool, graphs: bool, plain: bool,
-                torch_saver: bool = False, hugepages: bool = False) -> dict:
+                torch_saver: bool = False, hugepages: bool = False, keep_residual: bool = False) -> dict:
     models = []
     for size in sizes:
         args = ["--gpu-memory-utilization", str(utils[size]), "--max-model-len", "2048"]
@@ -59,6 +59,11 @@ def models_file(sizes: list[str], utils: dict[str, float], compile_: bool, graph
         if hugepages:
             models.append({"name": f"{size}-aware-hp", "engine": "reference", "model": SHAPES[size],
                            "api": "completion", "args": [*args, "--staging", "hugepages"], "start_timeout": 900})
+        if keep_residual:
+            # residual: keep — after sleep the ~1 GiB the engine still holds stays on the GPU, no checkpoint
+            models.append({"name": f"{size}-aware-keep", "engine": "reference", "model": SHAPES[size],
+                           "api": "completion", "args": [*args, "--staging", "hugepages"], "residual": "keep",
+                           "start_timeout": 900})
         if torch_saver and size == sizes[0]:
             # the same engine releasing memory with plain torch instead of torch-memory-saver
             models.append({"name": f"{size}-aware-torch", "engine": "reference", "model": SHAPES[size],
@@ -202,7 +207,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = args.sizes.split(",")
     utils = {"1b": args.util_1b, "8b": args.util_8b, "tiny": 0.05}
     spec = models_file(sizes, utils, not args.no_compile, not args.no_graphs, not args.no_plain, args.torch_saver,
-                       args.hugepages)
+                       args.hugepages, args.keep_residual)
     path = Path(tempfile.mkdtemp()) / "bench-models.json"
     path.write_text(json.dumps(spec))
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
@@ -273,7 +278,8 @@ def summarize(results: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
         sleeps = r.get("sleep_log") or []
         row = {
             "model": name, "path": ("engine-aware" + (" (torch release)" if name.endswith("-torch") else "")
-                                    + (" (huge-page staging)" if name.endswith("-hp") else ""))
+                                    + (" (huge-page staging)" if name.endswith("-hp") else "")
+                                    + (" (huge-page staging, residual kept)" if name.endswith("-keep") else ""))
             if aware else "plain checkpoint",
             "engine_first_token_s": med([x.get("seconds") for x in r.get("first_token_log") or []]),
             "memory_gib": r["memory_gib"],
@@ -367,6 +373,8 @@ def main() -> None:
                    help="also run the first size's engine-aware model with --memory-saver torch")
     p.add_argument("--hugepages", action="store_true",
                    help="also run each size's engine-aware model with huge-page staging buffers")
+    p.add_argument("--keep-residual", action="store_true",
+                   help="also run each size's engine-aware model with residual: keep (no checkpoint after sleep)")
     p.add_argument("--raw", default="", help="raw driver probe first: DEV_GIB:PINNED_GIB,... (e.g. 0:0,0:16,16:0)")
     p.add_argument("--start-timeout", type=float, default=1500)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))

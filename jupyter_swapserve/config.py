@@ -62,6 +62,7 @@ class ModelConfig:
     request_timeout: float = 600.0
     warmup: bool = True
     sleep_level: int = 1
+    residual: str = "checkpoint"
 
 
 @dataclass

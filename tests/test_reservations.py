@@ -136,3 +136,18 @@ async def test_random_contention_never_exceeds_capacity() -> None:
     await asyncio.gather(*(worker(i) for i in range(12)))
     assert m.granted_gib == 0 and m.waiting() == []
     assert peak > 0
+
+
+async def test_transfer_moves_memory_without_freeing_it() -> None:
+    m = ReservationManager(0, 10)
+    a = m.try_acquire("a", 6)
+    b = m.try_acquire("b", 4)
+    assert a is not None and b is not None
+    waiter = asyncio.create_task(m.acquire("c", 1))
+    a.transfer_to(b, 2)
+    await asyncio.sleep(0)
+    assert (a.gib, b.gib, m.granted_gib) == (4, 6, 10) and not waiter.done()
+    with pytest.raises(ValueError):
+        a.transfer_to(b, 5)
+    b.release()
+    assert (await asyncio.wait_for(waiter, 1)).gib == 1

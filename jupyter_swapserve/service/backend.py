@@ -146,6 +146,8 @@ class Backend:
     runtime: Any = None  # ProcessRuntime or PodmanRuntime while an engine process exists
     base_url: str | None = None
     reservation: Reservation | None = None
+    #: residual: keep — what a sleeping engine still holds on the GPU, reserved while swapped out
+    residual_reservation: Reservation | None = None
     memory_gib: float | None = None
     memory_measured: bool = False
     queued: int = 0
@@ -192,6 +194,18 @@ class Backend:
         self.on_change()
 
     def release_reservation(self) -> None:
+        """Give back what the engine frees by leaving the device (its residual stays, if kept)."""
         if self.reservation is not None:
             self.reservation.release()
             self.reservation = None
+
+    def release_all(self) -> None:
+        """The engine is gone: give back everything, the kept residual too."""
+        self.release_reservation()
+        if self.residual_reservation is not None:
+            self.residual_reservation.release()
+            self.residual_reservation = None
+
+    @property
+    def reserved_gib(self) -> float:
+        return sum(r.gib for r in (self.reservation, self.residual_reservation) if r is not None)

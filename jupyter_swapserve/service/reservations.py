@@ -50,6 +50,17 @@ class Reservation:
             raise RuntimeError("reservation already released")
         self._manager._resize(self, gib)
 
+    def transfer_to(self, other: Reservation, gib: float) -> None:
+        """Move ``gib`` from this reservation to another of the same device; the total is unchanged,
+        so nothing is freed in between for a waiter to take."""
+        if self.released or other.released or other._manager is not self._manager:
+            raise RuntimeError("transfer needs two granted reservations of one device")
+        if gib < 0 or gib > self.gib + EPSILON:
+            raise ValueError(f"cannot transfer {gib:.2f} GiB out of {self.gib:.2f}")
+        self.gib -= gib
+        other.gib += gib
+        self._manager._on_change()
+
     def __repr__(self) -> str:
         state = "released" if self.released else "granted"
         return f"<Reservation {self.owner} {self.gib:.2f} GiB on {self.device} {state}>"

@@ -84,7 +84,7 @@ class Scheduler:
         return [
             BackendSnapshot(
                 name=b.name, device=b.device, state=b.state.value,
-                memory_gib=b.reservation.gib if b.reservation else (b.memory_gib or 0.0),
+                memory_gib=b.reservation.gib if b.reservation else (b.memory_gib or 0.0),  # what a swap-out frees
                 queued=b.queued, in_flight=b.in_flight, last_used=b.last_used, pinned=b.config.pinned,
                 served_since_swap_in=b.served_since_swap_in,
             )
@@ -108,9 +108,10 @@ class Scheduler:
         manager = self.reservations[backend.device]
         lock = self._device_locks[backend.device]
         while True:
-            # pinned models never leave: if what they hold leaves too little, waiting cannot help
-            pinned = sum(b.reservation.gib for b in self.backends.values()
-                         if b.config.pinned and b.device == backend.device and b.reservation and b is not backend)
+            # pinned models and kept residuals never leave: if they leave too little, waiting cannot help
+            pinned = sum((b.reservation.gib if b.config.pinned and b.reservation else 0.0)
+                         + (b.residual_reservation.gib if b.residual_reservation else 0.0)
+                         for b in self.backends.values() if b.device == backend.device and b is not backend)
             if gib > manager.capacity_gib - pinned + 1e-9:
                 raise EngineUnavailable(
                     f"model '{backend.name}' needs {gib:.2f} GiB but pinned models hold {pinned:.2f} of "
@@ -241,8 +242,9 @@ class Scheduler:
         assert backend.transition.locked()
         t0 = time.perf_counter()
         backend.set_state(State.SWAPPING_IN)
+        kept = backend.residual_reservation.gib if backend.residual_reservation else 0.0
         try:
-            await self._reserve(backend, float(backend.memory_gib or 0))
+            await self._reserve(backend, max(0.0, float(backend.memory_gib or 0) - kept))
         except BaseException:
             backend.set_state(State.SWAPPED_OUT)
             raise
@@ -303,7 +305,8 @@ class Scheduler:
         try:
             async with backend.rw.write(timeout=backend.config.drain_timeout):
                 real_gpu = not self.is_virtual(backend)
-                if real_gpu and not getattr(ckpt, "available", False):
+                keep_residual = real_gpu and backend.adapter.supports_sleep and backend.config.residual == "keep"
+                if real_gpu and not keep_residual and not getattr(ckpt, "available", False):
                     # freezing alone would hand back a reservation whose memory stays on the GPU
                     raise SwapStepError("checkpoint", RuntimeError(
                         "this driver has no CUDA checkpoint API, so the engine's GPU memory cannot be freed"),
@@ -312,7 +315,8 @@ class Scheduler:
                     await steps.run("sleep", lambda: backend.adapter.sleep(self.client, backend.base_url or ""),
                                     undo=lambda: backend.adapter.wake(self.client, backend.base_url or ""),
                                     undo_if_failed=True)
-                pids = self.monitor.gpu_pids(runtime.pids()) if real_gpu else []
+                # residual: keep — what the sleeping engine still holds stays on the GPU, unmoved
+                pids = self.monitor.gpu_pids(runtime.pids()) if real_gpu and not keep_residual else []
                 for pid in pids:
                     await steps.run("lock", lambda p=pid: self._driver("lock", ckpt.lock, p, self.lock_timeout_ms),
                                     undo=lambda p=pid: self._driver("unlock", ckpt.unlock, p))
@@ -330,12 +334,31 @@ class Scheduler:
             raise
         backend.slept = any(t.step == "sleep" for t in steps.timings)
         backend.checkpointed_pids = pids
+        if keep_residual:
+            self._keep_residual(backend)
         backend.release_reservation()
         elapsed = time.perf_counter() - t0
         backend.last_swap_out_seconds = elapsed
         backend.swaps_out += 1
         self._record(backend, f"swap-out ({reason})", steps)
         backend.set_state(State.SWAPPED_OUT)
+
+    def _keep_residual(self, backend: Backend) -> None:
+        """After a sleep without checkpoint: the GPU memory the engine still holds (measured by NVML)
+        stays reserved while it is swapped out; the rest of its reservation is freed."""
+        residual = self.monitor.process_memory_gib(backend.runtime.pids()).get(backend.device, 0.0)
+        kept = backend.residual_reservation
+        if kept is not None:
+            grow = residual - kept.gib
+            if grow > 0 and backend.reservation is not None:
+                backend.reservation.transfer_to(kept, min(grow, backend.reservation.gib))
+            elif grow < 0:
+                kept.resize(residual)
+        elif backend.reservation is not None:
+            # the running reservation shrinks to the residual and is kept; nothing is freed twice
+            backend.reservation.resize(min(residual, backend.reservation.gib))
+            backend.residual_reservation, backend.reservation = backend.reservation, None
+        log.info("%s keeps %.2f GiB on the GPU while swapped out", backend.name, residual)
 
     async def swap_out_idle(self) -> None:
         now = time.time()
@@ -356,7 +379,7 @@ class Scheduler:
     async def _fail(self, backend: Backend, reason: str) -> None:
         backend.failures += 1
         backend.failed_at = time.monotonic()
-        backend.release_reservation()
+        backend.release_all()
         runtime, backend.runtime = backend.runtime, None
         backend.checkpointed_pids = []
         backend.slept = False
@@ -372,7 +395,7 @@ class Scheduler:
             await runtime.stop()
         if backend.watcher is not None:
             backend.watcher.cancel()
-        backend.release_reservation()
+        backend.release_all()
         backend.checkpointed_pids = []
         backend.set_state(State.STOPPED)
 
