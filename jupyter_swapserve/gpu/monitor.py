@@ -84,24 +84,8 @@ class GpuMonitor:
         handle = self._nvml.nvmlDeviceGetHandleByIndex(dev.index)
         return self._nvml.nvmlDeviceGetMemoryInfo(handle).used / GIB
 
-    def process_memory_gib(self, pids: list[int]) -> dict[int, float]:
-        """GPU memory held by the given processes, per device index (NVML's per-process list)."""
-        result: dict[int, float] = {}
-        if self._nvml is None:
-            return result
-        wanted = set(pids)
-        for dev in self.devices:
-            if dev.virtual:
-                continue
-            handle = self._nvml.nvmlDeviceGetHandleByIndex(dev.index)
-            with contextlib.suppress(Exception):
-                for p in self._nvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                    if p.pid in wanted and p.usedGpuMemory:
-                        result[dev.index] = result.get(dev.index, 0.0) + p.usedGpuMemory / GIB
-        return result
-
-    def gpu_pids(self, pids: list[int]) -> list[int]:
-        """Those of ``pids`` that hold memory on any GPU: the ones to checkpoint."""
+    def _gpu_processes(self, pids: list[int]) -> list[tuple[int, int, float]]:
+        """(device index, pid, GiB) for each of ``pids`` on each real GPU (NVML's per-process list)."""
         if self._nvml is None:
             return []
         wanted, found = set(pids), []
@@ -109,8 +93,19 @@ class GpuMonitor:
             if dev.virtual:
                 continue
             handle = self._nvml.nvmlDeviceGetHandleByIndex(dev.index)
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # a device NVML cannot read counts as holding nothing
                 for p in self._nvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                    if p.pid in wanted and p.pid not in found:
-                        found.append(p.pid)
+                    if p.pid in wanted:
+                        found.append((dev.index, p.pid, (p.usedGpuMemory or 0) / GIB))
         return found
+
+    def process_memory_gib(self, pids: list[int]) -> dict[int, float]:
+        """GPU memory held by the given processes, per device index."""
+        result: dict[int, float] = {}
+        for index, _pid, gib in self._gpu_processes(pids):
+            result[index] = result.get(index, 0.0) + gib
+        return result
+
+    def gpu_pids(self, pids: list[int]) -> list[int]:
+        """Those of ``pids`` that hold memory on any GPU: the ones to checkpoint."""
+        return list(dict.fromkeys(pid for _index, pid, _gib in self._gpu_processes(pids)))
