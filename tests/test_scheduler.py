@@ -164,3 +164,34 @@ async def test_gpu_without_checkpoint_api_refuses_swap_out(tmp_path: Path, monke
         assert not a.runtime.frozen
     finally:
         await svc.close()
+
+
+async def test_two_devices_are_reserved_and_swapped_independently(tmp_path: Path) -> None:
+    cmd = ["{python}", "-m", "http.server", "--bind", "{host}", "{port}", "--directory", str(tmp_path)]
+    models = [{"name": name, "engine": "command", "command": cmd, "ready_path": "/", "warmup": False,
+               "memory_gib": 0.6, "device": device, "drain_timeout": 30}
+              for name, device in (("a0", 0), ("b0", 0), ("a1", 1), ("b1", 1))]
+    svc = SwapService(parse_models({"devices": [{"virtual": True, "memory_gib": 1.0},
+                                                {"virtual": True, "memory_gib": 1.0}], "models": models}))
+    await started(svc)
+    try:
+        m0, m1 = svc.scheduler.reservations[0], svc.scheduler.reservations[1]
+        await svc.swap_in("a0")
+        await svc.swap_in("a1")
+        # each device has room for one: both run at once, one per device
+        assert {b.name for b in svc.backends.values() if b.state == State.RUNNING} == {"a0", "a1"}
+        assert (m0.granted_gib, m1.granted_gib) == (pytest.approx(0.6), pytest.approx(0.6))
+        # a request in flight on a0 holds up any swap on device 0 ...
+        async with svc.admit("a0"):
+            stuck = asyncio.create_task(svc.swap_in("b0"))
+            await asyncio.sleep(0.2)
+            assert not stuck.done() and svc.backends["a0"].state == State.SWAPPING_OUT
+            # ... but never a swap on device 1
+            await asyncio.wait_for(svc.swap_in("b1"), 5)
+            assert svc.backends["b1"].state == State.RUNNING and svc.backends["a1"].state == State.SWAPPED_OUT
+            assert [r.owner for r in m1.granted()] == ["b1"]
+        await asyncio.wait_for(stuck, 10)
+        assert svc.backends["b0"].state == State.RUNNING and [r.owner for r in m0.granted()] == ["b0"]
+        assert m0.granted_gib <= m0.capacity_gib and m1.granted_gib <= m1.capacity_gib
+    finally:
+        await svc.close()
