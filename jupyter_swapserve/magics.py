@@ -42,6 +42,7 @@ USAGE = """\
 %%llm MODEL [-f markdown|text|code|json] [--max-tokens N] [--temperature T] [--seed S]
             [--system TEXT] [-o VAR] [--chat]
     The cell is the prompt; {name} inserts a variable of the notebook, {{ and }} are braces.
+    -o VAR stores the answer's text (the code, with -f code); --chat keeps a conversation per model.
 %llm list                         models with state, memory, queue, last swap-in
 %llm status                       devices and models in detail
 %llm swap-in NAME | swap-out NAME

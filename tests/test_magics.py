@@ -105,7 +105,10 @@ class ServerKernel:
             try:
                 msg = self.client.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty:
-                raise TimeoutError(f"no idle after {timeout} s; so far: {run.msgs}") from None
+                seen = [m["msg_type"] for m in run.msgs]
+                last = run.msgs[-1]["content"] if run.msgs else None
+                raise TimeoutError(f"no idle after {timeout} s; messages: {seen[:20]}…; last: {str(last)[:500]}") \
+                    from None
             if msg["parent_header"].get("msg_id") != msg_id:
                 continue
             run.msgs.append(msg)
@@ -406,7 +409,17 @@ def test_interrupt_cancels_the_request_on_the_server(kernel: ServerKernel, demo_
     assert kernel.run("%%llm gemma -f text --max-tokens 2\nHello").ok
 
 
-def test_waiting_line_and_interrupt_while_waiting(kernel: ServerKernel, demo_server: ServerHandle) -> None:
+@pytest.fixture
+def own_server() -> Iterator[ServerHandle]:
+    """A server of its own, for a test that leaves the swap machinery mid-eviction on purpose."""
+    with run_server() as server:
+        server.wait_models()
+        yield server
+
+
+def test_waiting_line_and_interrupt_while_waiting(own_server: ServerHandle) -> None:
+    demo_server = own_server
+    kernel = start_kernel(own_server)
     # another client keeps gemma answering, so smollm2 has to wait for device memory
     assert kernel.run("%llm swap-in gemma").ok
     release = threading.Event()
@@ -453,6 +466,16 @@ def test_waiting_line_and_interrupt_while_waiting(kernel: ServerKernel, demo_ser
         time.sleep(0.1)
     assert smollm2["queue_depth"] == 0 and smollm2["in_flight"] == 0
     assert status["devices"][0]["waiting"] == []
+    # and both models serve again: the eviction the cancelled request started did not wedge gemma
+    for cell in ("%%llm smollm2 --max-tokens 2\nHi", "%%llm gemma -f text --max-tokens 2\nHi"):
+        msg_id = kernel.execute(cell)
+        try:
+            run = kernel.collect(msg_id, timeout=90)
+        except TimeoutError:
+            states = [(m["name"], m["state"], m["reserved_gib"]) for m in demo_server.status()["models"]]
+            pytest.fail(f"no answer after the cancelled wait; (model, state, reserved GiB): {states}")
+        assert run.ok, run.msgs
+    kernel.shutdown()
 
 
 # ---- expected failures: one line each -------------------------------------------------------------
