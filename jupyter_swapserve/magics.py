@@ -397,5 +397,9 @@ class LLMMagics(Magics):
             print("Forgot all conversations.")
 
 
+# `%llm?` shows the whole usage
+LLMMagics.llm.__doc__ = f"Prompt a model or manage the swap service.\n\n{USAGE}"
+
+
 def load_ipython_extension(ipython: Any) -> None:
     ipython.register_magics(LLMMagics)
