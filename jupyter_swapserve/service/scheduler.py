@@ -71,6 +71,7 @@ class Scheduler:
             d.index: ReservationManager(d.index, d.capacity_gib, on_change=notifier.notify) for d in monitor.devices
         }
         self._device_locks = {d.index: asyncio.Lock() for d in monitor.devices}
+        self._background: set[asyncio.Task[Any]] = set()
         self._runtime_factory = runtime_factory or (lambda b: ProcessRuntime(b.name))
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None))
         for b in backends.values():
@@ -122,7 +123,7 @@ class Scheduler:
                     plan = choose_victims(self.snapshots(), backend.device, gib, manager.free_gib, backend.name)
                     if plan.sufficient:
                         for victim in plan.victims:
-                            await self.swap_out(self.backends[victim], reason=f"preempted for {backend.name}")
+                            await self._evict(self.backends[victim], backend.name)
                             reservation = manager.try_acquire(backend.name, gib)
                             if reservation is not None:
                                 break
@@ -135,6 +136,14 @@ class Scheduler:
                 return
             except asyncio.TimeoutError:
                 continue
+
+    async def _evict(self, victim: Backend, requester: str) -> None:
+        """Swap a victim out in a task of its own: the requester's cancellation (its client hung up)
+        must not cut the victim's swap-out short, or the victim would be left half swapped."""
+        task = asyncio.create_task(self.swap_out(victim, reason=f"preempted for {requester}"))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        await asyncio.shield(task)
 
     # ---- the public operations -------------------------------------------------------------
     async def ensure_running(self, backend: Backend) -> float:
@@ -324,6 +333,12 @@ class Scheduler:
                     await steps.run("checkpoint", lambda p=pid: self._driver("checkpoint", ckpt.checkpoint, p),
                                     undo=lambda p=pid: self._driver("restore", ckpt.restore, p))
                 await steps.run("freeze", runtime.freeze, undo=runtime.thaw, undo_if_failed=True)
+        except asyncio.CancelledError:
+            # cancelled while draining (no step has run, or SwapSteps already undid them): still running
+            self._record(backend, "swap-out cancelled", steps)
+            if backend.state == State.SWAPPING_OUT:
+                backend.set_state(State.RUNNING)
+            raise
         except (SwapStepError, DrainTimeout) as exc:
             self._record(backend, "swap-out failed", steps)
             if isinstance(exc, SwapStepError) and not exc.unwound:
@@ -400,6 +415,8 @@ class Scheduler:
         backend.set_state(State.STOPPED)
 
     async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
         await asyncio.gather(*(self.stop(b) for b in self.backends.values()), return_exceptions=True)
         await self.client.aclose()
 
