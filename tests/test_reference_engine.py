@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,13 +35,16 @@ def engine(*extra: str) -> Iterator[str]:
     argv = [sys.executable, "-m", "jupyter_swapserve.engines.reference_server", *TINY, "--port", str(port),
             "--served-model-name", "tiny", *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    # the engine's log goes to a file: a pipe nobody reads would fill up and block the engine
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"engine exited: {proc.stdout.read().decode() if proc.stdout else ''}")
+                log.seek(0)
+                raise RuntimeError(f"engine exited: {log.read().decode(errors='replace')[-3000:]}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
                     break
@@ -51,6 +55,7 @@ def engine(*extra: str) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+        log.close()
 
 
 @pytest.fixture(scope="module")
