@@ -213,3 +213,23 @@ def test_engine_killed_mid_stream_ends_the_stream_with_an_error_event(faults_ser
     errors = [ln for ln in rest if ln.startswith("data: ") and '"error"' in ln]
     assert errors and "engine_unavailable" in errors[-1]
     _wait(lambda: faults_server.model("via-command")["in_flight"] == 0)
+
+
+def test_engine_that_dies_while_swapped_out_is_failed_then_restarted(faults_server: ServerHandle) -> None:
+    c = openai(faults_server)
+    c.chat.completions.create(model="via-command", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    r = httpx.post(faults_server.url + "swapserve/api/models/via-command/swap-out", headers=faults_server.headers(),
+                   timeout=60)
+    assert r.json()["state"] == "swapped_out"
+    model = faults_server.model("via-command")
+    assert model["pids"] and model["reserved_gib"] == 0
+    for pid in model["pids"]:
+        os.kill(pid, signal.SIGKILL)  # SIGKILL reaches a frozen process too
+    _wait(lambda: faults_server.model("via-command")["state"] == "failed")
+    assert "engine exited with code -9" in faults_server.model("via-command")["error"]
+    device = faults_server.status()["devices"][0]
+    assert device["reserved_gib"] <= device["capacity_gib"]
+    out = c.chat.completions.create(model="via-command", messages=[{"role": "user", "content": "Say hi"}],
+                                    max_tokens=4)
+    assert out.choices[0].message.content
+    assert faults_server.model("via-command")["state"] == "running"
