@@ -7,10 +7,10 @@ import contextlib
 import json
 from typing import Any
 
-import httpx
 from tornado.iostream import StreamClosedError
 
 from ..service import EngineUnavailable, ModelNotFound, QueueFull
+from ..service.upstream import UpstreamResponse
 from .base import OpenAIError, SwapServeHandler
 
 
@@ -119,11 +119,7 @@ class CompletionsHandler(SwapServeHandler):
                 self.set_header("x-swapserve-swap-in-seconds", f"{ticket.swap_in_seconds:.4f}")
                 self.set_header("x-swapserve-queue-seconds", f"{ticket.queue_seconds:.4f}")
                 async with self.service.forward(ticket, self.upstream_path, body) as upstream:
-                    try:
-                        await self._relay(upstream, bool(body.get("stream")))
-                    except httpx.HTTPError as exc:  # the engine died or hung up mid-response
-                        raise EngineUnavailable(
-                            f"model '{model}' stopped answering mid-response: {exc.__class__.__name__}") from None
+                    await self._relay(upstream, bool(body.get("stream")))
         except ModelNotFound as exc:
             raise OpenAIError(404, str(exc), param="model", code="model_not_found") from None
         except QueueFull as exc:
@@ -139,9 +135,9 @@ class CompletionsHandler(SwapServeHandler):
                 return
             raise OpenAIError(503, str(exc), code="engine_unavailable", retry_after=exc.retry_after) from None
 
-    async def _relay(self, upstream: Any, stream: bool) -> None:
+    async def _relay(self, upstream: UpstreamResponse, stream: bool) -> None:
         if upstream.status_code >= 400:
-            text = (await upstream.aread()).decode("utf-8", "replace")
+            text = (await upstream.read()).decode("utf-8", "replace")
             message = text[:500]
             with contextlib.suppress(ValueError, AttributeError, TypeError):
                 detail = json.loads(text)
@@ -155,9 +151,9 @@ class CompletionsHandler(SwapServeHandler):
             self.set_header("Cache-Control", "no-cache")
             self.set_header("X-Accel-Buffering", "no")
             # relay chunk by chunk; tornado buffers unless each chunk is flushed
-            async for chunk in upstream.aiter_raw():
+            async for chunk in upstream.iter_chunks():
                 self.write(chunk)
                 await self.flush()
             self.finish()
         else:
-            self.finish(await upstream.aread())
+            self.finish(await upstream.read())

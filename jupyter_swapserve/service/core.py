@@ -12,8 +12,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
 from ..config import ModelsFile
 from ..engines import EngineError, adapter_for
 from ..gpu.checkpoint import make_checkpointer
@@ -21,6 +19,7 @@ from ..gpu.monitor import GpuMonitor
 from .backend import Backend, State
 from .events import Notifier
 from .scheduler import EngineUnavailable, Scheduler
+from .upstream import Upstream, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +74,7 @@ class SwapService:
         for err in self.config_errors:
             log.error("models file: %s", err)
         self.scheduler = Scheduler(self.backends, self.monitor, self.checkpointer, self.notifier)
+        self.upstream = Upstream()
         self._idle_interval = idle_check_interval
         self._tasks: list[asyncio.Task[None]] = []
         self.started_at = time.time()
@@ -113,6 +113,7 @@ class SwapService:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         await self.scheduler.close()
+        await self.upstream.close()
 
     # ---- requests --------------------------------------------------------------------------
     def backend(self, name: Any) -> Backend:
@@ -159,23 +160,13 @@ class SwapService:
                 self.notifier.notify()
 
     @contextlib.asynccontextmanager
-    async def forward(self, ticket: Ticket, path: str, body: dict[str, Any]) -> AsyncIterator[httpx.Response]:
-        """POST the body to the engine (model name rewritten); the response is streamed."""
+    async def forward(self, ticket: Ticket, path: str, body: dict[str, Any]) -> AsyncIterator[UpstreamResponse]:
+        """POST the body to the engine (model name rewritten); the response can be streamed."""
         backend = ticket.backend
         upstream = {**body, "model": backend.adapter.upstream_model_name()}
-        request = self.scheduler.client.build_request(
-            "POST", f"{backend.base_url}{path}", content=json.dumps(upstream).encode(),
-            headers={"content-type": "application/json"},
-            timeout=httpx.Timeout(30.0, read=backend.config.request_timeout),
-        )
-        try:
-            response = await self.scheduler.client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise EngineUnavailable(f"model '{backend.name}' did not answer: {exc.__class__.__name__}") from None
-        try:
+        async with self.upstream.post(f"{backend.base_url}{path}", json.dumps(upstream).encode(), backend.name,
+                                      backend.config.request_timeout) as response:
             yield response
-        finally:
-            await response.aclose()
 
     # ---- admin operations ------------------------------------------------------------------
     async def swap_in(self, name: str) -> float:
