@@ -50,7 +50,7 @@ class ModelConfig:
     image: str | None = None
     api: str = "chat"
     memory_gib: float | None = None
-    device: int = 0
+    device: int | list[int] = 0
     idle_timeout: float | None = None
     pinned: bool = False
     max_queue: int = 64
@@ -63,6 +63,11 @@ class ModelConfig:
     warmup: bool = True
     sleep_level: int = 1
     residual: str = "checkpoint"
+
+    @property
+    def devices(self) -> list[int]:
+        """Every device the engine uses, in index order (the order reservations are taken in)."""
+        return sorted(self.device) if isinstance(self.device, list) else [self.device]
 
 
 @dataclass
@@ -148,8 +153,11 @@ def _semantic_problem(model: ModelConfig, devices: list[DeviceConfig] | None) ->
         return f"field 'model': is required for engine '{model.engine}'"
     if model.runtime == "podman" and not model.image:
         return "field 'image': is required for runtime 'podman'"
-    if devices is not None and model.device >= len(devices):
-        return f"field 'device': {model.device} does not exist (the file declares {len(devices)} device(s))"
+    missing = [d for d in model.devices if devices is not None and d >= len(devices)]
+    if missing:
+        return f"field 'device': {missing[0]} does not exist (the file declares {len(devices or [])} device(s))"
+    if model.residual == "keep" and len(model.devices) > 1:
+        return "field 'residual': 'keep' is for single-device engines"
     return None
 
 

@@ -203,3 +203,68 @@ async def test_two_devices_are_reserved_and_swapped_independently(tmp_path: Path
         assert m0.granted_gib <= m0.capacity_gib and m1.granted_gib <= m1.capacity_gib
     finally:
         await svc.close()
+
+
+def two_device_service(tmp_path: Path, extra: list[dict] | None = None) -> SwapService:
+    cmd = ["{python}", "-m", "http.server", "--bind", "{host}", "{port}", "--directory", str(tmp_path)]
+    models = [{"name": name, "engine": "command", "command": cmd, "ready_path": "/", "warmup": False,
+               "memory_gib": 0.6, "device": device} for name, device in (("wide", [1, 0]), ("a0", 0), ("a1", 1))]
+    for m in extra or []:
+        models.append({"engine": "command", "command": cmd, "ready_path": "/", "warmup": False, **m})
+    return SwapService(parse_models({"devices": [{"virtual": True, "memory_gib": 1.0},
+                                                {"virtual": True, "memory_gib": 1.0}], "models": models}))
+
+
+async def test_an_engine_spanning_two_devices_is_reserved_and_evicted_on_both(tmp_path: Path) -> None:
+    svc = await started(two_device_service(tmp_path))
+    try:
+        m0, m1 = svc.scheduler.reservations[0], svc.scheduler.reservations[1]
+        wide = svc.backends["wide"]
+        assert wide.devices == [0, 1]
+        await svc.swap_in("a0")
+        await svc.swap_in("a1")
+        # the wide engine needs room on both devices: one victim on each
+        await svc.swap_in("wide")
+        assert wide.state == State.RUNNING
+        assert svc.backends["a0"].state == svc.backends["a1"].state == State.SWAPPED_OUT
+        assert [r.owner for r in m0.granted()] == ["wide"] and [r.owner for r in m1.granted()] == ["wide"]
+        assert wide.reserved_gib == pytest.approx(1.2)
+        assert svc.status()["models"][0]["devices"] == [0, 1]
+        # a single-device model evicts it, which frees both devices
+        await svc.swap_in("a1")
+        assert wide.state == State.SWAPPED_OUT and wide.reservation is None
+        assert m0.granted_gib == 0 and [r.owner for r in m1.granted()] == ["a1"]
+    finally:
+        await svc.close()
+    assert m0.granted_gib == 0 and m1.granted_gib == 0
+
+
+async def test_no_room_on_the_second_device_releases_the_first(tmp_path: Path) -> None:
+    svc = await started(two_device_service(tmp_path, [{"name": "pin1", "memory_gib": 0.6, "device": 1,
+                                                       "pinned": True}]))
+    try:
+        m0 = svc.scheduler.reservations[0]
+        wide = svc.backends["wide"]
+        assert svc.backends["pin1"].state == State.RUNNING
+        assert wide.state == State.SWAPPED_OUT  # started (and snapshotted) before pin1 took device 1
+        with pytest.raises(EngineUnavailable, match=r"pinned models hold 0\.60 of 1\.00 GiB on device 1"):
+            await svc.swap_in("wide")
+        assert wide.state == State.SWAPPED_OUT and wide.reservation is None
+        assert m0.granted_gib == 0 and m0.waiting() == []  # the reservation taken on device 0 was given back
+        await svc.swap_in("a0")
+        assert svc.backends["a0"].state == State.RUNNING
+    finally:
+        await svc.close()
+
+
+def test_models_file_accepts_a_device_list_and_checks_it() -> None:
+    loaded = parse_models({"devices": [{"virtual": True, "memory_gib": 1}, {"virtual": True, "memory_gib": 1}],
+                           "models": [{"name": "w", "engine": "command", "command": "x", "device": [1, 0]},
+                                      {"name": "bad", "engine": "command", "command": "x", "device": [0, 2]},
+                                      {"name": "empty", "engine": "command", "command": "x", "device": []},
+                                      {"name": "keep", "engine": "reference", "model": "m", "device": [0, 1],
+                                       "residual": "keep"}]}, "f.yaml")
+    assert [m.name for m in loaded.models] == ["w"] and loaded.models[0].devices == [0, 1]
+    assert "model 'bad': field 'device': 2 does not exist" in loaded.errors[0]
+    assert "model 'empty': field 'device'" in loaded.errors[1]
+    assert "model 'keep': field 'residual': 'keep' is for single-device engines" in loaded.errors[2]

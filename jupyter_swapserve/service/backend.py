@@ -182,8 +182,13 @@ class Backend:
         return self.config.name
 
     @property
+    def devices(self) -> list[int]:
+        return self.config.devices
+
+    @property
     def device(self) -> int:
-        return self.config.device
+        """The first (for most engines the only) device."""
+        return self.config.devices[0]
 
     def set_state(self, state: State, error: str | None = None) -> None:
         self.state = state
@@ -208,4 +213,6 @@ class Backend:
 
     @property
     def reserved_gib(self) -> float:
-        return sum(r.gib for r in (self.reservation, self.residual_reservation) if r is not None)
+        """Reserved on all its devices together."""
+        return sum(r.gib * len(getattr(r, "parts", (r,))) for r in (self.reservation, self.residual_reservation)
+                   if r is not None)

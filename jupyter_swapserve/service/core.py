@@ -56,19 +56,21 @@ class SwapService:
         self.checkpointer = make_checkpointer(self.monitor.has_gpu)
         self.backends: dict[str, Backend] = {}
         for m in models.models:
-            if m.device >= len(self.monitor.devices):
-                self.config_errors.append(f"model '{m.name}': field 'device': {m.device} does not exist here")
+            missing = [d for d in m.devices if d >= len(self.monitor.devices)]
+            if missing:
+                self.config_errors.append(f"model '{m.name}': field 'device': {missing[0]} does not exist here")
                 continue
             try:
                 adapter = adapter_for(m)
             except EngineError as exc:
                 self.config_errors.append(f"model '{m.name}': field 'engine': {exc}")
                 continue
-            capacity = self.monitor.devices[m.device].capacity_gib
-            if m.memory_gib is not None and m.memory_gib > capacity:
+            too_small = [d for d in m.devices
+                         if m.memory_gib is not None and m.memory_gib > self.monitor.devices[d].capacity_gib]
+            if too_small:
                 self.config_errors.append(
-                    f"model '{m.name}': field 'memory_gib': {m.memory_gib} GiB exceeds device {m.device} "
-                    f"({capacity:g} GiB)")
+                    f"model '{m.name}': field 'memory_gib': {m.memory_gib} GiB exceeds device {too_small[0]} "
+                    f"({self.monitor.devices[too_small[0]].capacity_gib:g} GiB)")
                 continue
             self.backends[m.name] = Backend(config=m, adapter=adapter)
         for err in self.config_errors:
@@ -193,7 +195,7 @@ class SwapService:
         for b in self.backends.values():
             models.append({
                 "name": b.name, "engine": b.config.engine, "runtime": b.config.runtime, "api": b.config.api,
-                "state": b.state.value, "device": b.device,
+                "state": b.state.value, "device": b.device, "devices": b.devices,
                 "device_kind": self.monitor.devices[b.device].kind,
                 "memory_gib": b.memory_gib, "memory_measured": b.memory_measured,
                 "reserved_gib": b.reserved_gib,

@@ -66,6 +66,45 @@ class Reservation:
         return f"<Reservation {self.owner} {self.gib:.2f} GiB on {self.device} {state}>"
 
 
+class ReservationGroup:
+    """One reservation per device for an engine spanning several devices, used as one: the same
+    size on each device, released (exactly once each) together."""
+
+    def __init__(self, parts: list[Reservation]) -> None:
+        self.parts = parts
+
+    @property
+    def owner(self) -> str:
+        return self.parts[0].owner
+
+    @property
+    def gib(self) -> float:
+        """Per device."""
+        return self.parts[0].gib
+
+    @property
+    def device(self) -> int:
+        return self.parts[0].device
+
+    @property
+    def devices(self) -> list[int]:
+        return [r.device for r in self.parts]
+
+    @property
+    def released(self) -> bool:
+        return all(r.released for r in self.parts)
+
+    def release(self) -> bool:
+        return any([r.release() for r in self.parts])  # a list, not a generator: release every part
+
+    def resize(self, gib: float) -> None:
+        for r in self.parts:
+            r.resize(gib)
+
+    def __repr__(self) -> str:
+        return f"<ReservationGroup {self.parts}>"
+
+
 @dataclass(order=True)
 class _Waiter:
     priority: int

@@ -24,7 +24,7 @@ from ..runtime.process import ProcessRuntime, RuntimeStepError
 from .backend import Backend, DrainTimeout, State, SwapStepError, SwapSteps
 from .events import Notifier
 from .policy import BackendSnapshot, choose_victims
-from .reservations import ReservationManager, ReservationTooLarge
+from .reservations import Reservation, ReservationGroup, ReservationManager, ReservationTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +79,19 @@ class Scheduler:
 
     # ---- helpers ---------------------------------------------------------------------------
     def is_virtual(self, backend: Backend) -> bool:
-        return self.monitor.devices[backend.device].virtual
+        return all(self.monitor.devices[d].virtual for d in backend.devices)
 
     def snapshots(self) -> list[BackendSnapshot]:
+        """One snapshot per backend and device it uses: an engine spanning two GPUs is a candidate
+        victim on each, and evicting it frees memory on both."""
         return [
             BackendSnapshot(
-                name=b.name, device=b.device, state=b.state.value,
+                name=b.name, device=device, state=b.state.value,
                 memory_gib=b.reservation.gib if b.reservation else (b.memory_gib or 0.0),  # what a swap-out frees
                 queued=b.queued, in_flight=b.in_flight, last_used=b.last_used, pinned=b.config.pinned,
                 served_since_swap_in=b.served_since_swap_in,
             )
-            for b in self.backends.values()
+            for b in self.backends.values() for device in b.devices
         ]
 
     async def _driver(self, step: str, call: Callable[..., Any], pid: int, *args: Any) -> None:
@@ -105,22 +107,36 @@ class Scheduler:
 
     # ---- reservation with eviction ---------------------------------------------------------
     async def _reserve(self, backend: Backend, gib: float) -> None:
-        """Get ``gib`` on the backend's device, evicting victims chosen by the policy."""
-        manager = self.reservations[backend.device]
-        lock = self._device_locks[backend.device]
+        """Get ``gib`` on each of the backend's devices, evicting victims chosen by the policy.
+
+        Devices are taken in index order by every backend, so two engines that span the same
+        devices cannot each hold one and wait for the other (no circular wait)."""
+        parts: list[Reservation] = []
+        try:
+            for device in backend.devices:
+                parts.append(await self._reserve_on(backend, device, gib))
+        except BaseException:
+            for part in parts:
+                part.release()
+            raise
+        backend.reservation = parts[0] if len(parts) == 1 else ReservationGroup(parts)
+
+    async def _reserve_on(self, backend: Backend, device: int, gib: float) -> Reservation:
+        manager = self.reservations[device]
+        lock = self._device_locks[device]
         while True:
             # pinned models and kept residuals never leave: if they leave too little, waiting cannot help
             pinned = sum((b.reservation.gib if b.config.pinned and b.reservation else 0.0)
                          + (b.residual_reservation.gib if b.residual_reservation else 0.0)
-                         for b in self.backends.values() if b.device == backend.device and b is not backend)
+                         for b in self.backends.values() if device in b.devices and b is not backend)
             if gib > manager.capacity_gib - pinned + 1e-9:
                 raise EngineUnavailable(
                     f"model '{backend.name}' needs {gib:.2f} GiB but pinned models hold {pinned:.2f} of "
-                    f"{manager.capacity_gib:.2f} GiB on device {backend.device}", retry_after=60)
+                    f"{manager.capacity_gib:.2f} GiB on device {device}", retry_after=60)
             async with lock:
                 reservation = manager.try_acquire(backend.name, gib)
                 if reservation is None:
-                    plan = choose_victims(self.snapshots(), backend.device, gib, manager.free_gib, backend.name)
+                    plan = choose_victims(self.snapshots(), device, gib, manager.free_gib, backend.name)
                     if plan.sufficient:
                         for victim in plan.victims:
                             await self._evict(self.backends[victim], backend.name)
@@ -128,12 +144,10 @@ class Scheduler:
                             if reservation is not None:
                                 break
                 if reservation is not None:
-                    backend.reservation = reservation
-                    return
+                    return reservation
             # nothing (enough) evictable now: queue for the memory, re-plan when things change
             try:
-                backend.reservation = await asyncio.wait_for(manager.acquire(backend.name, gib), timeout=1.0)
-                return
+                return await asyncio.wait_for(manager.acquire(backend.name, gib), timeout=1.0)
             except asyncio.TimeoutError:
                 continue
 
@@ -174,7 +188,7 @@ class Scheduler:
         swap it out at once (unless pinned) so later requests find it one swap-in away."""
         t0 = time.perf_counter()
         backend.set_state(State.STARTING)
-        capacity = self.reservations[backend.device].capacity_gib
+        capacity = min(self.reservations[d].capacity_gib for d in backend.devices)
         measure = backend.memory_gib is None
         try:
             # unknown size: hold the whole device while starting, shrink to the measured size after
@@ -232,7 +246,9 @@ class Scheduler:
         if self.is_virtual(backend):
             size = _rss_gib(pids)
         else:
-            size = self.monitor.process_memory_gib(pids).get(backend.device, 0.0)
+            # an engine spanning devices reserves the same on each: its largest share
+            per_device = self.monitor.process_memory_gib(pids)
+            size = max((per_device.get(d, 0.0) for d in backend.devices), default=0.0)
         size = max(size, 0.01)
         backend.memory_gib = round(size, 3)
         backend.memory_measured = True
