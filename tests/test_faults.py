@@ -233,3 +233,23 @@ def test_engine_that_dies_while_swapped_out_is_failed_then_restarted(faults_serv
                                     max_tokens=4)
     assert out.choices[0].message.content
     assert faults_server.model("via-command")["state"] == "running"
+
+
+def test_engines_die_with_a_server_that_is_killed_outright() -> None:
+    # no clean shutdown and no atexit: the kernel's parent-death signal takes the engines down
+    with run_server() as server:
+        pids = [p for m in server.wait_models()["models"] for p in m["pids"]]
+        assert pids
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -20,6 +21,19 @@ from ..engines.base import LaunchSpec
 log = logging.getLogger(__name__)
 
 _LIVE: weakref.WeakSet[ProcessRuntime] = weakref.WeakSet()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it if the server dies without a clean shutdown (even by
+    SIGKILL, when no atexit handler runs). Linux only; elsewhere a no-op."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 class RuntimeStepError(RuntimeError):
@@ -106,7 +120,7 @@ class ProcessRuntime:
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                env=env, start_new_session=True,
+                env=env, start_new_session=True, preexec_fn=_die_with_parent,
             )
         except OSError as exc:
             self._remove_cgroup()
