@@ -15,6 +15,7 @@ import pytest
 from openai import OpenAI
 
 from jupyter_swapserve.engines.llamacpp import resolve_gguf
+from jupyter_swapserve.runtime.process import cgroup2_mount
 
 from .server import ServerHandle, run_server
 
@@ -246,6 +247,13 @@ def test_engines_die_with_a_server_that_is_killed_outright() -> None:
         while time.monotonic() < deadline and any(_alive(p) for p in pids):
             time.sleep(0.1)
         assert not any(_alive(p) for p in pids)
+    # the next server clears the empty cgroups the killed one left behind
+    mount = cgroup2_mount()
+    stale = mount and [p for p in mount.rglob(f"swapserve-{server.proc.pid}")]
+    if stale:
+        with run_server() as again:
+            again.wait_models()
+            assert not any(p.exists() for p in stale)
 
 
 def _alive(pid: int) -> bool:

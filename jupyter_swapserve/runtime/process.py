@@ -66,12 +66,28 @@ def own_cgroup(cgroup_file: str = "/proc/self/cgroup") -> str:
     return "/"
 
 
+def _remove_stale_cgroups(base: Path) -> None:
+    """Empty cgroups left by servers that were killed outright (their engines died with them).
+    rmdir only succeeds on an empty cgroup, so nothing that still runs is touched."""
+    for stale in base.glob("swapserve-*"):
+        pid = stale.name.removeprefix("swapserve-")
+        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+            continue
+        for child in stale.iterdir():
+            if child.is_dir():
+                with contextlib.suppress(OSError):
+                    child.rmdir()
+        with contextlib.suppress(OSError):
+            stale.rmdir()
+
+
 def freezer_parent() -> Path | None:
     """A directory under which per-engine cgroups with a working ``cgroup.freeze`` can be made."""
     mount = cgroup2_mount()
     if mount is None:
         return None
     base = mount / own_cgroup().lstrip("/")
+    _remove_stale_cgroups(base)
     parent = base / f"swapserve-{os.getpid()}"
     try:
         parent.mkdir(exist_ok=True)
