@@ -19,7 +19,7 @@ from typing import Any
 
 from ..config import ModelConfig
 from ..engines.base import EngineAdapter
-from .reservations import Reservation
+from .reservations import Reservation, ReservationGroup
 
 
 class State(str, Enum):
@@ -145,7 +145,7 @@ class Backend:
     state: State = State.STOPPED
     runtime: Any = None  # ProcessRuntime or PodmanRuntime while an engine process exists
     base_url: str | None = None
-    reservation: Reservation | None = None
+    reservation: Reservation | ReservationGroup | None = None
     #: residual: keep — what a sleeping engine still holds on the GPU, reserved while swapped out
     residual_reservation: Reservation | None = None
     memory_gib: float | None = None
@@ -214,5 +214,4 @@ class Backend:
     @property
     def reserved_gib(self) -> float:
         """Reserved on all its devices together."""
-        return sum(r.gib * len(getattr(r, "parts", (r,))) for r in (self.reservation, self.residual_reservation)
-                   if r is not None)
+        return sum(r.total_gib for r in (self.reservation, self.residual_reservation) if r is not None)

@@ -36,6 +36,11 @@ class Reservation:
     def device(self) -> int:
         return self._manager.device
 
+    @property
+    def total_gib(self) -> float:
+        """Over all its devices (one here; see ReservationGroup)."""
+        return self.gib
+
     def release(self) -> bool:
         """Give the memory back. True the first time, False (and nothing happens) after."""
         if self.released:
@@ -89,6 +94,10 @@ class ReservationGroup:
     @property
     def devices(self) -> list[int]:
         return [r.device for r in self.parts]
+
+    @property
+    def total_gib(self) -> float:
+        return sum(r.gib for r in self.parts)
 
     @property
     def released(self) -> bool:
