@@ -43,6 +43,9 @@ class EngineAdapter:
     name: ClassVar[str] = "base"
     #: engines that can drop their KV cache and move weights to host memory on request
     supports_sleep: ClassVar[bool] = False
+    #: engines that honour ``stream_options.include_usage`` (a last chunk with ``usage``); for the
+    #: others the route counts the streamed tokens itself
+    supports_stream_usage: ClassVar[bool] = True
 
     def __init__(self, model: ModelConfig) -> None:
         self.model = model
@@ -70,6 +73,10 @@ class EngineAdapter:
             "messages": [{"role": "user", "content": "Hello"}],
             "max_tokens": 1,
         }
+
+    async def count_tokens(self, client: httpx.AsyncClient, base_url: str, text: str) -> int | None:
+        """Tokens of ``text`` by the engine's own tokenizer; None when the engine cannot say."""
+        return None
 
     async def sleep(self, client: httpx.AsyncClient, base_url: str) -> None:
         raise EngineError(f"engine '{self.name}' has no sleep hook")

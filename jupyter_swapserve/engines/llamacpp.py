@@ -7,6 +7,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import httpx
+
 from .base import EngineAdapter, EngineError, LaunchSpec
 
 
@@ -39,6 +41,17 @@ def resolve_gguf(model: str) -> Path:
 
 class LlamaCppAdapter(EngineAdapter):
     name = "llamacpp"
+    # llama-cpp-python 0.3's server ignores stream_options; it tokenizes at /extras/tokenize/count
+    supports_stream_usage = False
+
+    async def count_tokens(self, client: httpx.AsyncClient, base_url: str, text: str) -> int | None:
+        try:
+            r = await client.post(base_url + "/extras/tokenize/count",
+                                  json={"model": self.upstream_model_name(), "input": text}, timeout=10.0)
+            count = r.json().get("count") if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        return count if isinstance(count, int) else None
 
     def launch_spec(self, port: int) -> LaunchSpec:
         gguf = resolve_gguf(self.model.model or "")
