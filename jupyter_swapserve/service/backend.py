@@ -19,6 +19,7 @@ from typing import Any
 
 from ..config import ModelConfig
 from ..engines.base import EngineAdapter
+from .fairness import FairSlots
 from .reservations import Reservation, ReservationGroup
 
 
@@ -171,7 +172,7 @@ class Backend:
     def __post_init__(self) -> None:
         self.rw = RWLock()
         self.transition = asyncio.Lock()  # one start/swap/stop at a time
-        self.slots = asyncio.Semaphore(self.config.concurrency)
+        self.slots = FairSlots(self.config.concurrency)  # fair across users (service/fairness.py)
         self.memory_gib = self.config.memory_gib
         self.on_change: Callable[[], None] = lambda: None
         self.watcher: asyncio.Task[None] | None = None
