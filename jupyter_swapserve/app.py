@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Bool, Float, Unicode
+from traitlets import Bool, Float, List, Unicode
 
 from .config import ConfigError, ModelsFile, load_models_file
 from .handlers import handlers
 from .service import SwapService
+from .service.accounting import QuotaAccounting
+from .service.identity import AdminRule
+from .service.storage import QuotaStore, StorageError
 
 
 class SwapServe(ExtensionApp):
@@ -27,6 +32,35 @@ class SwapServe(ExtensionApp):
              "so the %%llm magic and the openai client find the route without configuration.",
     )
 
+    admin_users = List(
+        Unicode(), config=True,
+        help="Users who may read and change everyone's quotas and usage. Standalone servers (no hub): "
+             "the server's one user is an admin unless this or admin_groups is set.",
+    )
+    admin_groups = List(Unicode(), config=True, help="JupyterHub groups whose members are admins.")
+    hub_admins_are_admins = Bool(True, config=True, help="JupyterHub admins are admins of the swap service.")
+    quota_db_url = Unicode(
+        "", config=True,
+        help="SQLAlchemy URL of the quota and usage database. Empty: SQLite (WAL) at "
+             "<Jupyter data dir>/swapserve/quotas.sqlite. 'none': quotas off, nothing counted.",
+    )
+
+    def _make_accounting(self) -> QuotaAccounting | None:
+        url = self.quota_db_url
+        if url.lower() == "none":
+            return None
+        if not url:
+            path = Path(jupyter_data_dir()) / "swapserve" / "quotas.sqlite"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            url = f"sqlite:///{path}"
+        try:
+            accounting = QuotaAccounting(QuotaStore(url))
+        except StorageError as exc:
+            # quotas cannot be enforced: refuse to serve rather than serve everyone without limits
+            raise SystemExit(f"jupyter-swapserve: SwapServe.quota_db_url: {exc}") from None
+        self.log.info("jupyter-swapserve: quotas and usage in %s", accounting.store.engine.url.render_as_string())
+        return accounting
+
     def initialize_settings(self) -> None:
         models = ModelsFile(devices=None, models=[], errors=[])
         if self.models_file:
@@ -38,8 +72,11 @@ class SwapServe(ExtensionApp):
                 models.errors.append(str(exc))
         for err in models.errors:
             self.log.error("jupyter-swapserve: %s", err)
-        self.service = SwapService(models, idle_check_interval=self.idle_check_interval)
+        self.service = SwapService(models, idle_check_interval=self.idle_check_interval,
+                                   accounting=self._make_accounting())
         self.settings["swapserve_service"] = self.service
+        self.settings["swapserve_admin_rule"] = AdminRule.of(self.admin_users, self.admin_groups,
+                                                             self.hub_admins_are_admins)
 
     def initialize_handlers(self) -> None:
         self.handlers.extend(handlers())

@@ -80,6 +80,9 @@ def run_server(models_file: Path | str = DEMO_MODELS, lab: bool = False, extra_a
     argv = [sys.executable, "-m", app, "--no-browser", f"--port={port}", "--ip=127.0.0.1",
             f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
             f"--SwapServe.models_file={models_file}", "--ServerApp.port_retries=0", *(extra_args or [])]
+    if not any(a.startswith("--SwapServe.quota_db_url") for a in argv):
+        # each server its own quota database, unless the test shares one across a restart
+        argv.append(f"--SwapServe.quota_db_url=sqlite:///{root}/quotas.sqlite")
     if os.geteuid() == 0:
         argv.append("--allow-root")
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .admin import SchemaHandler, StatusHandler, SwapHandler
 from .events import EventsHandler
 from .openai import CompletionsHandler, ModelsHandler
+from .quotas import QuotasHandler, UsageHandler, UserQuotaHandler
 
 
 def handlers() -> list[tuple]:
@@ -16,4 +17,7 @@ def handlers() -> list[tuple]:
         (r"/swapserve/api/events", EventsHandler),
         (r"/swapserve/api/schema", SchemaHandler),
         (r"/swapserve/api/models/([^/]+)/(swap-in|swap-out)", SwapHandler),
+        (r"/swapserve/api/quotas", QuotasHandler),
+        (r"/swapserve/api/quotas/([^/]+)", UserQuotaHandler),
+        (r"/swapserve/api/usage", UsageHandler),
     ]

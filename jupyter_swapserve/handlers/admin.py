@@ -11,7 +11,8 @@ class StatusHandler(SwapServeHandler):
     async def get(self) -> None:
         self.require_user("read")
         status = self.service.status()
-        status["user"] = {"name": self.user_name}
+        identity = self.identity()
+        status["user"] = {"name": identity.name, "admin": identity.admin}
         self.finish(status)
 
 

@@ -10,6 +10,7 @@ from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
 from ..service import SwapService
+from ..service.identity import AdminRule, Identity
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -42,6 +43,22 @@ class SwapServeHandler(APIHandler):
     def user_name(self) -> str | None:
         user = self.current_user
         return getattr(user, "username", None) or (user if isinstance(user, str) else None)
+
+    def identity(self) -> Identity:
+        """The caller: JupyterHub's user model where a hub vouches for them (``hub_user``), else
+        the jupyter_server user of a standalone server (one user, admin)."""
+        rule: AdminRule = self.settings.get("swapserve_admin_rule") or AdminRule()
+        hub_user = getattr(self.current_user, "hub_user", None)
+        if isinstance(hub_user, dict):
+            return rule.identify(hub_user.get("name") or self.user_name, hub_user.get("groups") or (),
+                                 hub_admin=bool(hub_user.get("admin")))
+        return rule.identify(self.user_name)
+
+    def require_admin(self) -> Identity:
+        identity = self.identity()
+        if not identity.admin:
+            raise OpenAIError(403, f"User '{identity.name}' is not an admin of this swap service.", code="forbidden")
+        return identity
 
     def check_xsrf_cookie(self) -> None:
         # without a user the request is refused with 401 by require_user(); checking XSRF first

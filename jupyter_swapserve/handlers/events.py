@@ -27,13 +27,14 @@ class EventsHandler(SwapServeHandler):
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")
         notifier = self.service.notifier
+        identity = self.identity()
         version = -1
         try:
             while not self._closed:
                 if version != notifier.version:
                     version = notifier.version
                     status = self.service.status()
-                    status["user"] = {"name": self.user_name}
+                    status["user"] = {"name": identity.name, "admin": identity.admin}
                     self.write(f"event: status\ndata: {json.dumps(status)}\n\n")
                     await self.flush()
                     await asyncio.sleep(MIN_INTERVAL)

@@ -9,8 +9,10 @@ from typing import Any
 
 from tornado.iostream import StreamClosedError
 
-from ..service import EngineUnavailable, ModelNotFound, QueueFull
+from ..service import EngineUnavailable, ModelNotFound, QueueFull, Ticket
+from ..service.accounting import QuotaExceeded
 from ..service.upstream import UpstreamResponse
+from ..service.usage import StreamUsage, TokenCount, usage_of_body
 from .base import OpenAIError, SwapServeHandler
 
 
@@ -38,7 +40,17 @@ def validate_common(body: dict[str, Any]) -> str:
     _check_type(body, "seed", (int,), "an integer")
     _check_type(body, "temperature", (int, float), "a number", minimum=0)
     _check_type(body, "top_p", (int, float), "a number", minimum=0)
+    _check_type(body, "stream_options", (dict,), "an object")
+    if isinstance(body.get("stream_options"), dict):
+        _check_type(body["stream_options"], "include_usage", (bool,), "a boolean")
     return model
+
+
+def requested_max_tokens(body: dict[str, Any]) -> int | None:
+    value = body.get("max_tokens")
+    if value is None:
+        value = body.get("max_completion_tokens")
+    return value if isinstance(value, int) else None
 
 
 def validate_chat(body: dict[str, Any]) -> None:
@@ -114,14 +126,22 @@ class CompletionsHandler(SwapServeHandler):
             pass
 
     async def _serve(self, model: str, body: dict[str, Any]) -> None:
+        user = self.identity().name
         try:
-            async with self.service.admit(model, self.user_name) as ticket:
+            self.service.backend(model)  # an unknown model is a 404 before any quota is counted
+            limit = self.service.max_tokens_limit(user, model)
+            if limit is not None and requested_max_tokens(body) is None:
+                body["max_tokens"] = limit  # the user's per-request limit becomes the request's
+            async with self.service.admit(model, user, requested_max_tokens(body)) as ticket:
                 self.set_header("x-swapserve-swap-in-seconds", f"{ticket.swap_in_seconds:.4f}")
                 self.set_header("x-swapserve-queue-seconds", f"{ticket.queue_seconds:.4f}")
                 async with self.service.forward(ticket, self.upstream_path, body) as upstream:
-                    await self._relay(upstream, bool(body.get("stream")))
+                    await self._relay(upstream, ticket, body)
         except ModelNotFound as exc:
             raise OpenAIError(404, str(exc), param="model", code="model_not_found") from None
+        except QuotaExceeded as exc:
+            r = exc.refusal
+            raise OpenAIError(r.status, r.message, param=r.param, code=r.code, retry_after=r.retry_after) from None
         except QueueFull as exc:
             raise OpenAIError(503, str(exc), code="queue_full", retry_after=exc.retry_after) from None
         except EngineUnavailable as exc:
@@ -135,7 +155,7 @@ class CompletionsHandler(SwapServeHandler):
                 return
             raise OpenAIError(503, str(exc), code="engine_unavailable", retry_after=exc.retry_after) from None
 
-    async def _relay(self, upstream: UpstreamResponse, stream: bool) -> None:
+    async def _relay(self, upstream: UpstreamResponse, ticket: Ticket, body: dict[str, Any]) -> None:
         if upstream.status_code >= 400:
             text = (await upstream.read()).decode("utf-8", "replace")
             message = text[:500]
@@ -147,13 +167,37 @@ class CompletionsHandler(SwapServeHandler):
             raise OpenAIError(status, f"The engine refused the request: {message}", code="upstream_error")
         self.set_status(upstream.status_code)
         self.set_header("Content-Type", upstream.headers.get("content-type", "application/json"))
-        if stream:
-            self.set_header("Cache-Control", "no-cache")
-            self.set_header("X-Accel-Buffering", "no")
-            # relay chunk by chunk; tornado buffers unless each chunk is flushed
-            async for chunk in upstream.iter_chunks():
-                self.write(chunk)
-                await self.flush()
-            self.finish()
+        if body.get("stream"):
+            await self._relay_stream(upstream, ticket, body)
         else:
-            self.finish(await upstream.read())
+            data = await upstream.read()
+            count = usage_of_body(data)
+            if count is None:
+                count = TokenCount(await self.service.count_prompt_tokens(ticket, body), 0)
+            ticket.record_tokens(count.prompt_tokens, count.completion_tokens)
+            self.finish(data)
+
+    async def _relay_stream(self, upstream: UpstreamResponse, ticket: Ticket, body: dict[str, Any]) -> None:
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")
+        wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        watcher = StreamUsage(client_wants_usage=wants_usage)
+        finished = False
+        try:
+            # relay event by event; tornado buffers unless each chunk is flushed
+            async for chunk in upstream.iter_chunks():
+                out = watcher.feed(chunk)
+                if out:
+                    self.write(out)
+                    await self.flush()
+            prompt = 0 if watcher.reported else await self.service.count_prompt_tokens(ticket, body)
+            count = watcher.count(prompt)
+            ticket.record_tokens(count.prompt_tokens, count.completion_tokens)
+            finished = True
+            self.write(watcher.tail(count))
+            self.finish()
+        finally:
+            if not finished:
+                # cut off (client gone, engine died): the tokens streamed so far still count
+                count = watcher.count(0)
+                ticket.record_tokens(count.prompt_tokens, count.completion_tokens)

@@ -16,10 +16,14 @@ from ..config import ModelsFile
 from ..engines import EngineError, adapter_for
 from ..gpu.checkpoint import make_checkpointer
 from ..gpu.monitor import GpuMonitor
+from .accounting import QuotaAccounting, QuotaLease
 from .backend import Backend, State
 from .events import Notifier
+from .identity import ANONYMOUS
+from .quotas import DEFAULT_PRIORITY
 from .scheduler import EngineUnavailable, Scheduler
 from .upstream import Upstream, UpstreamResponse
+from .usage import estimate_tokens, prompt_text
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +49,20 @@ class Ticket:
     user: str | None
     queue_seconds: float = 0.0
     swap_in_seconds: float = 0.0
+    #: the quota lease (None when quotas are off): the response's tokens are recorded on it
+    lease: QuotaLease | None = None
+
+    def record_tokens(self, prompt_tokens: int, completion_tokens: int) -> None:
+        if self.lease is not None:
+            self.lease.record(prompt_tokens, completion_tokens)
 
 
 class SwapService:
-    def __init__(self, models: ModelsFile, idle_check_interval: float = 1.0) -> None:
+    def __init__(self, models: ModelsFile, idle_check_interval: float = 1.0,
+                 accounting: QuotaAccounting | None = None) -> None:
         self.models_file = models
+        #: quotas and usage per user; None: every request is admitted and nothing is counted
+        self.accounting = accounting
         self.config_errors = list(models.errors)
         self.notifier = Notifier()
         self.monitor = GpuMonitor(models.devices)
@@ -79,6 +92,7 @@ class SwapService:
         self.upstream = Upstream()
         self._idle_interval = idle_check_interval
         self._tasks: list[asyncio.Task[None]] = []
+        self._waiting_priorities: dict[str, list[float]] = {}
         self.started_at = time.time()
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -116,6 +130,8 @@ class SwapService:
                 await t
         await self.scheduler.close()
         await self.upstream.close()
+        if self.accounting is not None:
+            self.accounting.store.close()
 
     # ---- requests --------------------------------------------------------------------------
     def backend(self, name: Any) -> Backend:
@@ -124,29 +140,54 @@ class SwapService:
         return self.backends[name]
 
     @contextlib.asynccontextmanager
-    async def admit(self, model: str, user: str | None = None) -> AsyncIterator[Ticket]:
-        """Queue for the model, have it swapped in, and hold a forwarding slot."""
+    async def admit(self, model: str, user: str | None = None, max_tokens: int | None = None,
+                    ) -> AsyncIterator[Ticket]:
+        """Check the user's quota, queue for the model (fairly across users), have it swapped in,
+        and hold a forwarding slot. Raises QuotaExceeded or QueueFull before anything is queued."""
         backend = self.backend(model)
-        if backend.queued >= backend.config.max_queue:
-            raise QueueFull(model, backend.config.max_queue)
-        ticket = Ticket(backend, user)
-        arrived = time.perf_counter()
-        backend.queued += 1
+        user_name = user or ANONYMOUS
+        lease = self.accounting.admit(user_name, model, max_tokens) if self.accounting is not None else None
+        try:
+            if backend.queued >= backend.config.max_queue:
+                raise QueueFull(model, backend.config.max_queue)
+            ticket = Ticket(backend, user, lease=lease)
+            async with self._serving(backend, ticket, user_name) as served:
+                yield served
+        finally:
+            if lease is not None:
+                lease.release()
+
+    def _waiting(self, backend: Backend, priority: float, add: bool) -> None:
+        """Count a waiting request in or out, with its priority: the highest priority among a
+        model's waiting requests breaks the policy's ties between models."""
+        backend.queued += 1 if add else -1
+        waiting = self._waiting_priorities.setdefault(backend.name, [])
+        if add:
+            waiting.append(priority)
+        else:
+            waiting.remove(priority)
+        backend.queued_priority = max(waiting, default=0.0)
         self.notifier.notify()
+
+    @contextlib.asynccontextmanager
+    async def _serving(self, backend: Backend, ticket: Ticket, user_name: str) -> AsyncIterator[Ticket]:
+        arrived = time.perf_counter()
+        priority = ticket.lease.priority if ticket.lease else DEFAULT_PRIORITY
+        self._waiting(backend, priority, add=True)
         admitted = False
         try:
-            async with backend.slots:
+            async with backend.slots.hold(user_name, priority):
                 while True:
                     ticket.swap_in_seconds += await self.scheduler.ensure_running(backend)
                     async with backend.rw.read():
                         if backend.state != State.RUNNING:
                             continue  # swapped out between the two steps: go round again
-                        backend.queued -= 1
+                        admitted = True
+                        self._waiting(backend, priority, add=False)
                         backend.in_flight += 1
                         backend.requests_total += 1
                         backend.served_since_swap_in = True
                         backend.last_used = time.time()
-                        admitted = True
                         ticket.queue_seconds = max(0.0, time.perf_counter() - arrived - ticket.swap_in_seconds)
                         self.notifier.notify()
                         try:
@@ -158,17 +199,35 @@ class SwapService:
                         return
         finally:
             if not admitted:
-                backend.queued -= 1
-                self.notifier.notify()
+                self._waiting(backend, priority, add=False)
 
     @contextlib.asynccontextmanager
     async def forward(self, ticket: Ticket, path: str, body: dict[str, Any]) -> AsyncIterator[UpstreamResponse]:
         """POST the body to the engine (model name rewritten); the response can be streamed."""
         backend = ticket.backend
         upstream = {**body, "model": backend.adapter.upstream_model_name()}
+        if body.get("stream") and backend.adapter.supports_stream_usage:
+            # always ask for the usage chunk: the user's tokens are counted whatever the client asked
+            upstream["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         async with self.upstream.post(f"{backend.base_url}{path}", json.dumps(upstream).encode(), backend.name,
                                       backend.config.request_timeout) as response:
             yield response
+
+    def max_tokens_limit(self, user: str | None, model: str) -> int | None:
+        """The user's max_tokens_per_request on the model (None: no limit, or quotas off)."""
+        if self.accounting is None:
+            return None
+        return self.accounting.limits(user or ANONYMOUS, model).max_tokens_per_request
+
+    async def count_prompt_tokens(self, ticket: Ticket, body: dict[str, Any]) -> int:
+        """The prompt's tokens, for engines that do not report usage in a stream: the engine's own
+        tokenizer where the adapter can ask it, else an estimate."""
+        text = prompt_text(body)
+        backend = ticket.backend
+        counted = None
+        if backend.base_url:
+            counted = await backend.adapter.count_tokens(self.scheduler.client, backend.base_url, text)
+        return counted if counted is not None else estimate_tokens(text)
 
     # ---- admin operations ------------------------------------------------------------------
     async def swap_in(self, name: str) -> float:
@@ -220,4 +279,5 @@ class SwapService:
             "devices": devices,
             "models": models,
             "config_errors": self.config_errors,
+            "quotas": self.accounting is not None,
         }

@@ -1,0 +1,227 @@
+"""Per-user quotas: validation of quota rows, the effective limits of a user on a model, and the
+admission decision. Pure functions over plain values; state (usage, windows) lives elsewhere.
+
+A quota row holds any subset of the fields below. The default row (user ``*``) applies to
+everyone; a user's row overrides it field by field (``null`` or absent: inherit the default).
+In the default row ``null`` means no limit. A row's ``models`` map adds limits for one model:
+both the user's overall limits (counted over all models) and the model's limits apply;
+``priority`` and ``max_tokens_per_request`` of the model entry take precedence for that model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+DEFAULT_USER = "*"
+
+#: the fields a per-model entry may set
+MODEL_FIELDS = ("max_concurrent", "requests_per_minute", "tokens_per_day", "max_tokens_per_request", "priority")
+#: every field of a quota row, in the order admins see them
+FIELDS = ("allowed_models", *MODEL_FIELDS)
+INTEGER_FIELDS = frozenset({"max_concurrent", "requests_per_minute", "tokens_per_day", "max_tokens_per_request"})
+DEFAULT_PRIORITY = 1.0
+WINDOW_SECONDS = 60.0
+MAX_INTEGER = 2**53  # what JSON clients (the sidebar) represent exactly
+
+
+class QuotaInputError(ValueError):
+    """A quota row that cannot be stored; ``param`` names the field."""
+
+    def __init__(self, param: str, message: str) -> None:
+        self.param = param
+        super().__init__(f"'{param}' {message}")
+
+
+def _check_value(name: str, value: Any, param: str) -> Any:
+    if value is None:
+        return None
+    if name == "allowed_models":
+        if not isinstance(value, list) or not all(isinstance(m, str) and m for m in value):
+            raise QuotaInputError(param, "must be a list of model names, or null for every model.")
+        return sorted(set(value))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise QuotaInputError(param, "must be a number, or null for no limit.")
+    if name in INTEGER_FIELDS:
+        if value != int(value):
+            raise QuotaInputError(param, "must be a whole number.")
+        value = int(value)
+        if not 0 <= value <= MAX_INTEGER:
+            raise QuotaInputError(param, f"must be between 0 and {MAX_INTEGER}.")
+        return value
+    if not 0 < value <= 1000:  # priority: a weight
+        raise QuotaInputError(param, "must be greater than 0 and at most 1000.")
+    return float(value)
+
+
+def validate_row(body: Any) -> dict[str, Any]:
+    """A quota row as stored: known fields only, values checked; raises QuotaInputError."""
+    if not isinstance(body, dict):
+        raise QuotaInputError("(body)", "must be a JSON object of quota fields.")
+    row: dict[str, Any] = {}
+    for key, value in body.items():
+        if key == "user":
+            continue  # echoed back by clients that send the whole row
+        if key == "models":
+            row["models"] = _validate_models(value)
+        elif key in FIELDS:
+            row[key] = _check_value(key, value, key)
+        else:
+            raise QuotaInputError(key, f"is not a quota field (fields: {', '.join((*FIELDS, 'models'))}).")
+    return row
+
+
+def _validate_models(value: Any) -> dict[str, dict[str, Any]]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise QuotaInputError("models", "must be an object mapping model names to quota fields.")
+    out: dict[str, dict[str, Any]] = {}
+    for model, entry in value.items():
+        if not isinstance(entry, dict):
+            raise QuotaInputError(f"models.{model}", "must be an object of quota fields.")
+        checked: dict[str, Any] = {}
+        for key, v in entry.items():
+            if key not in MODEL_FIELDS:
+                raise QuotaInputError(f"models.{model}.{key}",
+                                      f"is not a per-model quota field (fields: {', '.join(MODEL_FIELDS)}).")
+            checked[key] = _check_value(key, v, f"models.{model}.{key}")
+        out[model] = checked
+    return out
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What applies to one user on one model; None = no limit."""
+
+    allowed_models: tuple[str, ...] | None = None
+    max_concurrent: int | None = None
+    requests_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    max_tokens_per_request: int | None = None
+    priority: float = DEFAULT_PRIORITY
+    # the model's own entry (default row's and the user's, merged)
+    model_max_concurrent: int | None = None
+    model_requests_per_minute: int | None = None
+    model_tokens_per_day: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "allowed_models": list(self.allowed_models) if self.allowed_models is not None else None,
+            "max_concurrent": self.max_concurrent, "requests_per_minute": self.requests_per_minute,
+            "tokens_per_day": self.tokens_per_day, "max_tokens_per_request": self.max_tokens_per_request,
+            "priority": self.priority,
+        }
+
+
+def _merge(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            if key != "models" and value is not None:
+                merged[key] = value
+    return merged
+
+
+def effective_limits(rows: Mapping[str, Mapping[str, Any]], user: str, model: str | None) -> Limits:
+    """The limits of ``user`` (on ``model``, when given) from the stored rows."""
+    default = rows.get(DEFAULT_USER) or {}
+    own = rows.get(user) or {} if user != DEFAULT_USER else {}
+    top = _merge(default, own)
+    per_model: dict[str, Any] = {}
+    if model is not None:
+        per_model = _merge((default.get("models") or {}).get(model), (own.get("models") or {}).get(model))
+    allowed = top.get("allowed_models")
+    max_tokens = [v for v in (top.get("max_tokens_per_request"), per_model.get("max_tokens_per_request"))
+                  if v is not None]
+    return Limits(
+        allowed_models=tuple(allowed) if allowed is not None else None,
+        max_concurrent=top.get("max_concurrent"),
+        requests_per_minute=top.get("requests_per_minute"),
+        tokens_per_day=top.get("tokens_per_day"),
+        max_tokens_per_request=min(max_tokens) if max_tokens else None,
+        priority=float(per_model.get("priority", top.get("priority", DEFAULT_PRIORITY))),
+        model_max_concurrent=per_model.get("max_concurrent"),
+        model_requests_per_minute=per_model.get("requests_per_minute"),
+        model_tokens_per_day=per_model.get("tokens_per_day"),
+    )
+
+
+@dataclass(frozen=True)
+class UsageNow:
+    """The user's current use, as the admission sees it."""
+
+    concurrent: int = 0
+    concurrent_model: int = 0
+    #: admission times (epoch seconds) within the last minute, oldest first
+    recent: tuple[float, ...] = ()
+    recent_model: tuple[float, ...] = ()
+    tokens_today: int = 0
+    tokens_today_model: int = 0
+
+
+@dataclass(frozen=True)
+class Refusal:
+    status: int
+    code: str
+    message: str
+    param: str | None = None
+    retry_after: float | None = None
+
+
+def next_utc_midnight(now: float) -> float:
+    day = datetime.fromtimestamp(now, timezone.utc).date() + timedelta(days=1)
+    return datetime(day.year, day.month, day.day, tzinfo=timezone.utc).timestamp()
+
+
+def utc_day(now: float) -> str:
+    return datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%d")
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def window_reset(recent: tuple[float, ...], limit: int, now: float) -> float:
+    """When the per-minute window has room again: the moment enough admissions age out."""
+    if limit <= 0 or not recent:
+        return now + WINDOW_SECONDS
+    excess = len(recent) - limit  # the (excess)-th oldest must leave the window
+    return recent[max(0, excess)] + WINDOW_SECONDS
+
+
+def decide(limits: Limits, usage: UsageNow, model: str, max_tokens: int | None, now: float) -> Refusal | None:
+    """None to admit; else why not (checked in this order: model, size, concurrency, rate, tokens)."""
+    if limits.allowed_models is not None and model not in limits.allowed_models:
+        allowed = ", ".join(limits.allowed_models) or "none"
+        return Refusal(403, "model_not_allowed",
+                       f"Your quota does not include the model '{model}' (allowed: {allowed}).", param="model")
+    if limits.max_tokens_per_request is not None and max_tokens is not None \
+            and max_tokens > limits.max_tokens_per_request:
+        return Refusal(400, "max_tokens_exceeded",
+                       f"max_tokens {max_tokens} exceeds your limit of {limits.max_tokens_per_request} "
+                       f"tokens per request.", param="max_tokens")
+    for limit, used, scope in ((limits.max_concurrent, usage.concurrent, "in all"),
+                               (limits.model_max_concurrent, usage.concurrent_model, f"for '{model}'")):
+        if limit is not None and used >= limit:
+            return Refusal(429, "rate_limit_exceeded",
+                           f"Concurrent request limit reached: {used} of {limit} {scope} are queued or running; "
+                           f"it frees as soon as one of them finishes.", retry_after=1.0)
+    for limit, recent, scope in ((limits.requests_per_minute, usage.recent, ""),
+                                 (limits.model_requests_per_minute, usage.recent_model, f" for '{model}'")):
+        if limit is not None and len(recent) >= limit:
+            reset = window_reset(recent, limit, now)
+            return Refusal(429, "rate_limit_exceeded",
+                           f"Rate limit reached: {limit} requests per minute{scope}; it resets at {iso(reset)}.",
+                           retry_after=max(1.0, reset - now))
+    for limit, used, scope in ((limits.tokens_per_day, usage.tokens_today, ""),
+                               (limits.model_tokens_per_day, usage.tokens_today_model, f" for '{model}'")):
+        if limit is not None and used >= limit:
+            reset = next_utc_midnight(now)
+            return Refusal(429, "insufficient_quota",
+                           f"Token quota used up: {used} of {limit} tokens per day{scope}; "
+                           f"it resets at {iso(reset)} (midnight UTC).", retry_after=max(1.0, reset - now))
+    return None
