@@ -6,6 +6,7 @@ import json
 from http import HTTPStatus
 from typing import Any
 
+from jupyter_server.auth.identity import IdentityProvider
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
@@ -59,6 +60,21 @@ class SwapServeHandler(APIHandler):
         if not identity.admin:
             raise OpenAIError(403, f"User '{identity.name}' is not an admin of this swap service.", code="forbidden")
         return identity
+
+    async def prepare(self) -> None:  # type: ignore[override]
+        await super().prepare()
+        if self._presents_a_wrong_token():
+            # jupyter_server falls back to the login cookie when the token is wrong; an API client
+            # that sends credentials must get exactly those checked, so the cookie is ignored here
+            self._jupyter_current_user = None  # type: ignore[assignment]
+            self.current_user = None  # type: ignore[assignment]
+
+    def _presents_a_wrong_token(self) -> bool:
+        provider = self.identity_provider
+        if type(provider).get_user_token is not IdentityProvider.get_user_token:
+            return False  # a provider with its own token logic (JupyterHub) decides itself
+        presented, token = provider.get_token(self), getattr(provider, "token", "")
+        return bool(presented) and bool(token) and presented != token
 
     def check_xsrf_cookie(self) -> None:
         # without a user the request is refused with 401 by require_user(); checking XSRF first

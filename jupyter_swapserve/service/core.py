@@ -146,10 +146,10 @@ class SwapService:
         and hold a forwarding slot. Raises QuotaExceeded or QueueFull before anything is queued."""
         backend = self.backend(model)
         user_name = user or ANONYMOUS
+        if backend.queued >= backend.config.max_queue:
+            raise QueueFull(model, backend.config.max_queue)  # refused before it counts against the user
         lease = self.accounting.admit(user_name, model, max_tokens) if self.accounting is not None else None
         try:
-            if backend.queued >= backend.config.max_queue:
-                raise QueueFull(model, backend.config.max_queue)
             ticket = Ticket(backend, user, lease=lease)
             async with self._serving(backend, ticket, user_name) as served:
                 yield served
