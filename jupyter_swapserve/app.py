@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 from pathlib import Path
 
@@ -39,6 +40,11 @@ class SwapServe(ExtensionApp):
     )
     admin_groups = List(Unicode(), config=True, help="JupyterHub groups whose members are admins.")
     hub_admins_are_admins = Bool(True, config=True, help="JupyterHub admins are admins of the swap service.")
+    local_user = Unicode(
+        "", config=True,
+        help="The user name of a server without JupyterHub (token or password login), under which its "
+             "quota and usage are kept. Empty: the operating-system user running the server.",
+    )
     quota_db_url = Unicode(
         "", config=True,
         help="SQLAlchemy URL of the quota and usage database. Empty: SQLite (WAL) at "
@@ -75,6 +81,7 @@ class SwapServe(ExtensionApp):
         self.service = SwapService(models, idle_check_interval=self.idle_check_interval,
                                    accounting=self._make_accounting())
         self.settings["swapserve_service"] = self.service
+        self.settings["swapserve_local_user"] = self.local_user or getpass.getuser()
         self.settings["swapserve_admin_rule"] = AdminRule.of(self.admin_users, self.admin_groups,
                                                              self.hub_admins_are_admins)
 

@@ -6,12 +6,12 @@ import json
 from http import HTTPStatus
 from typing import Any
 
-from jupyter_server.auth.identity import IdentityProvider
+from jupyter_server.auth.identity import IdentityProvider, PasswordIdentityProvider
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
 from ..service import SwapService
-from ..service.identity import AdminRule, Identity
+from ..service.identity import ANONYMOUS, AdminRule, Identity
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -53,6 +53,10 @@ class SwapServeHandler(APIHandler):
         if isinstance(hub_user, dict):
             return rule.identify(hub_user.get("name") or self.user_name, hub_user.get("groups") or (),
                                  hub_admin=bool(hub_user.get("admin")))
+        if type(self.identity_provider) in (IdentityProvider, PasswordIdentityProvider):
+            # token and password logins make a new anonymous user per browser or client: they are
+            # all the server's one user, and their quota and usage must be one too
+            return rule.identify(self.settings.get("swapserve_local_user") or ANONYMOUS)
         return rule.identify(self.user_name)
 
     def require_admin(self) -> Identity:
