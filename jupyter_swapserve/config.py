@@ -16,7 +16,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-ENGINES = ("llamacpp", "command", "reference", "vllm", "sglang", "ollama", "trtllm", "transformers")
+ENGINES = ("llamacpp", "llama-server", "command", "reference", "vllm", "sglang", "ollama", "trtllm", "transformers")
 
 
 class ConfigError(ValueError):
@@ -48,6 +48,8 @@ class ModelConfig:
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     image: str | None = None
+    volumes: list[str] = field(default_factory=list)
+    shm_size: str | None = None
     api: str = "chat"
     memory_gib: float | None = None
     device: int | list[int] = 0
@@ -149,10 +151,14 @@ def parse_models(data: Any, source: str = "<models>") -> ModelsFile:
 def _semantic_problem(model: ModelConfig, devices: list[DeviceConfig] | None) -> str | None:
     if model.engine == "command" and not model.command:
         return "field 'command': is required for engine 'command'"
-    if model.engine in ("llamacpp", "reference", "vllm", "sglang", "transformers", "trtllm") and not model.model:
+    if model.engine in ("llamacpp", "llama-server", "reference", "vllm", "sglang", "transformers", "trtllm", "ollama") \
+            and not model.model:
         return f"field 'model': is required for engine '{model.engine}'"
     if model.runtime == "podman" and not model.image:
         return "field 'image': is required for runtime 'podman'"
+    for name in ("volumes", "shm_size", "image"):
+        if model.runtime != "podman" and getattr(model, name):
+            return f"field '{name}': is only for runtime 'podman'"
     missing = [d for d in model.devices if devices is not None and d >= len(devices)]
     if missing:
         return f"field 'device': {missing[0]} does not exist (the file declares {len(devices or [])} device(s))"

@@ -5,13 +5,17 @@ from __future__ import annotations
 from ..config import ModelConfig
 from .base import EngineAdapter, EngineError, LaunchSpec, free_port
 from .command import CommandAdapter
+from .llama_server import LlamaServerAdapter
 from .llamacpp import LlamaCppAdapter
+from .ollama import OllamaAdapter
 from .reference import ReferenceAdapter, TransformersAdapter
+from .trtllm import TrtllmAdapter
 from .vllm import SglangAdapter, VllmAdapter
 
 ADAPTERS: dict[str, type[EngineAdapter]] = {
     cls.name: cls
-    for cls in (LlamaCppAdapter, CommandAdapter, VllmAdapter, SglangAdapter, ReferenceAdapter, TransformersAdapter)
+    for cls in (LlamaCppAdapter, LlamaServerAdapter, CommandAdapter, VllmAdapter, SglangAdapter, OllamaAdapter,
+                TrtllmAdapter, ReferenceAdapter, TransformersAdapter)
 }
 
 

@@ -24,6 +24,8 @@ class LaunchSpec:
     port: int
     host: str = "127.0.0.1"
     env: dict[str, str] = field(default_factory=dict)
+    #: runtime=podman: host paths the engine needs, bound read-only at the same place
+    mounts: list[str] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
@@ -50,8 +52,17 @@ class EngineAdapter:
     def __init__(self, model: ModelConfig) -> None:
         self.model = model
 
+    #: the engine version whose command line and routes the adapter follows
+    follows: ClassVar[str] = ""
+
     def launch_spec(self, port: int) -> LaunchSpec:
         raise NotImplementedError
+
+    @property
+    def bind_host(self) -> str:
+        """Where the engine listens: loopback for a process; inside a container, every interface of
+        the container's own network namespace (podman publishes the port on host loopback only)."""
+        return "0.0.0.0" if self.model.runtime == "podman" else "127.0.0.1"
 
     def upstream_model_name(self) -> str:
         """The ``model`` value the engine expects; clients' value is replaced by it."""

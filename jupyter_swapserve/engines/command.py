@@ -17,7 +17,7 @@ class CommandAdapter(EngineAdapter):
         argv = shlex.split(command) if isinstance(command, str) else list(command or [])
         if not argv:
             raise EngineError("field 'command' is empty")
-        values = {"port": str(port), "host": "127.0.0.1", "model": self.model.model or "", "python": sys.executable}
+        values = {"port": str(port), "host": self.bind_host, "model": self.model.model or "", "python": sys.executable}
         try:
             argv = [part.format(**values) for part in argv] + list(self.model.args)
         except (KeyError, IndexError, ValueError) as exc:

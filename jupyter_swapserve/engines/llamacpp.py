@@ -41,6 +41,7 @@ def resolve_gguf(model: str) -> Path:
 
 class LlamaCppAdapter(EngineAdapter):
     name = "llamacpp"
+    follows = "llama-cpp-python 0.3 (python -m llama_cpp.server; /extras/tokenize/count)"
     # llama-cpp-python 0.3's server ignores stream_options; it tokenizes at /extras/tokenize/count
     supports_stream_usage = False
 
@@ -54,13 +55,27 @@ class LlamaCppAdapter(EngineAdapter):
         return count if isinstance(count, int) else None
 
     def launch_spec(self, port: int) -> LaunchSpec:
-        gguf = resolve_gguf(self.model.model or "")
+        mounts: list[str] = []
+        if self.model.runtime == "podman":
+            # in a container: the image's python3 (on its PATH); a GGUF found on this host (a path or
+            # a package) is bound read-only at the same place, any other path is the container's own
+            python = "python3"
+            model = self.model.model or ""
+            try:
+                gguf: Path | str = resolve_gguf(model)
+                mounts.append(str(gguf))
+            except EngineError:
+                if not model.startswith("/"):
+                    raise
+                gguf = model
+        else:
+            python, gguf = sys.executable, resolve_gguf(self.model.model or "")
         argv = [
-            sys.executable, "-m", "llama_cpp.server",
+            python, "-m", "llama_cpp.server",
             "--model", str(gguf),
             "--model_alias", self.upstream_model_name(),
-            "--host", "127.0.0.1",
+            "--host", self.bind_host,
             "--port", str(port),
             *self.model.args,
         ]
-        return LaunchSpec(argv=argv, port=port, env=dict(self.model.env))
+        return LaunchSpec(argv=argv, port=port, env=dict(self.model.env), mounts=mounts)

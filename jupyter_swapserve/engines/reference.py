@@ -16,13 +16,14 @@ from .base import EngineAdapter, LaunchSpec, VllmStyleSleepMixin
 
 class ReferenceAdapter(VllmStyleSleepMixin, EngineAdapter):
     name = "reference"
+    follows = "this package's reference server (vLLM's /sleep, /wake_up protocol)"
 
     def launch_spec(self, port: int) -> LaunchSpec:
         argv = [
             sys.executable, "-m", "jupyter_swapserve.engines.reference_server",
             "--model", self.model.model or "",
             "--served-model-name", self.upstream_model_name(),
-            "--host", "127.0.0.1",
+            "--host", self.bind_host,
             "--port", str(port),
             *self.model.args,
         ]

@@ -20,7 +20,8 @@ import httpx
 from ..engines.base import EngineError, free_port
 from ..gpu.checkpoint import CheckpointError, run_guarded
 from ..gpu.monitor import GpuMonitor
-from ..runtime.process import ProcessRuntime, RuntimeStepError
+from ..runtime import make_runtime
+from ..runtime.process import RuntimeStepError
 from .backend import Backend, DrainTimeout, State, SwapStepError, SwapSteps
 from .events import Notifier
 from .policy import BackendSnapshot, choose_victims
@@ -72,7 +73,7 @@ class Scheduler:
         }
         self._device_locks = {d.index: asyncio.Lock() for d in monitor.devices}
         self._background: set[asyncio.Task[Any]] = set()
-        self._runtime_factory = runtime_factory or (lambda b: ProcessRuntime(b.name))
+        self._runtime_factory = runtime_factory or make_runtime
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None))
         for b in backends.values():
             b.on_change = notifier.notify

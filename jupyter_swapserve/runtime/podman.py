@@ -1,0 +1,403 @@
+"""An engine as a podman container, driven through podman-py (the podman REST API).
+
+The container is the unit: created from the model's ``image`` with the adapter's command line as
+its entrypoint, the engine port published on 127.0.0.1 only, GPUs through CDI
+(``nvidia.com/gpu=<index>``), labelled as ours. ``podman pause``/``unpause`` is the freezer; the
+engine's host PIDs (for the CUDA checkpoint and NVML matching) are the container's init process
+and its descendants, read from /proc.
+
+The service: the socket in ``SWAPSERVE_PODMAN_URL`` (or ``c.SwapServe.podman_url``), else a
+``podman system service`` started for this server on a private socket. Leftover containers of
+servers that died without cleaning up (their owner PID is gone) are removed on first connect.
+
+podman-py is synchronous: every call runs in a thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..config import ModelConfig
+from ..engines.base import LaunchSpec
+from .process import RuntimeStepError, _die_with_parent
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+LABEL = "io.jupyter-swapserve"
+OWNER_LABEL = "io.jupyter-swapserve.owner"
+MODEL_LABEL = "io.jupyter-swapserve.model"
+URL_ENV = "SWAPSERVE_PODMAN_URL"
+#: where CDI specs live (nvidia-ctk cdi generate); without one, podman cannot hand GPUs over
+CDI_DIRS = ("/etc/cdi", "/var/run/cdi")
+
+_LIVE: weakref.WeakSet[PodmanRuntime] = weakref.WeakSet()
+
+
+class PodmanUnavailable(RuntimeStepError):
+    """podman is not installed, or its service cannot be reached or started."""
+
+
+def _process_start_time(pid: int) -> str | None:
+    """The kernel's start time of a process (clock ticks since boot): with the PID, it names one
+    process for good, so a reused PID is not mistaken for a live owner."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def owner_token(pid: int | None = None) -> str:
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}:{_process_start_time(pid) or '0'}"
+
+
+def owner_alive(token: str) -> bool:
+    pid_text, _, start = token.partition(":")
+    if not pid_text.isdigit():
+        return False
+    return _process_start_time(int(pid_text)) == start
+
+
+def descendants(root: int, proc: Path = Path("/proc")) -> list[int]:
+    """``root`` and every process below it (by parent PID), from one walk over /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return sorted(found)
+
+
+def cdi_gpus_available() -> bool:
+    return any(Path(d).is_dir() and any(Path(d).glob("nvidia*")) for d in CDI_DIRS)
+
+
+def parse_volume(spec: str) -> tuple[str, str, str]:
+    """``host:container[:ro|rw]`` → (host, container, mode); a bare path binds at the same place."""
+    parts = spec.split(":")
+    if len(parts) == 1:
+        return parts[0], parts[0], "ro"
+    if len(parts) == 2:
+        if parts[1] in ("ro", "rw"):
+            return parts[0], parts[0], parts[1]
+        return parts[0], parts[1], "rw"
+    if len(parts) == 3 and parts[2] in ("ro", "rw"):
+        return parts[0], parts[1], parts[2]
+    raise ValueError(f"volume '{spec}' is not host:container[:ro|rw]")
+
+
+def _k8s_log_text(line: str) -> str:
+    """k8s-file log lines are ``TIME STREAM F|P text``: the text only."""
+    parts = line.split(" ", 3)
+    return parts[3] if len(parts) == 4 and parts[2] in ("F", "P") else line
+
+
+class PodmanService:
+    """One connection to podman for this server: a given socket, or a service we started."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url = url
+        self._client: Any = None
+        self._service: subprocess.Popen[bytes] | None = None
+        self._socket_dir: str | None = None
+        self._lock = threading.Lock()
+        self.leftovers_removed: list[str] = []
+
+    def client(self) -> Any:
+        """A connected PodmanClient (blocking: call from a thread). Raises PodmanUnavailable."""
+        with self._lock:
+            if self._client is not None:
+                return self._client
+            try:
+                from podman import PodmanClient
+            except ImportError:
+                raise PodmanUnavailable(
+                    "podman-py is not installed (pip install podman): container models cannot run") from None
+            url = self.url or os.environ.get(URL_ENV) or self._start_service()
+            client = PodmanClient(base_url=url, timeout=60)
+            try:
+                client.ping()
+            except Exception as exc:  # any transport error means the same to the user
+                client.close()
+                raise PodmanUnavailable(f"podman service at {url} is unreachable: {exc}") from None
+            self._client = client
+            self._remove_leftovers()
+            return client
+
+    def _start_service(self) -> str:
+        binary = shutil.which("podman")
+        if binary is None:
+            raise PodmanUnavailable(
+                "podman is not installed (apt-get install podman runc), so container models cannot run")
+        self._socket_dir = tempfile.mkdtemp(prefix="swapserve-podman-")
+        sock = Path(self._socket_dir) / "podman.sock"
+        url = f"unix://{sock}"
+        log_file = open(Path(self._socket_dir) / "service.log", "wb")  # handed to the child
+        try:
+            # --time=0: never exit while idle; the service dies with this server (parent-death signal)
+            self._service = subprocess.Popen(
+                [binary, "system", "service", "--time=0", url], stdin=subprocess.DEVNULL,
+                stdout=log_file, stderr=log_file, preexec_fn=_die_with_parent)
+        finally:
+            log_file.close()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if sock.exists():
+                return f"unix://{sock}"
+            if self._service.poll() is not None:
+                text = (Path(self._socket_dir) / "service.log").read_text(errors="replace").strip()
+                raise PodmanUnavailable(f"podman system service exited: {text.splitlines()[-1:] or 'no output'}")
+            time.sleep(0.05)
+        raise PodmanUnavailable("podman system service did not open its socket within 20 s")
+
+    def _remove_leftovers(self) -> None:
+        """Containers labelled as ours whose owning server is gone (killed outright): remove them."""
+        try:
+            found = self._client.containers.list(all=True, filters={"label": [LABEL]})
+        except Exception as exc:
+            log.warning("cannot list leftover containers: %s", exc)
+            return
+        for container in found:
+            owner = (container.labels or {}).get(OWNER_LABEL, "")
+            if owner_alive(owner):
+                continue
+            with contextlib.suppress(Exception):
+                container.remove(force=True)
+                self.leftovers_removed.append(container.name)
+                log.warning("removed leftover container %s of a server that is gone", container.name)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                with contextlib.suppress(Exception):
+                    self._client.close()
+                self._client = None
+            if self._service is not None:
+                self._service.terminate()
+                try:
+                    self._service.wait(10)
+                except subprocess.TimeoutExpired:
+                    self._service.kill()
+                    self._service.wait()
+                self._service = None
+            if self._socket_dir is not None:
+                shutil.rmtree(self._socket_dir, ignore_errors=True)
+                self._socket_dir = None
+
+
+_service: PodmanService | None = None
+
+
+def podman_service() -> PodmanService:
+    """This server's podman connection (made on first use; a failure is retried next time)."""
+    global _service
+    if _service is None:
+        _service = PodmanService()
+    return _service
+
+
+def configure(url: str | None) -> None:
+    """Use this podman socket (``unix:///run/podman/podman.sock``) instead of starting a service."""
+    global _service
+    if _service is not None:
+        _service.close()
+    _service = PodmanService(url or None)
+
+
+class PodmanRuntime:
+    """One engine container. Not reusable across restarts: make a new one per start.
+
+    Offers the same interface as :class:`ProcessRuntime` (start, running, wait, pids, log_tail,
+    freeze, thaw, stop, kill), so the scheduler cannot tell them apart."""
+
+    kind = "podman"
+    freezer = "podman pause"
+
+    def __init__(self, name: str, config: ModelConfig, service: PodmanService | None = None) -> None:
+        self.name = name
+        self.config = config
+        self.service = service or podman_service()
+        self.container: Any = None
+        self.container_name: str | None = None
+        self.frozen = False
+        self._pid: int | None = None
+        self._log_path: str | None = None
+        self._exit_code: int | None = None
+        _LIVE.add(self)
+
+    async def _call(self, step: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A blocking podman-py call in a thread; any failure becomes a RuntimeStepError naming the step."""
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except RuntimeStepError:
+            raise
+        except Exception as exc:  # podman-py raises APIError, requests errors, ...
+            message = getattr(exc, "explanation", None) or str(exc) or type(exc).__name__
+            raise RuntimeStepError(f"podman {step} of {self.container_name or self.name}: {message}") from None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def create_kwargs(self, spec: LaunchSpec) -> dict[str, Any]:
+        """podman-py ``containers.create`` arguments for this engine (pure: tested alone)."""
+        cfg = self.config
+        mounts: dict[str, dict[str, Any]] = {}
+        for volume in [*spec.mounts, *cfg.volumes]:
+            host, inside, mode = parse_volume(volume)
+            mounts[host] = {"bind": inside, "mode": mode}
+        kwargs: dict[str, Any] = {
+            "name": self.container_name,
+            # the adapter's command line is the whole command: an image's own entrypoint is not prefixed
+            "entrypoint": list(spec.argv),
+            "command": [],
+            "environment": dict(spec.env),
+            "labels": {LABEL: "1", OWNER_LABEL: owner_token(), MODEL_LABEL: self.name},
+            # the engine listens on all interfaces of its own network namespace; published on loopback only
+            "ports": {f"{spec.port}/tcp": ("127.0.0.1", spec.port)},
+            "volumes": mounts,
+            "init": True,  # catatonit as PID 1: forwards SIGTERM, reaps the engine's children
+        }
+        if cfg.shm_size:
+            kwargs["shm_size"] = cfg.shm_size
+        if cdi_gpus_available():
+            kwargs["devices"] = [f"nvidia.com/gpu={d}" for d in cfg.devices]
+        return kwargs
+
+    async def start(self, spec: LaunchSpec) -> None:
+        image = self.config.image or ""
+        client = await self._call("connect", self.service.client)
+        if not await self._call("image lookup", client.images.exists, image):
+            # never pulled here: a pull of many GiB would hang the start, and nodes often have no registry
+            raise RuntimeStepError(
+                f"image '{image}' is not in local storage; load it first (podman load -i FILE, or "
+                f"podman pull {image} where a registry is reachable); it is never pulled automatically")
+        self.container_name = f"swapserve-{self.name}-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+        try:
+            kwargs = self.create_kwargs(spec)
+        except ValueError as exc:
+            raise RuntimeStepError(f"field 'volumes': {exc}") from None
+        self.container = await self._call("create", client.containers.create, image, **kwargs)
+        try:
+            await self._call("start", self.container.start)
+            attrs = await self._call("inspect", self.container.inspect)
+        except RuntimeStepError:
+            await self.stop()
+            raise
+        self._pid = int(attrs.get("State", {}).get("Pid") or 0) or None
+        self._log_path = attrs.get("LogPath") or None
+        if self._pid is None:
+            state = attrs.get("State", {})
+            self._exit_code = int(state.get("ExitCode") or 0)
+        log.info("started %s: container %s pid=%s", self.name, self.container_name, self._pid)
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid
+
+    @property
+    def running(self) -> bool:
+        if self._pid is None or self._exit_code is not None:
+            return False
+        return Path(f"/proc/{self._pid}").exists()
+
+    async def wait(self) -> int:
+        """Until the container's init process is gone; then its exit code from podman."""
+        # the init process is conmon's child, not ours: poll /proc (cheap) rather than hold a
+        # thread in a blocking podman wait call for the container's whole life
+        while True:
+            if not self.running:
+                break
+            await asyncio.sleep(0.25)
+        if self._exit_code is None:
+            self._exit_code = -1
+            if self.container is not None:
+                with contextlib.suppress(RuntimeStepError):
+                    attrs = await self._call("inspect", self.container.inspect)
+                    self._exit_code = int(attrs.get("State", {}).get("ExitCode") or 0)
+        return self._exit_code
+
+    def pids(self) -> list[int]:
+        """The container's processes by host PID: its init and everything below it."""
+        if not self.running or self._pid is None:
+            return []
+        return descendants(self._pid)
+
+    def log_tail(self, lines: int = 20) -> str:
+        if not self._log_path or not os.path.exists(self._log_path):
+            return ""
+        with open(self._log_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            text = f.read().decode("utf-8", "replace")
+        return "\n".join(_k8s_log_text(line) for line in text.splitlines()[-lines:])
+
+    # ---- freezer ---------------------------------------------------------------------------
+    async def freeze(self) -> None:
+        if not self.running:
+            raise RuntimeStepError("container is not running")
+        await self._call("pause", self.container.pause)
+        self.frozen = True
+
+    async def thaw(self) -> None:
+        if self.container is not None and self.frozen:
+            await self._call("unpause", self.container.unpause)
+        self.frozen = False
+
+    # ---- stop ------------------------------------------------------------------------------
+    async def stop(self, timeout: float = 10.0) -> None:
+        if self.container is None:
+            return
+        if self.frozen and self.running:
+            with contextlib.suppress(RuntimeStepError):
+                await self.thaw()  # a paused container cannot act on SIGTERM
+        if self.running:
+            with contextlib.suppress(RuntimeStepError):
+                await self._call("stop", self.container.stop, timeout=max(1, int(timeout)))
+        await self._call("remove", self._remove)
+        if self._exit_code is None:
+            self._exit_code = -1
+        _LIVE.discard(self)
+
+    def _remove(self) -> None:
+        try:
+            self.container.remove(force=True)
+        except Exception as exc:
+            if "no such container" not in str(exc).lower() and getattr(exc, "status_code", 0) != 404:
+                raise
+
+    def kill(self) -> None:
+        """Synchronous last resort (server exit): remove the container by force."""
+        if self.container is not None:
+            with contextlib.suppress(Exception):
+                self._remove()
+
+
+@atexit.register
+def _remove_all_at_exit() -> None:
+    # a server that exits without a clean shutdown leaves no container behind (SIGKILL is
+    # covered by the leftover sweep of the next server)
+    for runtime in list(_LIVE):
+        runtime.kill()
+    if _service is not None:
+        _service.close()
