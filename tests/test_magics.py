@@ -557,3 +557,18 @@ def test_wait_line_says_why_there_is_no_answer_yet() -> None:
         "a failed: no GGUF"
     assert wait_line("zzz", status({"state": "running"}, {"state": "running"}), 0) is None
     assert [seconds(x) for x in (0.0004, 0.25, 7.14)] == ["<1 ms", "250 ms", "7.1 s"]
+
+
+def test_quota_refusals_are_one_line_with_reason_and_reset(kernel: ServerKernel, demo_server: ServerHandle) -> None:
+    quota = demo_server.url + "swapserve/api/quotas/%2A"
+    try:
+        r = httpx.put(quota, headers=demo_server.headers(), json={"allowed_models": ["gemma"]}, timeout=30)
+        assert r.status_code == 200, r.text
+        line = one_line_error(kernel.run("%%llm smollm2\nHello"))
+        assert "does not include the model 'smollm2'" in line and "gemma" in line
+        httpx.put(quota, headers=demo_server.headers(), json={"allowed_models": None, "tokens_per_day": 0}, timeout=30)
+        line = one_line_error(kernel.run("%%llm gemma --max-tokens 4\nThe capital of France is"))
+        assert "Token quota used up" in line and "midnight UTC" in line and "retry after" in line
+    finally:
+        httpx.delete(quota, headers=demo_server.headers(), timeout=30)
+    assert kernel.run("%%llm gemma --max-tokens 2\nHello").ok  # the quota lifted, the magic works again
