@@ -52,7 +52,7 @@ class SwapServeHandler(APIHandler):
         hub_user = getattr(self.current_user, "hub_user", None)
         if isinstance(hub_user, dict):
             return rule.identify(hub_user.get("name") or self.user_name, hub_user.get("groups") or (),
-                                 hub_admin=bool(hub_user.get("admin")))
+                                 hub_admin=bool(hub_user.get("admin")), scopes=hub_user.get("scopes") or ())
         if type(self.identity_provider) in (IdentityProvider, PasswordIdentityProvider):
             # token and password logins make a new anonymous user per browser or client: they are
             # all the server's one user, and their quota and usage must be one too

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 #: the user of a server without JupyterHub that has no user name (token-only servers)
 ANONYMOUS = "anonymous"
+#: a JupyterHub custom scope: a hub role granting it makes its holders admins of the swap service
+ADMIN_SCOPE = "custom:swapserve:admin"
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,8 @@ class AdminRule:
     def of(cls, users: Iterable[str] = (), groups: Iterable[str] = (), hub_admins: bool = True) -> AdminRule:
         return cls(frozenset(users), frozenset(groups), hub_admins)
 
-    def identify(self, name: str | None, groups: Iterable[str] = (), hub_admin: bool | None = None) -> Identity:
+    def identify(self, name: str | None, groups: Iterable[str] = (), hub_admin: bool | None = None,
+                 scopes: Iterable[str] = ()) -> Identity:
         """``hub_admin`` is None when no hub vouches for the user: a standalone server belongs to one
         user, who administers it unless ``admin_users``/``admin_groups`` name someone else."""
         user = name or ANONYMOUS
@@ -44,5 +47,6 @@ class AdminRule:
                 user in self.admin_users
                 or bool(self.admin_groups.intersection(group_tuple))
                 or (self.hub_admins_are_admins and bool(hub_admin))
+                or ADMIN_SCOPE in set(scopes)
             )
         return Identity(user, admin, group_tuple)
