@@ -13,6 +13,14 @@ if [ "$what" = test ] && [ ! -x /usr/bin/chromium ]; then
     echo "note: /usr/bin/chromium is missing (apt-get install chromium); the browser tests will skip" >&2
   fi
 fi
+if [ "$what" = test ] && ! command -v podman >/dev/null; then
+  # container engines (runtime: podman) are tested with real podman and runc; images are built locally
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq podman runc >/dev/null
+  else
+    echo "note: podman is missing (apt-get install podman runc); the podman tests will skip" >&2
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
