@@ -23,7 +23,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -123,12 +122,12 @@ class PodmanService:
         self._client: Any = None
         self._service: subprocess.Popen[bytes] | None = None
         self._socket_dir: str | None = None
-        self._lock = threading.Lock()
+        self._lock = asyncio.Lock()
         self.leftovers_removed: list[str] = []
 
-    def client(self) -> Any:
-        """A connected PodmanClient (blocking: call from a thread). Raises PodmanUnavailable."""
-        with self._lock:
+    async def client(self) -> Any:
+        """A connected PodmanClient. Raises PodmanUnavailable with the reason."""
+        async with self._lock:
             if self._client is not None:
                 return self._client
             try:
@@ -136,47 +135,56 @@ class PodmanService:
             except ImportError:
                 raise PodmanUnavailable(
                     "podman-py is not installed (pip install podman): container models cannot run") from None
-            url = self.url or os.environ.get(URL_ENV) or self._start_service()
+            url = self.url or os.environ.get(URL_ENV) or await self._start_service()
             client = PodmanClient(base_url=url, timeout=60)
             try:
-                client.ping()
+                await asyncio.to_thread(client.ping)
             except Exception as exc:  # any transport error means the same to the user
                 client.close()
                 raise PodmanUnavailable(f"podman service at {url} is unreachable: {exc}") from None
             self._client = client
-            self._remove_leftovers()
+            await asyncio.to_thread(self._remove_leftovers)
             return client
 
-    def _start_service(self) -> str:
+    async def _start_service(self) -> str:
+        """``podman system service`` on a private socket. Spawned from the event loop's thread, not a
+        worker thread: the parent-death signal fires when the spawning *thread* exits."""
         binary = shutil.which("podman")
         if binary is None:
             raise PodmanUnavailable(
                 "podman is not installed (apt-get install podman runc), so container models cannot run")
-        self._socket_dir = tempfile.mkdtemp(prefix="swapserve-podman-")
-        sock = Path(self._socket_dir) / "podman.sock"
+        sock = self._spawn_service(binary)
         url = f"unix://{sock}"
-        log_file = open(Path(self._socket_dir) / "service.log", "wb")  # handed to the child
-        try:
-            # --time=0: never exit while idle; the service dies with this server (parent-death signal)
-            self._service = subprocess.Popen(
-                [binary, "system", "service", "--time=0", url], stdin=subprocess.DEVNULL,
-                stdout=log_file, stderr=log_file, preexec_fn=_die_with_parent)
-        finally:
-            log_file.close()
+        assert self._service is not None and self._socket_dir is not None
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if sock.exists():
-                return f"unix://{sock}"
+                return url
             if self._service.poll() is not None:
                 text = (Path(self._socket_dir) / "service.log").read_text(errors="replace").strip()
                 raise PodmanUnavailable(f"podman system service exited: {text.splitlines()[-1:] or 'no output'}")
-            time.sleep(0.05)
+            await asyncio.sleep(0.05)
         raise PodmanUnavailable("podman system service did not open its socket within 20 s")
+
+    def _spawn_service(self, binary: str) -> Path:
+        """Start the service (a fork and exec: quick enough for the loop's thread); its socket path."""
+        self._socket_dir = tempfile.mkdtemp(prefix="swapserve-podman-")
+        sock = Path(self._socket_dir) / "podman.sock"
+        with open(Path(self._socket_dir) / "service.log", "wb") as log_file:
+            # --time=0: never exit while idle; the service dies with this server (parent-death signal)
+            self._service = subprocess.Popen(
+                [binary, "system", "service", "--time=0", f"unix://{sock}"], stdin=subprocess.DEVNULL,
+                stdout=log_file, stderr=log_file, preexec_fn=_die_with_parent)
+        return sock
+
+    def connected_client(self) -> Any:
+        """The client if connected, else None (for the synchronous clean-up at exit)."""
+        return self._client
 
     def _remove_leftovers(self) -> None:
         """Containers labelled as ours whose owning server is gone (killed outright): remove them."""
         try:
-            found = self._client.containers.list(all=True, filters={"label": [LABEL]})
+            found = self._client.containers.list(all=True, filters={"label": f"{LABEL}=1"})
         except Exception as exc:
             log.warning("cannot list leftover containers: %s", exc)
             return
@@ -190,22 +198,21 @@ class PodmanService:
                 log.warning("removed leftover container %s of a server that is gone", container.name)
 
     def close(self) -> None:
-        with self._lock:
-            if self._client is not None:
-                with contextlib.suppress(Exception):
-                    self._client.close()
-                self._client = None
-            if self._service is not None:
-                self._service.terminate()
-                try:
-                    self._service.wait(10)
-                except subprocess.TimeoutExpired:
-                    self._service.kill()
-                    self._service.wait()
-                self._service = None
-            if self._socket_dir is not None:
-                shutil.rmtree(self._socket_dir, ignore_errors=True)
-                self._socket_dir = None
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.close()
+            self._client = None
+        if self._service is not None:
+            self._service.terminate()
+            try:
+                self._service.wait(10)
+            except subprocess.TimeoutExpired:
+                self._service.kill()
+                self._service.wait()
+            self._service = None
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
 
 
 _service: PodmanService | None = None
@@ -286,7 +293,7 @@ class PodmanRuntime:
 
     async def start(self, spec: LaunchSpec) -> None:
         image = self.config.image or ""
-        client = await self._call("connect", self.service.client)
+        client = await self.service.client()
         if not await self._call("image lookup", client.images.exists, image):
             # never pulled here: a pull of many GiB would hang the start, and nodes often have no registry
             raise RuntimeStepError(
@@ -305,7 +312,8 @@ class PodmanRuntime:
             await self.stop()
             raise
         self._pid = int(attrs.get("State", {}).get("Pid") or 0) or None
-        self._log_path = attrs.get("LogPath") or None
+        self._log_path = (attrs.get("HostConfig", {}).get("LogConfig", {}).get("Path")
+                          or attrs.get("LogPath") or None)
         if self._pid is None:
             state = attrs.get("State", {})
             self._exit_code = int(state.get("ExitCode") or 0)
@@ -375,6 +383,7 @@ class PodmanRuntime:
             with contextlib.suppress(RuntimeStepError):
                 await self._call("stop", self.container.stop, timeout=max(1, int(timeout)))
         await self._call("remove", self._remove)
+        log.info("removed container %s of %s", self.container_name, self.name)
         if self._exit_code is None:
             self._exit_code = -1
         _LIVE.discard(self)

