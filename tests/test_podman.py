@@ -20,9 +20,11 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from jupyter_swapserve.config import ModelConfig
+from jupyter_swapserve.config import ModelConfig, parse_models
 from jupyter_swapserve.engines.base import LaunchSpec, free_port
 from jupyter_swapserve.runtime import ProcessRuntime, RuntimeStepError, make_runtime
+from jupyter_swapserve.service import EngineUnavailable, SwapService
+from jupyter_swapserve.service.backend import State
 
 from .server import ServerHandle, run_server
 
@@ -349,3 +351,54 @@ def test_containers_of_a_killed_server_are_removed_by_the_next_one(test_image: s
         answer = openai(server).chat.completions.create(model="boxed", messages=CHAT, max_tokens=24, temperature=0)
         assert "Paris" in (answer.choices[0].message.content or "")
     assert containers_of(server.proc.pid) == []
+
+
+# ---- swap steps on containers, through the scheduler ------------------------------------------------
+
+def container_service(*names: str) -> SwapService:
+    models = [{"name": n, "engine": "command", "runtime": "podman", "image": IMAGE, "volumes": host_volumes(),
+               "command": ["python3", "-m", "http.server", "{port}", "--bind", "{host}"],
+               "ready_path": "/", "warmup": False, "memory_gib": 0.6} for n in names]
+    return SwapService(parse_models({"devices": [{"virtual": True, "memory_gib": 1.0}], "models": models}))
+
+
+def refuse(step: str) -> Callable[[], None]:
+    def call() -> None:
+        raise podman_py.errors.APIError(f"injected: {step} refused by the runtime")
+    return call
+
+
+async def test_pause_and_unpause_failures_unwind_like_other_swap_steps(test_image: str) -> None:
+    svc = container_service("a", "b")
+    svc.start()
+    try:
+        await svc.wait_started(120)
+        a, b = svc.backends["a"], svc.backends["b"]
+        assert a.state == b.state == State.SWAPPED_OUT
+        await svc.swap_in("a")
+        container = a.runtime.container
+
+        # pause refused: a stays running with its reservation, the requester cannot get in
+        container.pause = refuse("pause")
+        assert await svc.swap_out("a") is False
+        assert a.state == State.RUNNING and "injected: pause refused" in (a.error or "")
+        assert a.reservation is not None and not a.reservation.released
+        assert await a.runtime.status() == "running"
+        del container.pause
+
+        # unpause refused on swap-in: b stays swapped out and holds nothing, a may serve on
+        await svc.swap_out("a")
+        bcontainer = b.runtime.container
+        bcontainer.unpause = refuse("unpause")
+        with pytest.raises(EngineUnavailable, match="could not be swapped in"):
+            await svc.swap_in("b")
+        assert b.state == State.SWAPPED_OUT and "injected: unpause refused" in (b.error or "")
+        assert svc.scheduler.reservations[0].granted_gib == 0
+        del bcontainer.unpause
+        await svc.swap_in("b")
+        assert b.state == State.RUNNING and await b.runtime.status() == "running"
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"{b.base_url}/", timeout=10)).status_code == 200
+    finally:
+        await svc.close()
+    assert all(b.state == State.STOPPED for b in svc.backends.values())

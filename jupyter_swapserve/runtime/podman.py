@@ -364,13 +364,32 @@ class PodmanRuntime:
     async def freeze(self) -> None:
         if not self.running:
             raise RuntimeStepError("container is not running")
-        await self._call("pause", self.container.pause)
+        await self._pause_or_unpause("pause", self.container.pause, "paused")
         self.frozen = True
 
     async def thaw(self) -> None:
         if self.container is not None and self.frozen:
-            await self._call("unpause", self.container.unpause)
+            await self._pause_or_unpause("unpause", self.container.unpause, "running")
         self.frozen = False
+
+    async def _pause_or_unpause(self, step: str, call: Callable[[], None], wanted: str) -> None:
+        """A refused pause/unpause is fine when the container is in the wanted state all the same
+        (someone ran ``podman pause`` by hand); otherwise the step fails and the swap unwinds."""
+        try:
+            await self._call(step, call)
+        except RuntimeStepError:
+            if await self.status() != wanted:
+                raise
+
+    async def status(self) -> str | None:
+        """podman's word for the container's state (running, paused, exited, ...), None if gone."""
+        if self.container is None:
+            return None
+        try:
+            attrs = await self._call("inspect", self.container.inspect)
+        except RuntimeStepError:
+            return None
+        return str(attrs.get("State", {}).get("Status") or "") or None
 
     # ---- stop ------------------------------------------------------------------------------
     async def stop(self, timeout: float = 10.0) -> None:
