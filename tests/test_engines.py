@@ -1,0 +1,291 @@
+"""Engine adapters: every engine the schema accepts has one; command lines for a process and for a
+container; and the sleep/wake/preload/readiness protocols of engines that cannot run on this
+machine (vLLM, SGLang, Ollama, TensorRT-LLM, llama-server), against an in-test HTTP server that
+implements the documented routes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+
+from jupyter_swapserve.config import ENGINES, ModelConfig, load_models_file, parse_models, schema
+from jupyter_swapserve.engines import ADAPTERS, EngineError, adapter_for
+from jupyter_swapserve.runtime import ProcessRuntime
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def model(engine: str, **fields: Any) -> ModelConfig:
+    return ModelConfig(name="m", engine=engine, model=fields.pop("model", "org/Model-8B"), **fields)
+
+
+# ---- every accepted engine has an adapter ----------------------------------------------------------
+
+def test_every_engine_the_schema_accepts_has_an_adapter() -> None:
+    accepted = schema()["$defs"]["model"]["properties"]["engine"]["enum"]
+    assert sorted(accepted) == sorted(ENGINES)
+    assert sorted(ADAPTERS) == sorted(accepted)
+    for name in accepted:
+        adapter = adapter_for(model(name, command="x"))
+        assert adapter.name == name
+    for name in ("vllm", "sglang", "ollama", "trtllm", "llama-server", "llamacpp"):
+        assert ADAPTERS[name].follows, f"{name}: say which engine version the adapter follows"
+
+
+def test_example_configs_validate_against_the_schema() -> None:
+    files = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
+    names = {f.stem for f in files}
+    assert {"vllm", "sglang", "ollama", "trtllm", "llama-server", "llamacpp", "mixed"} <= names
+    for path in files:
+        loaded = load_models_file(path)
+        assert loaded.errors == [], loaded.errors
+        assert loaded.models, path
+        for m in loaded.models:
+            adapter_for(m)
+    mixed = load_models_file(ROOT / "examples" / "configs" / "mixed.yaml")
+    assert {m.runtime for m in mixed.models} == {"podman", "process"}
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ({"runtime": "process", "volumes": ["/data"]}, "field 'volumes': is only for runtime 'podman'"),
+    ({"runtime": "podman"}, "field 'image': is required for runtime 'podman'"),
+    ({"runtime": "podman", "image": "x", "volumes": ["data"]}, "field 'volumes.0'"),
+    ({"runtime": "podman", "image": "x", "shm_size": "lots"}, "field 'shm_size'"),
+])
+def test_bad_container_fields_are_named(entry: dict[str, Any], message: str) -> None:
+    loaded = parse_models({"models": [{"name": "m", "engine": "vllm", "model": "x", **entry}]}, "f.yaml")
+    assert loaded.models == [] and len(loaded.errors) == 1
+    assert message in loaded.errors[0] and "\n" not in loaded.errors[0]
+
+
+# ---- command lines -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("runtime", ["process", "podman"])
+def test_command_lines(runtime: str) -> None:
+    host = "0.0.0.0" if runtime == "podman" else "127.0.0.1"
+    extra = {"runtime": runtime, "image": "img"} if runtime == "podman" else {"runtime": runtime}
+
+    spec = adapter_for(model("vllm", args=["--max-model-len", "8192"], **extra)).launch_spec(8001)
+    assert spec.argv == ["vllm", "serve", "org/Model-8B", "--host", host, "--port", "8001", "--served-model-name",
+                         "m", "--enable-sleep-mode", "--max-model-len", "8192"]
+    assert spec.env["VLLM_SERVER_DEV_MODE"] == "1"
+    assert spec.base_url == "http://127.0.0.1:8001"  # where the router reaches it, container or not
+
+    spec = adapter_for(model("sglang", **extra)).launch_spec(8002)
+    assert spec.argv[:3] == ["python3", "-m", "sglang.launch_server"]
+    assert "--enable-memory-saver" in spec.argv and spec.argv[spec.argv.index("--host") + 1] == host
+
+    spec = adapter_for(model("ollama", model="llama3.1:8b", concurrency=4, **extra)).launch_spec(8003)
+    assert spec.argv == ["ollama", "serve"]
+    assert spec.env["OLLAMA_HOST"] == f"{host}:8003" and spec.env["OLLAMA_KEEP_ALIVE"] == "-1"
+    assert spec.env["OLLAMA_NUM_PARALLEL"] == "4"
+
+    spec = adapter_for(model("trtllm", **extra)).launch_spec(8004)
+    assert spec.argv == ["trtllm-serve", "org/Model-8B", "--host", host, "--port", "8004", "--backend", "pytorch"]
+
+    spec = adapter_for(model("llama-server", model="/models/q.gguf", **extra)).launch_spec(8005)
+    assert spec.argv == ["llama-server", "-m", "/models/q.gguf", "--alias", "m", "--host", host, "--port", "8005",
+                         "--parallel", "1"]
+
+
+def test_llamacpp_in_a_container_binds_the_host_gguf_and_uses_the_image_python(tmp_path: Path) -> None:
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF")
+    spec = adapter_for(model("llamacpp", model=str(gguf), runtime="podman", image="img")).launch_spec(9000)
+    assert spec.argv[:3] == ["python3", "-m", "llama_cpp.server"] and str(gguf) in spec.argv
+    assert spec.mounts == [str(gguf)]
+    # a path that exists only inside the image is passed as is, with nothing to bind
+    spec = adapter_for(model("llamacpp", model="/in/image.gguf", runtime="podman", image="img")).launch_spec(9000)
+    assert "/in/image.gguf" in spec.argv and spec.mounts == []
+    with pytest.raises(EngineError, match="neither a GGUF file nor an installed package"):
+        adapter_for(model("llamacpp", model="no-such-package", runtime="podman", image="img")).launch_spec(9000)
+
+
+def test_upstream_model_names() -> None:
+    assert adapter_for(model("ollama", model="qwen2.5:7b")).upstream_model_name() == "qwen2.5:7b"
+    assert adapter_for(model("trtllm")).upstream_model_name() == "org/Model-8B"
+    assert adapter_for(model("vllm")).upstream_model_name() == "m"
+    path, body = adapter_for(model("ollama", model="qwen2.5:7b")).warmup_request()
+    assert path == "/v1/chat/completions" and body["model"] == "qwen2.5:7b"  # Ollama's OpenAI route
+
+
+# ---- protocols against documented routes --------------------------------------------------------------
+
+class FakeEngine:
+    """The documented routes of each engine, recording what was called."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, Any]] = []
+        self.sleeping = False
+        self.loaded: set[str] = set()
+        self.known = {"llama3.1:8b"}
+        self.health = 503
+        self.refuse_sleep = False
+
+    async def record(self, request: web.Request) -> Any:
+        body = None
+        if request.can_read_body:
+            text = await request.text()
+            body = json.loads(text) if text else None
+        self.calls.append((request.method, request.path_qs, body))
+        return body
+
+    # vLLM (dev mode): POST /sleep?level=N, POST /wake_up, GET /is_sleeping
+    async def vllm_sleep(self, request: web.Request) -> web.Response:
+        await self.record(request)
+        if self.refuse_sleep:
+            return web.json_response({"error": "sleep mode is not enabled"}, status=400)
+        self.sleeping = True
+        return web.Response(status=200)
+
+    async def vllm_wake(self, request: web.Request) -> web.Response:
+        await self.record(request)
+        self.sleeping = False
+        return web.Response(status=200)
+
+    # SGLang: a JSON body is required (FastAPI answers 422 without one)
+    async def sglang_memory(self, request: web.Request) -> web.Response:
+        if not request.can_read_body:
+            return web.json_response({"detail": [{"msg": "Field required"}]}, status=422)
+        await self.record(request)
+        self.sleeping = request.path == "/release_memory_occupation"
+        return web.json_response(None)
+
+    # Ollama: /api/version, /api/generate (load when no prompt), /api/ps
+    async def ollama_version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": "0.12.0"})
+
+    async def ollama_generate(self, request: web.Request) -> web.Response:
+        body = await self.record(request)
+        if body["model"] not in self.known:
+            return web.json_response({"error": f"model '{body['model']}' not found"}, status=404)
+        if "prompt" not in body and body.get("keep_alive") == -1:
+            self.loaded.add(body["model"])
+        return web.json_response({"model": body["model"], "response": "", "done": True, "done_reason": "load"})
+
+    async def ollama_ps(self, request: web.Request) -> web.Response:
+        return web.json_response({"models": [{"name": m, "model": m, "expires_at": "2318-01-01T00:00:00Z"}
+                                             for m in sorted(self.loaded)]})
+
+    # llama-server: /health is 503 while loading; /tokenize {"content"} → {"tokens"}
+    async def llama_health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok" if self.health == 200 else "loading model"}, status=self.health)
+
+    async def llama_tokenize(self, request: web.Request) -> web.Response:
+        body = await self.record(request)
+        return web.json_response({"tokens": list(range(len(body["content"].split())))})
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.add_routes([
+            web.post("/sleep", self.vllm_sleep), web.post("/wake_up", self.vllm_wake),
+            web.post("/release_memory_occupation", self.sglang_memory),
+            web.post("/resume_memory_occupation", self.sglang_memory),
+            web.get("/api/version", self.ollama_version), web.post("/api/generate", self.ollama_generate),
+            web.get("/api/ps", self.ollama_ps),
+            web.get("/health", self.llama_health), web.post("/tokenize", self.llama_tokenize),
+        ])
+        return app
+
+
+@pytest.fixture
+async def engine() -> AsyncIterator[tuple[FakeEngine, str, httpx.AsyncClient]]:
+    fake = FakeEngine()
+    runner = web.AppRunner(fake.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    async with httpx.AsyncClient() as client:
+        yield fake, f"http://127.0.0.1:{port}", client
+    await runner.cleanup()
+
+
+async def test_vllm_sleep_and_wake(engine: tuple[FakeEngine, str, httpx.AsyncClient]) -> None:
+    fake, url, client = engine
+    adapter = adapter_for(model("vllm", sleep_level=1))
+    assert adapter.supports_sleep
+    await adapter.sleep(client, url)
+    assert fake.sleeping and fake.calls[-1][:2] == ("POST", "/sleep?level=1")
+    await adapter.wake(client, url)
+    assert not fake.sleeping and fake.calls[-1][:2] == ("POST", "/wake_up")
+    fake.refuse_sleep = True
+    with pytest.raises(EngineError, match="sleep refused: HTTP 400"):
+        await adapter.sleep(client, url)
+
+
+async def test_sglang_release_and_resume_send_a_body(engine: tuple[FakeEngine, str, httpx.AsyncClient]) -> None:
+    fake, url, client = engine
+    adapter = adapter_for(model("sglang"))
+    await adapter.sleep(client, url)
+    assert fake.sleeping and fake.calls[-1] == ("POST", "/release_memory_occupation", {})
+    await adapter.wake(client, url)
+    assert not fake.sleeping and fake.calls[-1] == ("POST", "/resume_memory_occupation", {})
+
+
+async def test_ollama_preloads_with_keep_alive_forever(engine: tuple[FakeEngine, str, httpx.AsyncClient]) -> None:
+    fake, url, client = engine
+    adapter = adapter_for(model("ollama", model="llama3.1:8b"))
+    assert not adapter.supports_sleep  # no sleep route: the runner process is checkpointed instead
+    assert await adapter.is_ready(client, url)
+    assert fake.calls == [("POST", "/api/generate", {"model": "llama3.1:8b", "keep_alive": -1})]
+    assert await adapter.is_ready(client, url)
+    assert len(fake.calls) == 1  # preloaded once; readiness afterwards is /api/ps
+    missing = adapter_for(model("ollama", model="not-pulled:1b"))
+    with pytest.raises(EngineError, match="ollama pull not-pulled:1b"):
+        await missing.is_ready(client, url)
+
+
+async def test_ollama_not_ready_while_the_server_is_down() -> None:
+    async with httpx.AsyncClient() as client:
+        assert not await adapter_for(model("ollama", model="x:1")).is_ready(client, "http://127.0.0.1:9")
+
+
+async def test_llama_server_ready_only_once_loaded_and_counts_tokens(
+        engine: tuple[FakeEngine, str, httpx.AsyncClient]) -> None:
+    fake, url, client = engine
+    adapter = adapter_for(model("llama-server", model="/m.gguf"))
+    assert not await adapter.is_ready(client, url)  # 503 while loading
+    fake.health = 200
+    assert await adapter.is_ready(client, url)
+    assert await adapter.count_tokens(client, url, "one two three") == 3
+    assert fake.calls[-1] == ("POST", "/tokenize", {"content": "one two three"})
+    assert not adapter.supports_stream_usage
+
+
+async def test_engines_without_a_sleep_route_say_so(engine: tuple[FakeEngine, str, httpx.AsyncClient]) -> None:
+    _, url, client = engine
+    for name in ("trtllm", "ollama", "llama-server", "llamacpp"):
+        adapter = adapter_for(model(name, model="/m.gguf"))
+        assert not adapter.supports_sleep
+        with pytest.raises(EngineError, match="has no sleep hook"):
+            await adapter.sleep(client, url)
+
+
+def read_cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+async def test_a_runner_subprocess_is_among_the_engine_pids() -> None:
+    """Like Ollama's `ollama runner` below `ollama serve`: a child the engine starts is one of its
+    processes, so the checkpoint finds it (the scheduler keeps those that NVML sees on the GPU)."""
+    runtime = ProcessRuntime("runner-test")
+    from jupyter_swapserve.engines.base import LaunchSpec
+
+    await runtime.start(LaunchSpec(argv=["/bin/sh", "-c", "sleep 30 & exec sleep 31"], port=1))
+    try:
+        for _ in range(100):
+            if len(runtime.pids()) >= 2:
+                break
+            await asyncio.sleep(0.05)
+        cmdlines = {read_cmdline(p) for p in runtime.pids()}
+        assert b"sleep\x0030\x00" in cmdlines and b"sleep\x0031\x00" in cmdlines
+    finally:
+        await runtime.stop(timeout=2)
