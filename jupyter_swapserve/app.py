@@ -50,6 +50,11 @@ class SwapServe(ExtensionApp):
         help="SQLAlchemy URL of the quota and usage database. Empty: SQLite (WAL) at "
              "<Jupyter data dir>/swapserve/quotas.sqlite. 'none': quotas off, nothing counted.",
     )
+    podman_url = Unicode(
+        "", config=True,
+        help="The podman service for container models (runtime: podman), e.g. unix:///run/podman/podman.sock. "
+             "Empty: $SWAPSERVE_PODMAN_URL, else a 'podman system service' started for this server.",
+    )
 
     def _make_accounting(self) -> QuotaAccounting | None:
         url = self.quota_db_url
@@ -68,6 +73,10 @@ class SwapServe(ExtensionApp):
         return accounting
 
     def initialize_settings(self) -> None:
+        if self.podman_url:
+            from .runtime.podman import configure  # container models only: podman-py loads lazily
+
+            configure(self.podman_url)
         models = ModelsFile(devices=None, models=[], errors=[])
         if self.models_file:
             try:

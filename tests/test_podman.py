@@ -209,10 +209,22 @@ async def test_missing_image_names_it_and_how_to_load_it() -> None:
         service.close()
 
 
-async def test_unreachable_socket_is_a_clear_error() -> None:
+async def test_unreachable_socket_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     service = PodmanService("unix:///nonexistent/podman.sock")
     runtime = PodmanRuntime("x", http_server_model(), service)
-    with pytest.raises(RuntimeStepError, match="unreachable"):
+    with pytest.raises(RuntimeStepError, match=r"podman service at unix:///nonexistent/podman\.sock is unreachable"):
+        await runtime.start(LaunchSpec(argv=["true"], port=free_port()))
+    monkeypatch.setenv("SWAPSERVE_PODMAN_URL", "unix:///nonexistent/env.sock")
+    runtime = PodmanRuntime("x", http_server_model(), PodmanService())
+    with pytest.raises(RuntimeStepError, match=r"env\.sock is unreachable"):
+        await runtime.start(LaunchSpec(argv=["true"], port=free_port()))
+
+
+async def test_podman_missing_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("SWAPSERVE_PODMAN_URL", raising=False)
+    runtime = PodmanRuntime("x", http_server_model(), PodmanService())
+    with pytest.raises(RuntimeStepError, match=r"podman is not installed \(apt-get install podman runc\)"):
         await runtime.start(LaunchSpec(argv=["true"], port=free_port()))
 
 
@@ -326,7 +338,7 @@ def test_container_that_exits_is_failed_then_restarted(mixed_server: ServerHandl
 def test_unreachable_podman_fails_container_models_while_process_models_serve(
         test_image: str, tmp_path: Path) -> None:
     models = write_models(tmp_path / "m.yaml")
-    with run_server(models, env={"SWAPSERVE_PODMAN_URL": "unix:///nonexistent/podman.sock"}) as server:
+    with run_server(models, extra_args=["--SwapServe.podman_url=unix:///nonexistent/podman.sock"]) as server:
         wait_for(lambda: {m["name"]: m["state"] for m in server.status()["models"]}
                  == {"boxed": "failed", "gemma": "swapped_out"}, timeout=300)
         assert "unreachable" in server.model("boxed")["error"]
