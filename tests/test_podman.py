@@ -10,8 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import tarfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,22 +21,7 @@ from openai import OpenAI
 from jupyter_swapserve.config import ModelConfig, parse_models
 from jupyter_swapserve.engines.base import LaunchSpec, free_port
 from jupyter_swapserve.runtime import ProcessRuntime, RuntimeStepError, make_runtime
-from jupyter_swapserve.service import EngineUnavailable, SwapService
-from jupyter_swapserve.service.backend import State
-
-from .server import ServerHandle, run_server
-
-HERE = Path(__file__).resolve().parent
-IMAGE = "localhost/swapserve-test-python:latest"
-
-if shutil.which("podman") is None:
-    pytest.skip("podman is not installed (apt-get install podman runc; scripts/setup.sh test does it as root)",
-                allow_module_level=True)
-podman_py = pytest.importorskip("podman", reason="podman-py is not installed (pip install podman)")
-# runc and lowered ulimits (tests/podman/README.md), for the podman CLI and the service servers start
-os.environ.setdefault("CONTAINERS_CONF", str(HERE / "podman" / "containers.conf"))
-
-from jupyter_swapserve.runtime.podman import (  # noqa: E402 - after the skip: needs podman-py
+from jupyter_swapserve.runtime.podman import (
     LABEL,
     OWNER_LABEL,
     PodmanRuntime,
@@ -48,6 +31,17 @@ from jupyter_swapserve.runtime.podman import (  # noqa: E402 - after the skip: n
     owner_token,
     parse_volume,
 )
+from jupyter_swapserve.service import EngineUnavailable, SwapService
+from jupyter_swapserve.service.backend import State
+
+from .podman.image import IMAGE, build_image, host_volumes, use_test_containers_conf
+from .server import ServerHandle, run_server
+
+if shutil.which("podman") is None:
+    pytest.skip("podman is not installed (apt-get install podman runc; scripts/setup.sh test does it as root)",
+                allow_module_level=True)
+podman_py = pytest.importorskip("podman", reason="podman-py is not installed (pip install podman)")
+use_test_containers_conf()
 
 pytestmark = pytest.mark.engines
 CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
@@ -84,29 +78,8 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> None:
 
 
 @pytest.fixture(scope="session")
-def test_image(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """An image with an empty root filesystem (merged-/usr symlinks, mount points) whose PATH starts
-    with this virtual environment: the interpreter, venv and models are bind-mounted read-only."""
-    root = tmp_path_factory.mktemp("rootfs")
-    tar_path = root.parent / "rootfs.tar"
-    with tarfile.open(tar_path, "w") as tar:
-        for d in ("usr", "tmp", "etc", "proc", "sys", "dev", "root", "run", "var/tmp"):
-            info = tarfile.TarInfo(d)
-            info.type, info.mode = tarfile.DIRTYPE, 0o1777 if "tmp" in d else 0o755
-            tar.addfile(info)
-        for link in ("bin", "lib", "lib64", "sbin"):
-            info = tarfile.TarInfo(link)
-            info.type, info.linkname = tarfile.SYMTYPE, f"usr/{link}"
-            tar.addfile(info)
-    path = f"{sys.prefix}/bin:/usr/local/bin:/usr/bin:/bin"
-    podman("import", "-q", "--change", f"ENV=PATH={path}", str(tar_path), IMAGE)
-    return IMAGE
-
-
-def host_volumes() -> list[str]:
-    """What a Python engine from this venv needs inside the container, read-only at the same place."""
-    paths = {"/usr", os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)}
-    return [f"{p}:{p}:ro" for p in sorted(paths)]
+def test_image() -> str:
+    return build_image()
 
 
 # ---- the runtime on its own -------------------------------------------------------------------
