@@ -102,6 +102,30 @@ def test_pure_helpers() -> None:
     assert descendants(os.getpid())[0] <= os.getpid() and os.getpid() in descendants(os.getpid())
 
 
+def test_create_arguments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import jupyter_swapserve.runtime.podman as podman_runtime
+
+    model = ModelConfig(name="big", engine="vllm", runtime="podman", image="img", model="/models/m",
+                        volumes=["/srv/models:/models:ro", "/scratch"], shm_size="16g", device=[0, 1])
+    runtime = PodmanRuntime("big", model, PodmanService("unix:///unused"))
+    runtime.container_name = "swapserve-big-1"
+    spec = LaunchSpec(argv=["vllm", "serve", "/models/m"], port=8123, env={"A": "1"}, mounts=["/host/x.gguf"])
+    monkeypatch.setattr(podman_runtime, "CDI_DIRS", (str(tmp_path / "none"),))
+    kwargs = runtime.create_kwargs(spec)
+    assert kwargs["entrypoint"] == ["vllm", "serve", "/models/m"] and kwargs["command"] == []
+    assert kwargs["ports"] == {"8123/tcp": ("127.0.0.1", 8123)}  # loopback only
+    assert kwargs["volumes"] == {"/host/x.gguf": {"bind": "/host/x.gguf", "mode": "ro"},
+                                 "/srv/models": {"bind": "/models", "mode": "ro"},
+                                 "/scratch": {"bind": "/scratch", "mode": "ro"}}
+    assert kwargs["labels"][LABEL] == "1" and owner_alive(kwargs["labels"][OWNER_LABEL])
+    assert kwargs["environment"] == {"A": "1"} and kwargs["shm_size"] == "16g" and kwargs["init"] is True
+    assert "devices" not in kwargs  # no CDI spec on this host: no GPUs to hand over
+    (tmp_path / "cdi").mkdir()
+    (tmp_path / "cdi" / "nvidia.yaml").write_text("cdiVersion: 0.5.0\n")
+    monkeypatch.setattr(podman_runtime, "CDI_DIRS", (str(tmp_path / "cdi"),))
+    assert runtime.create_kwargs(spec)["devices"] == ["nvidia.com/gpu=0", "nvidia.com/gpu=1"]
+
+
 def test_both_runtimes_share_one_interface() -> None:
     from jupyter_swapserve.runtime.base import EngineRuntime
 
