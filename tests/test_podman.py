@@ -217,6 +217,17 @@ async def test_unreachable_socket_is_a_clear_error(monkeypatch: pytest.MonkeyPat
         await runtime.start(LaunchSpec(argv=["true"], port=free_port()))
 
 
+async def test_a_service_that_cannot_start_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = tmp_path / "containers.conf"
+    bad.write_text("this is [not toml\n")
+    monkeypatch.setenv("CONTAINERS_CONF", str(bad))
+    monkeypatch.delenv("SWAPSERVE_PODMAN_URL", raising=False)
+    service = PodmanService()
+    with pytest.raises(RuntimeStepError, match=r"podman system service exited: .*containers\.conf"):
+        await PodmanRuntime("x", http_server_model(), service).start(LaunchSpec(argv=["true"], port=free_port()))
+    assert service._socket_dir is None and service._service is None  # cleaned up; the next start retries
+
+
 async def test_podman_missing_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.delenv("SWAPSERVE_PODMAN_URL", raising=False)

@@ -161,9 +161,11 @@ class PodmanService:
             if sock.exists():
                 return url
             if self._service.poll() is not None:
-                text = (Path(self._socket_dir) / "service.log").read_text(errors="replace").strip()
-                raise PodmanUnavailable(f"podman system service exited: {text.splitlines()[-1:] or 'no output'}")
+                lines = (Path(self._socket_dir) / "service.log").read_text(errors="replace").strip().splitlines()
+                self.close()  # the next start tries afresh
+                raise PodmanUnavailable(f"podman system service exited: {lines[-1] if lines else 'no output'}")
             await asyncio.sleep(0.05)
+        self.close()
         raise PodmanUnavailable("podman system service did not open its socket within 20 s")
 
     def _spawn_service(self, binary: str) -> Path:
