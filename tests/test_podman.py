@@ -191,6 +191,22 @@ async def test_pause_of_a_container_removed_behind_our_back_is_a_step_error(test
         service.close()
 
 
+async def test_an_entrypoint_missing_from_the_image_exits_with_the_reason_logged(test_image: str) -> None:
+    model = ModelConfig(name="nobin", engine="command", runtime="podman", image=IMAGE, command=["x"])
+    service = PodmanService()
+    runtime = PodmanRuntime("nobin", model, service)
+    try:
+        # catatonit (PID 1) starts, then cannot exec the engine and exits: the scheduler sees the
+        # engine exit during its start and shows the last log line
+        await runtime.start(LaunchSpec(argv=["no-such-engine-binary", "--serve"], port=free_port()))
+        assert await asyncio.wait_for(runtime.wait(), 30) != 0
+        assert "no-such-engine-binary" in runtime.log_tail()
+        await runtime.stop()
+        assert podman("ps", "-a", "--filter", f"name={runtime.container_name}", "-q").strip() == ""
+    finally:
+        service.close()
+
+
 async def test_missing_image_names_it_and_how_to_load_it() -> None:
     model = ModelConfig(name="noimg", engine="command", runtime="podman", image="localhost/not-loaded:1",
                         command=["true"])

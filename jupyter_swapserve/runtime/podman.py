@@ -255,6 +255,7 @@ class PodmanRuntime:
         self._pid: int | None = None
         self._log_path: str | None = None
         self._exit_code: int | None = None
+        self._argv0 = ""
         _LIVE.add(self)
 
     async def _call(self, step: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -301,6 +302,7 @@ class PodmanRuntime:
             raise RuntimeStepError(
                 f"image '{image}' is not in local storage; load it first (podman load -i FILE, or "
                 f"podman pull {image} where a registry is reachable); it is never pulled automatically")
+        self._argv0 = spec.argv[0] if spec.argv else ""
         self.container_name = f"swapserve-{self.name}-{os.getpid()}-{time.monotonic_ns() % 10**9}"
         try:
             kwargs = self.create_kwargs(spec)
@@ -360,7 +362,12 @@ class PodmanRuntime:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 8192))
             text = f.read().decode("utf-8", "replace")
-        return "\n".join(_k8s_log_text(line) for line in text.splitlines()[-lines:])
+        tail = [_k8s_log_text(line) for line in text.splitlines()[-lines:]]
+        if any("failed to exec pid1" in line for line in tail):
+            # catatonit's own words do not say what it could not run
+            tail.append(f"the engine command '{self._argv0}' cannot be run in image '{self.config.image}' "
+                        f"(not found on its PATH, or not executable)")
+        return "\n".join(tail)
 
     # ---- freezer ---------------------------------------------------------------------------
     async def freeze(self) -> None:
