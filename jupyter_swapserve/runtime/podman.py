@@ -122,12 +122,20 @@ class PodmanService:
         self._client: Any = None
         self._service: subprocess.Popen[bytes] | None = None
         self._socket_dir: str | None = None
-        self._lock = asyncio.Lock()
+        self._lock: asyncio.Lock | None = None
+        self._lock_loop: asyncio.AbstractEventLoop | None = None
         self.leftovers_removed: list[str] = []
+
+    def _connect_lock(self) -> asyncio.Lock:
+        # one lock per event loop: a lock that ever waited is bound to its loop (tests run many)
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._lock_loop is not loop:
+            self._lock, self._lock_loop = asyncio.Lock(), loop
+        return self._lock
 
     async def client(self) -> Any:
         """A connected PodmanClient. Raises PodmanUnavailable with the reason."""
-        async with self._lock:
+        async with self._connect_lock():
             if self._client is not None:
                 return self._client
             try:
