@@ -289,3 +289,48 @@ async def test_a_runner_subprocess_is_among_the_engine_pids() -> None:
         assert b"sleep\x0030\x00" in cmdlines and b"sleep\x0031\x00" in cmdlines
     finally:
         await runtime.stop(timeout=2)
+
+
+# ---- the Ollama adapter driven by the scheduler, against a stand-in `ollama serve` ------------------
+
+FAKE_BIN = Path(__file__).resolve().parent / "engines_fake"
+
+
+def ollama_service(runtime: dict[str, Any], *tags: str) -> Any:
+    from jupyter_swapserve.service import SwapService
+
+    models = [{"name": tag.replace(":", "-"), "engine": "ollama", "model": tag, "memory_gib": 0.3,
+               "start_timeout": 60, **runtime} for tag in tags]
+    return SwapService(parse_models({"devices": [{"virtual": True, "memory_gib": 1.0}], "models": models}))
+
+
+async def drive_ollama(svc: Any) -> None:
+    """Start (preload), swap in, answer through the OpenAI route under /v1, swap out; the runner
+    subprocess is one of the engine's processes."""
+    from jupyter_swapserve.service.backend import State
+
+    svc.start()
+    await svc.wait_started(120)
+    ok = svc.backends["llama3.1-8b"]
+    assert ok.state == State.SWAPPED_OUT, ok.error
+    await svc.swap_in("llama3.1-8b")
+    async with httpx.AsyncClient() as client:
+        body = {"model": ok.adapter.upstream_model_name(), "messages": [{"role": "user", "content": "?"}]}
+        r = await client.post(f"{ok.base_url}/v1/chat/completions", json=body, timeout=10)
+        assert r.json()["choices"][0]["message"]["content"] == "Paris."
+        ps = (await client.get(f"{ok.base_url}/api/ps", timeout=10)).json()["models"]
+        assert ps == [{"name": "llama3.1:8b", "model": "llama3.1:8b", "keep_alive": -1}]
+    assert any(b"runner" in read_cmdline(p) for p in ok.runtime.pids())
+    assert await svc.swap_out("llama3.1-8b")
+    missing = svc.backends["missing-1b"]
+    assert missing.state == State.FAILED and "ollama pull missing:1b" in (missing.error or "")
+
+
+async def test_ollama_engine_through_the_scheduler() -> None:
+    import os
+
+    svc = ollama_service({"env": {"PATH": f"{FAKE_BIN}:{os.environ['PATH']}"}}, "llama3.1:8b", "missing:1b")
+    try:
+        await drive_ollama(svc)
+    finally:
+        await svc.close()

@@ -438,3 +438,18 @@ async def test_pause_and_unpause_failures_unwind_like_other_swap_steps(test_imag
     finally:
         await svc.close()
     assert all(b.state == State.STOPPED for b in svc.backends.values())
+
+
+async def test_ollama_engine_in_a_container(test_image: str) -> None:
+    """The Ollama adapter in a container: OLLAMA_HOST binds inside, the port is published on
+    loopback, the model is preloaded, and the runner subprocess is found by host PID."""
+    from .test_engines import FAKE_BIN, drive_ollama, ollama_service
+
+    runtime = {"runtime": "podman", "image": IMAGE, "volumes": [*host_volumes(), f"{FAKE_BIN}:/opt/fake:ro"],
+               "env": {"PATH": "/opt/fake:/usr/bin:/bin"}}
+    svc = ollama_service(runtime, "llama3.1:8b", "missing:1b")
+    try:
+        await drive_ollama(svc)
+    finally:
+        await svc.close()
+    assert podman("ps", "-a", "--filter", f"label={OWNER_LABEL}={owner_token()}", "-q").strip() == ""
