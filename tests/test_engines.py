@@ -238,6 +238,9 @@ async def test_ollama_preloads_with_keep_alive_forever(engine: tuple[FakeEngine,
     assert fake.calls == [("POST", "/api/generate", {"model": "llama3.1:8b", "keep_alive": -1})]
     assert await adapter.is_ready(client, url)
     assert len(fake.calls) == 1  # preloaded once; readiness afterwards is /api/ps
+    fake.loaded.clear()  # a restarted engine has nothing loaded: the same adapter preloads again
+    assert await adapter.is_ready(client, url)
+    assert len(fake.calls) == 2 and fake.calls[-1][1] == "/api/generate"
     missing = adapter_for(model("ollama", model="not-pulled:1b"))
     with pytest.raises(EngineError, match="ollama pull not-pulled:1b"):
         await missing.is_ready(client, url)

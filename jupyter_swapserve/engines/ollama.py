@@ -24,10 +24,6 @@ class OllamaAdapter(EngineAdapter):
     # Ollama's OpenAI route sends a usage chunk when asked with stream_options.include_usage
     supports_stream_usage = True
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.preloaded = False
-
     def upstream_model_name(self) -> str:
         # the Ollama tag (llama3.1:8b): what the engine knows the model by
         return self.model.served_model_name or self.model.model or self.model.name
@@ -46,14 +42,15 @@ class OllamaAdapter(EngineAdapter):
         return {"model": self.upstream_model_name(), "keep_alive": -1}
 
     async def is_ready(self, client: httpx.AsyncClient, base_url: str) -> bool:
-        """Ready once the server answers and the model is loaded (preloaded here, once)."""
+        """Ready once the server answers and the model is loaded (preloaded here if /api/ps lacks it)."""
         try:
             r = await client.get(base_url + "/api/version", timeout=5.0)
         except httpx.HTTPError:
             return False
         if r.status_code != 200:
             return False
-        if not self.preloaded:
+        # stateless, so a restarted engine is preloaded again: load unless /api/ps already lists it
+        if not await self.loaded(client, base_url):
             try:
                 r = await client.post(base_url + "/api/generate", json=self.preload_request(), timeout=600.0)
             except httpx.HTTPError:
@@ -64,7 +61,6 @@ class OllamaAdapter(EngineAdapter):
             if r.status_code != 200:
                 raise EngineError(f"Ollama could not load '{self.upstream_model_name()}': "
                                   f"HTTP {r.status_code} {r.text[:200]}")
-            self.preloaded = True
         return await self.loaded(client, base_url)
 
     async def loaded(self, client: httpx.AsyncClient, base_url: str) -> bool:
