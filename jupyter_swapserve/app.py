@@ -8,10 +8,11 @@ from pathlib import Path
 
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Bool, Float, List, Unicode
+from traitlets import Bool, Enum, Float, List, Unicode
 
 from .config import ConfigError, ModelsFile, load_models_file
 from .handlers import handlers
+from .handlers.proxy import UpstreamClient, proxy_handlers
 from .service import SwapService
 from .service.accounting import QuotaAccounting
 from .service.identity import AdminRule
@@ -56,6 +57,35 @@ class SwapServe(ExtensionApp):
              "Empty: $SWAPSERVE_PODMAN_URL, else a 'podman system service' started for this server.",
     )
 
+    mode = Enum(
+        ["auto", "standalone", "service", "client"], "auto", config=True,
+        help="standalone: this server runs the engines for its one user. service: the shared service of a "
+             "JupyterHub (set by `jupyter swapserve`). client: a user's server under a hub whose /swapserve/ "
+             "routes forward to the shared service (upstream_url). auto: client when an upstream is configured "
+             "or the hub has a service named hub_service_name, else standalone.",
+    )
+    upstream_url = Unicode(
+        "", config=True,
+        help="Client mode: the shared swap service's URL, e.g. http://127.0.0.1:10101/services/swapserve/. "
+             "Empty: $SWAPSERVE_UPSTREAM_URL, else asked from the hub (GET /hub/api/services/<hub_service_name>).",
+    )
+    hub_service_name = Unicode("swapserve", config=True, help="The JupyterHub service that runs the shared service.")
+
+    def _resolve_mode(self) -> tuple[str, str | None]:
+        if self.mode in ("standalone", "service"):
+            return self.mode, None
+        upstream = self.upstream_url
+        if not upstream and (os.environ.get("SWAPSERVE_UPSTREAM_URL") or os.environ.get("JUPYTERHUB_API_URL")):
+            from .hub import discover_upstream  # only under a hub: it imports JupyterHub's auth
+
+            upstream = discover_upstream(self.hub_service_name)
+        if upstream:
+            return "client", upstream.rstrip("/") + "/"
+        if self.mode == "client":
+            raise SystemExit("jupyter-swapserve: SwapServe.mode is 'client' but no upstream was found: set "
+                             "SwapServe.upstream_url or $SWAPSERVE_UPSTREAM_URL")
+        return "standalone", None
+
     def _make_accounting(self) -> QuotaAccounting | None:
         url = self.quota_db_url
         if url.lower() == "none":
@@ -73,6 +103,21 @@ class SwapServe(ExtensionApp):
         return accounting
 
     def initialize_settings(self) -> None:
+        self.resolved_mode, upstream = self._resolve_mode()
+        self.settings["swapserve_mode"] = self.resolved_mode
+        self.settings["swapserve_local_user"] = self.local_user or getpass.getuser()
+        self.settings["swapserve_admin_rule"] = AdminRule.of(self.admin_users, self.admin_groups,
+                                                             self.hub_admins_are_admins)
+        self.service: SwapService | None = None
+        self.upstream: UpstreamClient | None = None
+        if upstream is not None:
+            # the hub's token for this server, owned by its user: the shared service sees that user
+            token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
+            self.upstream = UpstreamClient(upstream, token)
+            self.settings["swapserve_upstream"] = self.upstream
+            self.log.info("jupyter-swapserve: client mode, forwarding /swapserve/ to the shared service at %s",
+                          upstream)
+            return
         if self.podman_url:
             from .runtime.podman import configure  # container models only: podman-py loads lazily
 
@@ -90,22 +135,25 @@ class SwapServe(ExtensionApp):
         self.service = SwapService(models, idle_check_interval=self.idle_check_interval,
                                    accounting=self._make_accounting())
         self.settings["swapserve_service"] = self.service
-        self.settings["swapserve_local_user"] = self.local_user or getpass.getuser()
-        self.settings["swapserve_admin_rule"] = AdminRule.of(self.admin_users, self.admin_groups,
-                                                             self.hub_admins_are_admins)
 
     def initialize_handlers(self) -> None:
-        self.handlers.extend(handlers())
+        self.handlers.extend(proxy_handlers() if self.upstream is not None else handlers())
 
     async def _start_jupyter_server_extension(self, serverapp) -> None:  # type: ignore[override]
-        self.service.start()
-        if self.export_env:
+        if self.service is not None:
+            self.service.start()
+        if self.export_env and self.resolved_mode != "service":
             os.environ["SWAPSERVE_URL"] = serverapp.connection_url.rstrip("/") + "/swapserve/v1"
             token = getattr(serverapp.identity_provider, "token", "") or ""
             if token:
                 os.environ["SWAPSERVE_TOKEN"] = token
-        self.log.info("jupyter-swapserve: %d model(s), devices: %s", len(self.service.backends),
-                      ", ".join(f"{d.name} ({d.kind}, {d.capacity_gib:g} GiB)" for d in self.service.monitor.devices))
+        if self.service is not None:
+            self.log.info("jupyter-swapserve: %s mode, %d model(s), devices: %s", self.resolved_mode,
+                          len(self.service.backends), ", ".join(f"{d.name} ({d.kind}, {d.capacity_gib:g} GiB)"
+                                                              for d in self.service.monitor.devices))
 
     async def stop_extension(self) -> None:
-        await self.service.close()
+        if self.service is not None:
+            await self.service.close()
+        if self.upstream is not None:
+            await self.upstream.close()
