@@ -15,7 +15,6 @@ hub token, which JupyterHub owns on the user's behalf, so every request is the u
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -92,7 +91,6 @@ def service_argv(environ: dict[str, str] | None = None) -> list[str]:
         "--ServerApp.open_browser=False",
         "--ServerApp.identity_provider_class=jupyter_swapserve.hub.SwapServeHubIdentityProvider",
         "--ServerApp.authorizer_class=jupyter_swapserve.hub.SwapServeHubAuthorizer",
-        f"--ServerApp.jpserver_extensions={json.dumps({'jupyter_swapserve': True})}",
         "--ServerApp.default_url=/swapserve/api/status",
         # the service forwards only to engines on 127.0.0.1; users' servers reach it from the hub's network
         "--ServerApp.allow_remote_access=True",
@@ -147,3 +145,7 @@ def discover_upstream(service_name: str = SERVICE_NAME, environ: dict[str, str] 
         return None
     # the service's own address (what the proxy forwards to), with the prefix it serves under
     return url.rstrip("/") + "/" + prefix.strip("/") + "/"
+
+
+if __name__ == "__main__":  # python -m jupyter_swapserve.hub: the same as `jupyter swapserve`
+    main()

@@ -75,8 +75,8 @@ class SwapServeHandler(APIHandler):
 
     def _presents_a_wrong_token(self) -> bool:
         provider = self.identity_provider
-        if type(provider).get_user_token is not IdentityProvider.get_user_token:
-            return False  # a provider with its own token logic (JupyterHub) decides itself
+        if type(provider) not in (IdentityProvider, PasswordIdentityProvider):
+            return False  # a provider with its own token logic (JupyterHub's) decides itself
         presented, token = provider.get_token(self), getattr(provider, "token", "")
         return bool(presented) and bool(token) and presented != token
 

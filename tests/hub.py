@@ -1,0 +1,140 @@
+"""A real JupyterHub (PyPI jupyterhub, configurable-http-proxy from npm) running
+examples/jupyterhub_config.py: the shared swap service as a hub service, users' servers spawned
+as local processes in client mode. For tests/test_hub.py and the browser tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from .server import DEMO_MODELS, ROOT, free_port
+
+CHP = ROOT / ".hub-tools" / "node_modules" / ".bin" / "configurable-http-proxy"
+ADMIN_TOKEN_SCOPES = ["admin:users", "admin:servers", "tokens", "read:services", "list:users"]
+
+
+def hub_available() -> str | None:
+    """Why the hub test cannot run here, or None."""
+    try:
+        import jupyterhub  # noqa: F401
+    except ImportError:
+        return "jupyterhub is not installed (pip install 'jupyter-swapserve[hub]')"
+    if not CHP.exists() and not shutil.which("configurable-http-proxy"):
+        return "configurable-http-proxy is not installed (bash scripts/setup.sh test installs it)"
+    return None
+
+
+@dataclass
+class Hub:
+    url: str  # the public URL, ending in "/"
+    admin_token: str
+    proc: subprocess.Popen
+    workdir: Path
+    service_port: int
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    def api(self, path: str, method: str = "GET", **kwargs: object) -> httpx.Response:
+        return httpx.request(method, f"{self.url}hub/api/{path}".rstrip("/"), timeout=60,
+                             headers={"Authorization": f"token {self.admin_token}"}, **kwargs)  # type: ignore[arg-type]
+
+    def log(self) -> str:
+        return (self.workdir / "hub.log").read_text(errors="replace")[-8000:]
+
+    def add_user(self, name: str) -> str:
+        """Create the user, start their server, and return a token of theirs."""
+        r = self.api(f"users/{name}", "POST")
+        assert r.status_code in (201, 409), r.text
+        r = self.api(f"users/{name}/server", "POST")
+        assert r.status_code in (201, 202, 400), r.text  # 400: already running
+        deadline = time.monotonic() + 180
+        while True:
+            model = self.api(f"users/{name}").json()
+            server = (model.get("servers") or {}).get("")
+            if server and server.get("ready"):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name}'s server did not start: {model}\n{self.log()}")
+            time.sleep(0.5)
+        r = self.api(f"users/{name}/tokens", "POST", json={"note": "test", "expires_in": 3600})
+        assert r.status_code == 201, r.text
+        self.tokens[name] = r.json()["token"]
+        return self.tokens[name]
+
+    def user_url(self, name: str) -> str:
+        return f"{self.url}user/{name}/"
+
+    def headers(self, name: str) -> dict[str, str]:
+        return {"Authorization": f"token {self.tokens[name]}"}
+
+    def service_url(self) -> str:
+        """The shared service through the hub's proxy."""
+        return f"{self.url}services/swapserve/"
+
+
+@contextlib.contextmanager
+def run_hub(models_file: Path | str = DEMO_MODELS, admins: str = "teacher") -> Iterator[Hub]:
+    workdir = Path(tempfile.mkdtemp(prefix="swapserve-hub-"))
+    port, service_port = free_port(), free_port()
+    admin_token = os.urandom(16).hex()
+    config = workdir / "jupyterhub_config.py"
+    # the example as it is, plus a token for the test itself (an admin service without a process)
+    config.write_text(
+        f"load_subconfig({str(ROOT / 'examples' / 'jupyterhub_config.py')!r})\n"
+        "c.JupyterHub.services.append({'name': 'test-admin', 'api_token': %r})\n"
+        "c.JupyterHub.load_roles.append({'name': 'test-admin', 'scopes': %r, 'services': ['test-admin']})\n"
+        "c.JupyterHub.cookie_secret_file = %r\n"
+        "c.JupyterHub.db_url = %r\n"
+        "c.SimpleLocalProcessSpawner.home_dir_template = %r\n"
+        % (admin_token, ADMIN_TOKEN_SCOPES, str(workdir / "cookie_secret"), f"sqlite:///{workdir / 'hub.sqlite'}",
+           str(workdir / "home" / "{username}"))
+    )
+    env = {
+        **os.environ,
+        "SWAPSERVE_HUB_PORT": str(port), "SWAPSERVE_HUB_API_PORT": str(free_port()),
+        "SWAPSERVE_PROXY_API_PORT": str(free_port()), "SWAPSERVE_SERVICE_PORT": str(service_port),
+        "SWAPSERVE_CHP": str(CHP) if CHP.exists() else "configurable-http-proxy",
+        "SWAPSERVE_MODELS_FILE": str(models_file),
+        "SWAPSERVE_QUOTA_DB_URL": f"sqlite:///{workdir / 'quotas.sqlite'}",
+        "SWAPSERVE_ADMINS": admins,
+        "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+    }
+    log = open(workdir / "hub.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "jupyterhub", "-f", str(config)], cwd=workdir, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    hub = Hub(f"http://127.0.0.1:{port}/", admin_token, proc, workdir, service_port)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"jupyterhub exited with {proc.returncode}:\n{hub.log()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if hub.api("").status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"jupyterhub did not start:\n{hub.log()}")
+            time.sleep(0.3)
+        yield hub
+    finally:
+        with contextlib.suppress(Exception):
+            for name in list(hub.tokens):
+                hub.api(f"users/{name}/server", "DELETE")
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # the hub stops its services and the servers it spawned
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
