@@ -118,8 +118,10 @@ def test_llm_magic_in_a_kernel_of_each_user(hub: Hub) -> None:
         try:
             client = kernel_client(hub, user, kernel_id)
             try:
-                reply, out = execute(client, "%load_ext jupyter_swapserve\n%%llm gemma --max-tokens 6 -f text\n"
-                                             "The capital of France is", timeout=180)
+                reply, out = execute(client, "%load_ext jupyter_swapserve", timeout=60)
+                assert reply["status"] == "ok", out
+                reply, out = execute(client, "%%llm gemma --max-tokens 6 -f text\nThe capital of France is",
+                                     timeout=180)
                 assert reply["status"] == "ok", out
                 assert out.strip(), "the magic printed no answer"
             finally:
