@@ -49,3 +49,13 @@ def test_stops_at_the_shortest_sufficient_prefix() -> None:
     backends = [snap("a", gib=1, last_used=1), snap("b", gib=2, last_used=2), snap("c", gib=8, last_used=3)]
     plan = choose_victims(backends, 0, need_gib=3.5, free_gib=0.5, requester="x")
     assert plan.victims == ("a", "b") and plan.sufficient
+
+
+def test_equal_load_goes_to_the_lower_priority_first() -> None:
+    # both have one waiting request; the one waited on by a priority-3 user is evicted last
+    backends = [snap("vip", queued=1, priority=3.0, last_used=0), snap("plain", queued=1, priority=1.0,
+                                                                        last_used=100)]
+    assert choose_victims(backends, 0, 4, 0, "x").victims == ("plain",)
+    # priority only breaks ties: fewer requests still come first
+    backends = [snap("vip", queued=0, priority=0.0), snap("plain", queued=2, priority=1.0)]
+    assert choose_victims(backends, 0, 4, 0, "x").victims == ("vip",)

@@ -155,6 +155,8 @@ class Backend:
     in_flight: int = 0
     last_used: float = 0.0
     served_since_swap_in: bool = True
+    #: the highest quota priority among waiting requests (kept by SwapService.admit): the policy's tie-breaker
+    queued_priority: float = 0.0
     slept: bool = False  # the engine-aware sleep hook ran on the last swap-out
     checkpointed_pids: list[int] = field(default_factory=list)
     error: str | None = None

@@ -1,9 +1,10 @@
 """Demand-aware preemption: a pure function from backend snapshots to an ordered victim list.
 
 Among running engines on the device, prefer the fewest queued + in-flight requests; ties go to
-the least recently used. Never a pinned engine, never the requester, and never an engine that
-was swapped in for waiting requests and has not yet served one of them (otherwise two busy
-models can evict each other forever without either making progress).
+the engine whose waiting requests have the lower quota priority, then to the least recently
+used. Never a pinned engine, never the requester, and never an engine that was swapped in for
+waiting requests and has not yet served one of them (otherwise two busy models can evict each
+other forever without either making progress).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ class BackendSnapshot:
     last_used: float
     pinned: bool = False
     served_since_swap_in: bool = True
+    #: the highest quota priority among the engine's waiting requests (0 when none wait)
+    priority: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ def choose_victims(
         return VictimPlan((), True)
     ordered = sorted(
         (s for s in backends if evictable(s, device, requester)),
-        key=lambda s: (s.queued + s.in_flight, s.last_used, s.name),
+        key=lambda s: (s.queued + s.in_flight, s.priority, s.last_used, s.name),
     )
     victims: list[str] = []
     freed = free_gib

@@ -90,7 +90,7 @@ class Scheduler:
                 name=b.name, device=device, state=b.state.value,
                 memory_gib=b.reservation.gib if b.reservation else (b.memory_gib or 0.0),  # what a swap-out frees
                 queued=b.queued, in_flight=b.in_flight, last_used=b.last_used, pinned=b.config.pinned,
-                served_since_swap_in=b.served_since_swap_in,
+                served_since_swap_in=b.served_since_swap_in, priority=b.queued_priority,
             )
             for b in self.backends.values() for device in b.devices
         ]
