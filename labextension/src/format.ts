@@ -107,3 +107,8 @@ export function formatQueue(depth: number, max: number | null | undefined): stri
   const d = finite(depth) ? depth : 0;
   return finite(max) && max > 0 ? `${d} / ${max}` : String(d);
 }
+
+/** A count with thousands separators, fixed to en-US so the panel reads the same everywhere. */
+export function formatCount(n: number | null | undefined): string {
+  return typeof n === 'number' && isFinite(n) ? Math.round(n).toLocaleString('en-US') : '\u2013';
+}

@@ -1,11 +1,10 @@
 /**
- * Admin section: per-user quotas. The server has no quota API yet, so this section stays absent:
- * it appears only when GET /swapserve/api/quotas answers 200 AND the user is an admin (the status'
- * `user.admin`, or `admin: true` in the quotas document). Nothing is shown or faked otherwise.
- *
- * Expected contract (to be confirmed by the server side when it lands):
- *   GET  /swapserve/api/quotas          → {"admin"?: bool, "quotas": [{"user": str, <field>: number|null, ...}]}
- *   PUT  /swapserve/api/quotas/<user>   ← {<field>: number|null, ...}  → the updated entry
+ * Admin section: per-user quotas, against the server's quota API (docs/quotas.md):
+ *   GET    /swapserve/api/quotas          → {"admin": true, "fields": [...], "quotas": [{"user": "*", <field>: ..., "models": {...}}, ...]}
+ *   PUT    /swapserve/api/quotas/<user>   ← {<field>: number|list|null, "models": {...}}  → the stored row
+ *   DELETE /swapserve/api/quotas/<user>   → the user falls back to the default row "*"
+ * The section appears only for admins (GET answers 200 with admin: true, or the status says so).
+ * A field left empty means "no limit" in the default row and "as the default" in a user's row.
  */
 
 import { Requester } from './client';
@@ -13,13 +12,18 @@ import { h, setHidden, setText } from './dom';
 import { errorDetail } from './state';
 import { IStatus } from './types';
 
+export const DEFAULT_USER = '*';
+const LIST_FIELDS = ['allowed_models'];
+
 export interface IQuotaEntry {
   user: string;
+  models?: Record<string, Record<string, number | null>>;
   [field: string]: unknown;
 }
 
 export interface IQuotaDoc {
   admin?: boolean;
+  fields?: string[];
   quotas: IQuotaEntry[];
 }
 
@@ -45,12 +49,15 @@ export function quotaSectionVisible(doc: IQuotaDoc | null, status: IStatus | nul
   return doc.admin === true || status?.user?.admin === true;
 }
 
-/** Editable fields: numeric (or null) values, in first-seen order. */
+/** Editable scalar fields: the server's list (without `models`), else numeric/null values in first-seen order. */
 export function quotaFields(doc: IQuotaDoc): string[] {
+  if (Array.isArray(doc.fields)) {
+    return doc.fields.filter(f => f !== 'models');
+  }
   const fields: string[] = [];
   for (const q of doc.quotas) {
     for (const [k, v] of Object.entries(q)) {
-      if (k !== 'user' && (typeof v === 'number' || v === null) && !fields.includes(k)) {
+      if (k !== 'user' && k !== 'models' && (typeof v === 'number' || v === null) && !fields.includes(k)) {
         fields.push(k);
       }
     }
@@ -68,11 +75,81 @@ export function parseQuotaValue(text: string): number | null | undefined {
   return isFinite(n) && n >= 0 ? n : undefined;
 }
 
+/** A comma-separated list of model names: '' → null (every model). */
+export function parseModelList(text: string): string[] | null {
+  const names = text
+    .split(',')
+    .map(s => s.trim())
+    .filter(s => s.length > 0);
+  return names.length ? names : null;
+}
+
+/** Per-model overrides as compact text: `gemma: tokens_per_day=1000, priority=2; smollm2: ...`. */
+export function formatModelOverrides(models: IQuotaEntry['models']): string {
+  if (!models) {
+    return '';
+  }
+  return Object.entries(models)
+    .map(([model, fields]) => {
+      const parts = Object.entries(fields)
+        .filter(([, v]) => v !== null && v !== undefined)
+        .map(([k, v]) => `${k}=${v}`);
+      return `${model}: ${parts.join(', ')}`;
+    })
+    .join('; ');
+}
+
+/** Parses the compact text back; an error message naming the bad part, or the object. */
+export function parseModelOverrides(
+  text: string
+): { ok: true; value: Record<string, Record<string, number | null>> } | { ok: false; error: string } {
+  const value: Record<string, Record<string, number | null>> = {};
+  for (const part of text.split(';')) {
+    const t = part.trim();
+    if (!t) {
+      continue;
+    }
+    const colon = t.indexOf(':');
+    const model = colon > 0 ? t.slice(0, colon).trim() : '';
+    if (!model) {
+      return { ok: false, error: `"${t}": write model: field=value, field=value` };
+    }
+    const fields: Record<string, number | null> = {};
+    for (const pair of t.slice(colon + 1).split(',')) {
+      const p = pair.trim();
+      if (!p) {
+        continue;
+      }
+      const [k, v] = p.split('=').map(s => s.trim());
+      const n = parseQuotaValue(v ?? '');
+      if (!k || v === undefined || n === undefined) {
+        return { ok: false, error: `"${p}" for ${model}: write field=number` };
+      }
+      fields[k] = n;
+    }
+    value[model] = fields;
+  }
+  return { ok: true, value };
+}
+
+function label(field: string): string {
+  return field.replace(/_/g, ' ');
+}
+
+function inputValue(value: unknown): string {
+  if (Array.isArray(value)) {
+    return value.join(', ');
+  }
+  return value === null || value === undefined ? '' : String(value);
+}
+
 export class QuotaSection {
   readonly node: HTMLElement;
   private body: HTMLElement;
   private status: HTMLElement;
   private key = '';
+  /** called after a change was saved, to fetch the document again */
+  onChanged: () => void = () => undefined;
 
   constructor(private request: Requester) {
     this.node = h('section', 'jp-SwapServe-section jp-SwapServe-quotas');
@@ -81,7 +158,7 @@ export class QuotaSection {
     this.body = h('div', 'jp-SwapServe-quotaTable');
     this.status = h('div', 'jp-SwapServe-quotaStatus');
     this.status.setAttribute('role', 'status');
-    this.node.append(this.body, this.status);
+    this.node.append(this.body, this.status, this.addRow());
     this.node.hidden = true;
   }
 
@@ -100,59 +177,135 @@ export class QuotaSection {
     this.render(doc);
   }
 
+  private addRow(): HTMLElement {
+    const row = h('div', 'jp-SwapServe-quotaAdd');
+    const input = h('input', 'jp-mod-styled');
+    input.type = 'text';
+    input.placeholder = 'user name';
+    input.setAttribute('aria-label', 'User to give a quota');
+    const add = h('button', 'jp-SwapServe-button', 'Add user');
+    add.type = 'button';
+    add.addEventListener('click', () => {
+      const name = input.value.trim();
+      if (!name) {
+        setText(this.status, 'Enter the user name first.');
+        input.focus();
+        return;
+      }
+      void this.send(name, 'PUT', '{}', `Added ${name}: edit the row and save.`).then(ok => {
+        if (ok) {
+          input.value = '';
+        }
+      });
+    });
+    row.append(input, add);
+    return row;
+  }
+
   private render(doc: IQuotaDoc): void {
     const fields = quotaFields(doc);
     const table = h('table', '');
     const head = h('tr', '');
     head.appendChild(h('th', '', 'User'));
-    fields.forEach(f => head.appendChild(h('th', '', f.replace(/_/g, ' '))));
+    fields.forEach(f => head.appendChild(h('th', '', label(f))));
+    head.appendChild(h('th', '', 'per model'));
     head.appendChild(h('th', '', ''));
     table.appendChild(head);
     for (const q of doc.quotas) {
+      const isDefault = q.user === DEFAULT_USER;
       const tr = h('tr', '');
-      tr.appendChild(h('td', '', q.user));
+      tr.dataset.user = q.user;
+      tr.appendChild(h('td', '', isDefault ? '* (everyone)' : q.user));
       const inputs: Record<string, HTMLInputElement> = {};
       for (const f of fields) {
         const td = h('td', '');
         const input = h('input', 'jp-mod-styled');
         input.type = 'text';
-        input.inputMode = 'decimal';
-        input.value = q[f] === null || q[f] === undefined ? '' : String(q[f]);
-        input.placeholder = 'no limit';
-        input.setAttribute('aria-label', `${f.replace(/_/g, ' ')} of ${q.user}`);
+        input.inputMode = LIST_FIELDS.includes(f) ? 'text' : 'decimal';
+        input.value = inputValue(q[f]);
+        input.placeholder = LIST_FIELDS.includes(f) ? (isDefault ? 'all models' : 'default') : isDefault ? 'no limit' : 'default';
+        input.dataset.field = f;
+        input.setAttribute('aria-label', `${label(f)} of ${q.user}`);
         inputs[f] = input;
         td.appendChild(input);
         tr.appendChild(td);
       }
-      const td = h('td', '');
+      const modelsTd = h('td', '');
+      const models = h('input', 'jp-mod-styled jp-SwapServe-quotaModels');
+      models.type = 'text';
+      models.value = formatModelOverrides(q.models);
+      models.placeholder = 'gemma: tokens_per_day=1000';
+      models.dataset.field = 'models';
+      models.setAttribute('aria-label', `per-model quotas of ${q.user}`);
+      modelsTd.appendChild(models);
+      tr.appendChild(modelsTd);
+      const actions = h('td', '');
       const save = h('button', 'jp-SwapServe-button', 'Save');
       save.type = 'button';
       save.setAttribute('aria-label', `Save the quotas of ${q.user}`);
-      save.addEventListener('click', () => void this.save(q.user, inputs));
-      td.appendChild(save);
-      tr.appendChild(td);
+      save.addEventListener('click', () => void this.save(q.user, inputs, models));
+      actions.appendChild(save);
+      if (!isDefault) {
+        const remove = h('button', 'jp-SwapServe-button', 'Remove');
+        remove.type = 'button';
+        remove.setAttribute('aria-label', `Remove the quotas of ${q.user} (back to the default)`);
+        remove.addEventListener(
+          'click',
+          () => void this.send(q.user, 'DELETE', undefined, `${q.user} is back on the default quota.`)
+        );
+        actions.appendChild(remove);
+      }
+      tr.appendChild(actions);
       table.appendChild(tr);
     }
     this.body.textContent = '';
     this.body.appendChild(table);
   }
 
-  private async save(user: string, inputs: Record<string, HTMLInputElement>): Promise<void> {
-    const body: Record<string, number | null> = {};
+  /** The PUT body from the row's inputs, or a message naming the bad field. */
+  static rowBody(
+    inputs: Record<string, HTMLInputElement>,
+    models: HTMLInputElement
+  ): { ok: true; body: Record<string, unknown> } | { ok: false; error: string; input: HTMLInputElement } {
+    const body: Record<string, unknown> = {};
     for (const [f, input] of Object.entries(inputs)) {
+      if (LIST_FIELDS.includes(f)) {
+        body[f] = parseModelList(input.value);
+        continue;
+      }
       const v = parseQuotaValue(input.value);
       if (v === undefined) {
-        setText(this.status, `${f.replace(/_/g, ' ')} of ${user}: enter a number ≥ 0, or nothing for no limit.`);
-        input.focus();
-        return;
+        return { ok: false, error: `${label(f)}: enter a number ≥ 0, or nothing.`, input };
       }
       body[f] = v;
     }
+    const parsed = parseModelOverrides(models.value);
+    if (!parsed.ok) {
+      return { ok: false, error: `per model: ${parsed.error}`, input: models };
+    }
+    body.models = parsed.value;
+    return { ok: true, body };
+  }
+
+  private async save(user: string, inputs: Record<string, HTMLInputElement>, models: HTMLInputElement): Promise<void> {
+    const row = QuotaSection.rowBody(inputs, models);
+    if (!row.ok) {
+      setText(this.status, `${user}: ${row.error}`);
+      row.input.focus();
+      return;
+    }
     setText(this.status, `Saving the quotas of ${user}…`);
-    const r = await this.request(`quotas/${encodeURIComponent(user)}`, { method: 'PUT', body: JSON.stringify(body) });
-    setText(
-      this.status,
-      r.status === 200 ? `Saved the quotas of ${user}.` : `Could not save (${r.status}): ${errorDetail(r.body) || 'error'}`
-    );
+    await this.send(user, 'PUT', JSON.stringify(row.body), `Saved the quotas of ${user}.`);
+  }
+
+  private async send(user: string, method: string, body: string | undefined, done: string): Promise<boolean> {
+    const r = await this.request(`quotas/${encodeURIComponent(user)}`, { method, body });
+    const ok = r.status === 200;
+    setText(this.status, ok ? done : `Could not save (${r.status}): ${errorDetail(r.body) || 'error'}`);
+    if (ok) {
+      this.key = ''; // show what the server stored
+      this.onChanged();
+    }
+    return ok;
   }
 }

@@ -9,6 +9,7 @@ import { IHttpResponse, Requester, StatusClient } from './client';
 import { swapServeIcon } from './icon';
 import { IQuotaDoc, probeQuotas, QuotaSection } from './quotas';
 import { PanelView } from './render';
+import { fetchUsage, IUsageDoc, UsageSection } from './usage';
 import {
   dismissMessage,
   initialState,
@@ -59,6 +60,11 @@ export class SwapServePanel extends Widget {
   private quotas: QuotaSection;
   private quotaDoc: IQuotaDoc | null = null;
   private quotaProbedFor: string | null = null;
+  private usage: UsageSection;
+  private usageDoc: IUsageDoc | null = null;
+  private usageFetchedAt = 0;
+  private usageVersion = -1;
+  private usageTimer: ReturnType<typeof setTimeout> | null = null;
   private client: StatusClient;
   private request: Requester;
   private frame = 0;
@@ -81,7 +87,9 @@ export class SwapServePanel extends Widget {
       dismiss: model => this.setState(dismissMessage(this.state, model))
     });
     this.quotas = new QuotaSection(this.request);
-    this.view.extra.appendChild(this.quotas.node);
+    this.quotas.onChanged = () => this.refreshQuotas();
+    this.usage = new UsageSection();
+    this.view.extra.append(this.usage.node, this.quotas.node);
     this.node.appendChild(this.view.node);
     this.client = new StatusClient({
       request: this.request,
@@ -92,16 +100,42 @@ export class SwapServePanel extends Widget {
         const user = status.user?.name ?? '';
         if (this.quotaProbedFor !== user) {
           this.quotaProbedFor = user;
-          void probeQuotas(this.request).then(doc => {
-            this.quotaDoc = doc;
-            this.schedule();
-          });
+          this.refreshQuotas();
         }
+        this.refreshUsage(status.version);
       },
       onError: error => this.setState(withError(this.state, error)),
       onReconnecting: () => this.setState(withConnection(this.state, this.state.status ? 'polling' : 'connecting'))
     });
     this.render();
+  }
+
+  private refreshQuotas(): void {
+    void probeQuotas(this.request).then(doc => {
+      this.quotaDoc = doc;
+      this.refreshUsage(this.usageVersion, true);
+      this.schedule();
+    });
+  }
+
+  /** Usage changes when requests finish, which changes the status: fetch again then, at most every 2 s. */
+  private refreshUsage(version: number, force = false): void {
+    const now = Date.now();
+    if (!force && (version === this.usageVersion || now - this.usageFetchedAt < 2000)) {
+      if (version !== this.usageVersion && !this.usageTimer) {
+        this.usageTimer = setTimeout(() => {
+          this.usageTimer = null;
+          this.refreshUsage(this.state.status?.version ?? version);
+        }, 2000);
+      }
+      return;
+    }
+    this.usageVersion = version;
+    this.usageFetchedAt = now;
+    void fetchUsage(this.request).then(doc => {
+      this.usageDoc = doc;
+      this.schedule();
+    });
   }
 
   /** For tests and the command palette: swap from code. */
@@ -120,6 +154,9 @@ export class SwapServePanel extends Widget {
     }
     this.client.stop();
     this.stopTicker();
+    if (this.usageTimer) {
+      clearTimeout(this.usageTimer);
+    }
     if (this.frame) {
       cancelAnimationFrame(this.frame);
     }
@@ -175,5 +212,6 @@ export class SwapServePanel extends Widget {
   private render(): void {
     this.view.update(this.state, Date.now());
     this.quotas.update(this.quotaDoc, this.state.status);
+    this.usage.update(this.usageDoc);
   }
 }
