@@ -203,43 +203,41 @@ export class QuotaSection {
   }
 
   private render(doc: IQuotaDoc): void {
+    // one small form per user: a sidebar is too narrow for a table of seven inputs
     const fields = quotaFields(doc);
-    const table = h('table', '');
-    const head = h('tr', '');
-    head.appendChild(h('th', '', 'User'));
-    fields.forEach(f => head.appendChild(h('th', '', label(f))));
-    head.appendChild(h('th', '', 'per model'));
-    head.appendChild(h('th', '', ''));
-    table.appendChild(head);
+    const list = h('div', 'jp-SwapServe-quotaList');
     for (const q of doc.quotas) {
       const isDefault = q.user === DEFAULT_USER;
-      const tr = h('tr', '');
-      tr.dataset.user = q.user;
-      tr.appendChild(h('td', '', isDefault ? '* (everyone)' : q.user));
+      const row = h('fieldset', 'jp-SwapServe-quotaRow');
+      row.dataset.user = q.user;
+      row.appendChild(h('legend', 'jp-SwapServe-quotaUser', isDefault ? '* (everyone)' : q.user));
+      const grid = h('div', 'jp-SwapServe-quotaGrid');
       const inputs: Record<string, HTMLInputElement> = {};
-      for (const f of fields) {
-        const td = h('td', '');
+      const field = (name: string, value: string, placeholder: string): HTMLInputElement => {
+        const id = `jp-SwapServe-quota-${encodeURIComponent(q.user)}-${name}`;
+        const lab = h('label', 'jp-SwapServe-quotaLabel', label(name));
+        lab.htmlFor = id;
         const input = h('input', 'jp-mod-styled');
+        input.id = id;
         input.type = 'text';
-        input.inputMode = LIST_FIELDS.includes(f) ? 'text' : 'decimal';
-        input.value = inputValue(q[f]);
-        input.placeholder = LIST_FIELDS.includes(f) ? (isDefault ? 'all models' : 'default') : isDefault ? 'no limit' : 'default';
-        input.dataset.field = f;
-        input.setAttribute('aria-label', `${label(f)} of ${q.user}`);
+        input.value = value;
+        input.placeholder = placeholder;
+        input.dataset.field = name;
+        input.setAttribute('aria-label', `${label(name)} of ${q.user}`);
+        grid.append(lab, input);
+        return input;
+      };
+      for (const f of fields) {
+        const isList = LIST_FIELDS.includes(f);
+        const none = f === 'priority' ? '1' : isList ? 'all models' : 'no limit';
+        const input = field(f, inputValue(q[f]), isDefault ? none : 'default');
+        input.inputMode = isList ? 'text' : 'decimal';
         inputs[f] = input;
-        td.appendChild(input);
-        tr.appendChild(td);
       }
-      const modelsTd = h('td', '');
-      const models = h('input', 'jp-mod-styled jp-SwapServe-quotaModels');
-      models.type = 'text';
-      models.value = formatModelOverrides(q.models);
-      models.placeholder = 'gemma: tokens_per_day=1000';
-      models.dataset.field = 'models';
+      const models = field('models', formatModelOverrides(q.models), 'gemma: tokens_per_day=1000');
       models.setAttribute('aria-label', `per-model quotas of ${q.user}`);
-      modelsTd.appendChild(models);
-      tr.appendChild(modelsTd);
-      const actions = h('td', '');
+      row.appendChild(grid);
+      const actions = h('div', 'jp-SwapServe-quotaActions');
       const save = h('button', 'jp-SwapServe-button', 'Save');
       save.type = 'button';
       save.setAttribute('aria-label', `Save the quotas of ${q.user}`);
@@ -255,11 +253,11 @@ export class QuotaSection {
         );
         actions.appendChild(remove);
       }
-      tr.appendChild(actions);
-      table.appendChild(tr);
+      row.appendChild(actions);
+      list.appendChild(row);
     }
     this.body.textContent = '';
-    this.body.appendChild(table);
+    this.body.appendChild(list);
   }
 
   /** The PUT body from the row's inputs, or a message naming the bad field. */

@@ -82,7 +82,7 @@ describe('admin quotas', () => {
     expect(section.node.hidden).toBe(true);
     section.update(doc, status());
     expect(section.node.hidden).toBe(false);
-    const rows = section.node.querySelectorAll('tr[data-user]');
+    const rows = section.node.querySelectorAll('fieldset[data-user]');
     expect(Array.from(rows).map(r => (r as HTMLElement).dataset.user)).toEqual(['*', 'alice']);
     const alice = rows[1] as HTMLElement;
     const input = (field: string) => alice.querySelector(`input[data-field="${field}"]`) as HTMLInputElement;
@@ -110,7 +110,7 @@ describe('admin quotas', () => {
       return { status: 200, body: {} };
     });
     section.update(doc, status());
-    const alice = section.node.querySelectorAll('tr[data-user]')[1] as HTMLElement;
+    const alice = section.node.querySelectorAll('fieldset[data-user]')[1] as HTMLElement;
     (alice.querySelector('input[data-field="max_concurrent"]') as HTMLInputElement).value = 'two';
     (alice.querySelector('button') as HTMLButtonElement).click();
     await new Promise(r => setTimeout(r, 0));
@@ -125,7 +125,7 @@ describe('admin quotas', () => {
         : { status: 400, body: { error: { message: "'priority' must be greater than 0", param: 'priority' } } }
     );
     section.update(doc, status());
-    const alice = section.node.querySelectorAll('tr[data-user]')[1] as HTMLElement;
+    const alice = section.node.querySelectorAll('fieldset[data-user]')[1] as HTMLElement;
     (alice.querySelector('button') as HTMLButtonElement).click();
     await new Promise(r => setTimeout(r, 0));
     const line = section.node.querySelector('.jp-SwapServe-quotaStatus')?.textContent ?? '';
