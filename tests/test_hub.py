@@ -87,6 +87,13 @@ def test_usage_is_attributed_to_each_hub_user(hub: Hub) -> None:
     r = httpx.put(hub.user_url("bob") + "swapserve/api/quotas/bob", headers=hub.headers("bob"),
                   json={"tokens_per_day": 10**9}, timeout=30)
     assert r.status_code == 403
+    # nor push out the model someone else waits for: manual swaps are for admins on a shared node
+    r = httpx.post(hub.user_url("bob") + "swapserve/api/models/gemma/swap-out", headers=hub.headers("bob"),
+                   timeout=30)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+    r = httpx.post(hub.user_url("teacher") + "swapserve/api/models/gemma/swap-in", headers=hub.headers("teacher"),
+                   timeout=120)
+    assert r.status_code == 200 and r.json()["state"] == "running"
 
 
 def test_admin_quota_applies_to_one_user_only(hub: Hub) -> None:

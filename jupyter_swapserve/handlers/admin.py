@@ -25,6 +25,9 @@ class SchemaHandler(SwapServeHandler):
 class SwapHandler(SwapServeHandler):
     async def post(self, name: str, direction: str) -> None:
         self.require_user("write")
+        # on a shared node, moving engines by hand is for admins: a user could otherwise push out the
+        # model another user is waiting for (a standalone server's one user is its admin)
+        self.require_admin()
         try:
             if direction == "swap-in":
                 waited = await self.service.swap_in(name)
