@@ -74,6 +74,7 @@ class Scheduler:
         self._device_locks = {d.index: asyncio.Lock() for d in monitor.devices}
         self._background: set[asyncio.Task[Any]] = set()
         self._runtime_factory = runtime_factory or make_runtime
+        self.observers: list[Any] = []  # metrics, event log: swap_recorded(...), engine_failed(...)
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None))
         for b in backends.values():
             b.on_change = notifier.notify
@@ -103,6 +104,8 @@ class Scheduler:
 
     def _record(self, backend: Backend, what: str, steps: SwapSteps) -> None:
         backend.last_steps = steps.timings
+        for observer in self.observers:
+            observer.swap_recorded(backend.name, what, steps.timings)
         log.info("%s %s: %s", backend.name, what,
                  ", ".join(f"{t.step} {t.seconds * 1000:.1f} ms{'' if t.ok else ' FAILED'}" for t in steps.timings))
 
@@ -409,6 +412,8 @@ class Scheduler:
             await self._fail(backend, reason)
 
     async def _fail(self, backend: Backend, reason: str) -> None:
+        for observer in self.observers:
+            observer.engine_failed(backend.name, reason)
         backend.failures += 1
         backend.failed_at = time.monotonic()
         backend.release_all()
