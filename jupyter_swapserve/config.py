@@ -65,6 +65,8 @@ class ModelConfig:
     warmup: bool = True
     sleep_level: int = 1
     residual: str = "checkpoint"
+    residency_quantum: float = 2.0
+    residency_multiple: float = 4.0
 
     @property
     def devices(self) -> list[int]:

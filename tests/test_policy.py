@@ -59,3 +59,24 @@ def test_equal_load_goes_to_the_lower_priority_first() -> None:
     # priority only breaks ties: fewer requests still come first
     backends = [snap("vip", queued=0, priority=0.0), snap("plain", queued=2, priority=1.0)]
     assert choose_victims(backends, 0, 4, 0, "x").victims == ("vip",)
+
+
+def test_residency_quantum_is_a_multiple_of_the_swap_cost_with_a_floor_and_a_cap() -> None:
+    from jupyter_swapserve.service.policy import residency_quantum
+
+    assert residency_quantum(None, None, multiple=4, floor_s=2) == 2  # never measured: the floor
+    assert residency_quantum(0.002, 0.001, multiple=4, floor_s=2) == 2  # a CPU freeze/thaw: the floor
+    assert residency_quantum(1.3, 1.7, multiple=4, floor_s=2) == 12  # a contended GPU swap: 4 x 3 s
+    assert residency_quantum(100, 100, multiple=4, floor_s=2, cap_s=60) == 60
+    assert residency_quantum(1, 1, multiple=0, floor_s=0) == 0  # off
+
+
+def test_a_model_with_waiting_requests_keeps_the_device_for_its_quantum() -> None:
+    fresh = snap("fresh", queued=5, served_since_swap_in=True, resident_for=1.0, quantum=8.0)
+    assert choose_victims([fresh], 0, 4, 0, "x").victims == ()  # protected: swapped in 1 s ago for 5 requests
+    due = snap("due", queued=5, served_since_swap_in=True, resident_for=9.0, quantum=8.0)
+    assert choose_victims([due], 0, 4, 0, "x").victims == ("due",)
+    idle = snap("idle", queued=0, served_since_swap_in=True, resident_for=0.5, quantum=8.0)
+    assert choose_victims([idle], 0, 4, 0, "x").victims == ("idle",)  # nothing waits for it: no protection
+    unserved = snap("unserved", queued=1, served_since_swap_in=False, resident_for=60.0, quantum=8.0)
+    assert choose_victims([unserved], 0, 4, 0, "x").victims == ()  # never pushed out before serving one

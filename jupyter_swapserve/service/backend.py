@@ -157,6 +157,8 @@ class Backend:
     served_since_swap_in: bool = True
     #: the highest quota priority among waiting requests (kept by SwapService.admit): the policy's tie-breaker
     queued_priority: float = 0.0
+    #: time.monotonic() when the engine last came onto the device (its residency quantum counts from here)
+    resident_since: float = 0.0
     slept: bool = False  # the engine-aware sleep hook ran on the last swap-out
     checkpointed_pids: list[int] = field(default_factory=list)
     error: str | None = None

@@ -2,9 +2,11 @@
 
 Among running engines on the device, prefer the fewest queued + in-flight requests; ties go to
 the engine whose waiting requests have the lower quota priority, then to the least recently
-used. Never a pinned engine, never the requester, and never an engine that was swapped in for
-waiting requests and has not yet served one of them (otherwise two busy models can evict each
-other forever without either making progress).
+used. Never a pinned engine, never the requester, and never an engine that still has waiting
+requests and has not yet held the device for its residency quantum: a swap costs seconds on a
+GPU, so a model swapped in for a queue serves it for a while (batched, with the engine's real
+concurrency) before it can be pushed out again. Without that, two busy models evict each other
+after every request, and a contended node spends its time swapping (one swap per request).
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ class BackendSnapshot:
     served_since_swap_in: bool = True
     #: the highest quota priority among the engine's waiting requests (0 when none wait)
     priority: float = 0.0
+    #: seconds since the engine last came onto the device (swap-in or start)
+    resident_for: float = float("inf")
+    #: how long it keeps the device while it has waiting requests (see residency_quantum)
+    quantum: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -35,13 +41,28 @@ class VictimPlan:
     sufficient: bool
 
 
+def residency_quantum(last_swap_in_s: float | None, last_swap_out_s: float | None, multiple: float,
+                      floor_s: float, cap_s: float = 300.0) -> float:
+    """How long a model swapped in for waiting requests keeps the device while requests wait: a
+    multiple of what its swap costs (out and back in), at least ``floor_s``, at most ``cap_s``.
+    Longer amortises each swap over more requests (throughput); shorter lets another model's
+    waiting requests in sooner (latency)."""
+    cost = (last_swap_in_s or 0.0) + (last_swap_out_s or 0.0)
+    return max(0.0, min(cap_s, max(floor_s, multiple * cost)))
+
+
+def protected(s: BackendSnapshot) -> bool:
+    """Still owed its quantum: it has waiting requests, and has not served one or not held the device long."""
+    return s.queued > 0 and (not s.served_since_swap_in or s.resident_for < s.quantum)
+
+
 def evictable(s: BackendSnapshot, device: int, requester: str) -> bool:
     return (
         s.device == device
         and s.state == "running"
         and not s.pinned
         and s.name != requester
-        and (s.served_since_swap_in or s.queued == 0)
+        and not protected(s)
     )
 
 

@@ -24,7 +24,7 @@ from ..runtime import make_runtime
 from ..runtime.process import RuntimeStepError
 from .backend import Backend, DrainTimeout, State, SwapStepError, SwapSteps
 from .events import Notifier
-from .policy import BackendSnapshot, choose_victims
+from .policy import BackendSnapshot, choose_victims, residency_quantum
 from .reservations import Reservation, ReservationGroup, ReservationManager, ReservationTooLarge
 
 log = logging.getLogger(__name__)
@@ -86,12 +86,16 @@ class Scheduler:
     def snapshots(self) -> list[BackendSnapshot]:
         """One snapshot per backend and device it uses: an engine spanning two GPUs is a candidate
         victim on each, and evicting it frees memory on both."""
+        now = time.monotonic()
         return [
             BackendSnapshot(
                 name=b.name, device=device, state=b.state.value,
                 memory_gib=b.reservation.gib if b.reservation else (b.memory_gib or 0.0),  # what a swap-out frees
                 queued=b.queued, in_flight=b.in_flight, last_used=b.last_used, pinned=b.config.pinned,
                 served_since_swap_in=b.served_since_swap_in, priority=b.queued_priority,
+                resident_for=now - b.resident_since if b.resident_since else float("inf"),
+                quantum=residency_quantum(b.last_swap_in_seconds, b.last_swap_out_seconds,
+                                          b.config.residency_multiple, b.config.residency_quantum),
             )
             for b in self.backends.values() for device in b.devices
         ]
@@ -219,6 +223,7 @@ class Scheduler:
         backend.last_cold_start_seconds = time.perf_counter() - t0
         backend.failures = 0
         backend.last_used = time.time()
+        backend.resident_since = time.monotonic()
         backend.served_since_swap_in = False
         backend.set_state(State.RUNNING)
         log.info("%s started in %.2f s", backend.name, backend.last_cold_start_seconds)
@@ -309,6 +314,7 @@ class Scheduler:
         backend.swap_in_history.append((time.time(), elapsed))
         backend.swaps_in += 1
         backend.last_used = time.time()
+        backend.resident_since = time.monotonic()
         backend.served_since_swap_in = False
         self._record(backend, "swap-in", steps)
         backend.set_state(State.RUNNING)

@@ -1,0 +1,59 @@
+"""Swapping under contention with real engine processes (http.server stands in for an engine) on a
+virtual device with room for one model: a burst over three models is served with few swaps when
+each swap-in keeps the device for its residency quantum, and with one swap per request or so
+without it; every request is served and the books balance."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from jupyter_swapserve.config import parse_models
+from jupyter_swapserve.service import SwapService
+
+
+def service(tmp_path: Path, quantum: float, multiple: float) -> SwapService:
+    models = [{"name": n, "engine": "command", "command": ["{python}", "-m", "http.server", "--bind", "{host}",
+                                                           "{port}", "--directory", str(tmp_path)],
+               "ready_path": "/", "warmup": False, "memory_gib": 0.6, "residency_quantum": quantum,
+               "residency_multiple": multiple} for n in ("a", "b", "c")]
+    return SwapService(parse_models({"devices": [{"virtual": True, "memory_gib": 1.0}], "models": models}))
+
+
+async def burst(svc: SwapService, per_model: int, hold: float) -> tuple[int, int, float]:
+    """Requests for a, b, c interleaved, all at once; returns (served, swap-ins, max reserved/capacity)."""
+    served = 0
+    worst = 0.0
+    manager = svc.scheduler.reservations[0]
+
+    async def one(model: str) -> None:
+        nonlocal served, worst
+        async with svc.admit(model, "user"):
+            worst = max(worst, manager.granted_gib / manager.capacity_gib)
+            await asyncio.sleep(hold)
+            served += 1
+
+    before = sum(b.swaps_in for b in svc.backends.values())
+    await asyncio.gather(*(one(m) for _ in range(per_model) for m in ("a", "b", "c")))
+    return served, sum(b.swaps_in for b in svc.backends.values()) - before, worst
+
+
+async def run(tmp_path: Path, quantum: float, multiple: float) -> tuple[int, int, float]:
+    svc = service(tmp_path, quantum, multiple)
+    svc.start()
+    await svc.wait_started(60)
+    try:
+        return await asyncio.wait_for(burst(svc, per_model=15, hold=0.02), 120)
+    finally:
+        await svc.close()
+        assert svc.scheduler.reservations[0].granted_gib == 0
+
+
+async def test_a_burst_is_served_with_few_swaps_thanks_to_the_residency_quantum(tmp_path: Path) -> None:
+    served, swaps, worst = await run(tmp_path, quantum=2.0, multiple=4.0)
+    assert served == 45 and worst <= 1.0
+    # each model is swapped in about once and serves its whole queue: far from one swap per request
+    assert swaps <= 6, swaps
+    served_off, swaps_off, worst_off = await run(tmp_path, quantum=0.0, multiple=0.0)
+    assert served_off == 45 and worst_off <= 1.0
+    assert swaps_off >= 3 * swaps, (swaps_off, swaps)  # without the quantum the models push each other out
