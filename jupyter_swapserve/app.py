@@ -70,6 +70,11 @@ class SwapServe(ExtensionApp):
              "Empty: $SWAPSERVE_UPSTREAM_URL, else asked from the hub (GET /hub/api/services/<hub_service_name>).",
     )
     hub_service_name = Unicode("swapserve", config=True, help="The JupyterHub service that runs the shared service.")
+    event_log = Unicode(
+        "", config=True,
+        help="JSON-lines log of every swap, eviction and engine failure. Empty: "
+             "<Jupyter data dir>/swapserve/events.jsonl. 'none': no event log.",
+    )
 
     def _resolve_mode(self) -> tuple[str, str | None]:
         if self.mode in ("standalone", "service"):
@@ -135,6 +140,23 @@ class SwapServe(ExtensionApp):
         self.service = SwapService(models, idle_check_interval=self.idle_check_interval,
                                    accounting=self._make_accounting())
         self.settings["swapserve_service"] = self.service
+        self._observe(self.service)
+
+    def _observe(self, service: SwapService) -> None:
+        """Prometheus metrics (GET /swapserve/metrics) and the event log, fed by the scheduler."""
+        from .service.eventlog import EventLog
+        from .service.metrics import SwapMetrics
+
+        metrics = SwapMetrics(list(service.backends), status=service.status)
+        service.scheduler.observers.append(metrics)
+        self.settings["swapserve_metrics"] = metrics
+        if self.event_log.lower() != "none":
+            path = Path(self.event_log) if self.event_log else Path(jupyter_data_dir()) / "swapserve" / "events.jsonl"
+            try:
+                service.scheduler.observers.append(EventLog(path))
+                self.log.info("jupyter-swapserve: event log %s", path)
+            except OSError as exc:
+                raise SystemExit(f"jupyter-swapserve: SwapServe.event_log: cannot open {path}: {exc}") from None
 
     def initialize_handlers(self) -> None:
         self.handlers.extend(proxy_handlers() if self.upstream is not None else handlers())

@@ -83,6 +83,8 @@ def run_server(models_file: Path | str = DEMO_MODELS, lab: bool = False, extra_a
     if not any(a.startswith("--SwapServe.quota_db_url") for a in argv):
         # each server its own quota database, unless the test shares one across a restart
         argv.append(f"--SwapServe.quota_db_url=sqlite:///{root}/quotas.sqlite")
+    if not any(a.startswith("--SwapServe.event_log") for a in argv):
+        argv.append(f"--SwapServe.event_log={root}/events.jsonl")  # each server its own event log
     if os.geteuid() == 0:
         argv.append("--allow-root")
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}

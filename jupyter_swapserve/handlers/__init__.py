@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from .admin import SchemaHandler, StatusHandler, SwapHandler
 from .events import EventsHandler
+from .fallback import fallback_handlers
+from .metrics import MetricsHandler
 from .openai import CompletionsHandler, ModelsHandler
 from .quotas import QuotasHandler, UsageHandler, UserQuotaHandler
 
@@ -20,4 +22,6 @@ def handlers() -> list[tuple]:
         (r"/swapserve/api/quotas", QuotasHandler),
         (r"/swapserve/api/quotas/([^/]+)", UserQuotaHandler),
         (r"/swapserve/api/usage", UsageHandler),
+        (r"/swapserve/metrics", MetricsHandler),
+        *fallback_handlers(),  # last: unknown /swapserve/ paths get an OpenAI-shaped 404
     ]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from asyncio import Future
 from http import HTTPStatus
 from typing import Any
 
@@ -101,7 +103,34 @@ class SwapServeHandler(APIHandler):
             raise OpenAIError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
+        self._json_body = body  # its model labels this request's metrics
         return body
+
+    # ---- metrics (handlers/metrics.py): every request by route, model and status; queue wait and
+    # time to first token from what the OpenAI routes already report ---------------------------
+    def _metrics_model(self) -> Any:
+        return (getattr(self, "_json_body", None) or {}).get("model")
+
+    def flush(self, include_footers: bool = False) -> Future[None]:
+        metrics = self.settings.get("swapserve_metrics")
+        if (metrics is not None and not getattr(self, "_first_flush_seen", False)
+                and str(self._headers.get("Content-Type", "")).startswith("text/event-stream")
+                and self._metrics_model() is not None):
+            self._first_flush_seen = True
+            metrics.first_token(self._metrics_model(), time.time() - self.request._start_time)
+        return super().flush(include_footers)
+
+    def on_finish(self) -> None:
+        super().on_finish()
+        metrics = self.settings.get("swapserve_metrics")
+        if metrics is None:
+            return
+        model = self._metrics_model()
+        metrics.request(getattr(self, "upstream_path", None) or type(self).__name__, model, self.get_status())
+        queued = self._headers.get("x-swapserve-queue-seconds")
+        swapped = self._headers.get("x-swapserve-swap-in-seconds")
+        if queued is not None and swapped is not None:
+            metrics.admitted(model, float(queued), float(swapped))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
