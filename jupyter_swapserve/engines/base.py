@@ -77,6 +77,8 @@ class EngineAdapter:
 
     def warmup_request(self) -> tuple[str, dict[str, Any]]:
         """One cheap request that makes the engine do real work before its startup snapshot."""
+        if self.model.api == "embedding":
+            return "/v1/embeddings", {"model": self.upstream_model_name(), "input": "Hello"}
         if self.model.api == "completion":
             return "/v1/completions", {"model": self.upstream_model_name(), "prompt": "Hello", "max_tokens": 1}
         return "/v1/chat/completions", {

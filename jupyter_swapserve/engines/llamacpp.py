@@ -76,6 +76,7 @@ class LlamaCppAdapter(EngineAdapter):
             "--model_alias", self.upstream_model_name(),
             "--host", self.bind_host,
             "--port", str(port),
+            *(["--embedding", "true"] if self.model.api == "embedding" else []),  # /v1/embeddings
             *self.model.args,
         ]
         return LaunchSpec(argv=argv, port=port, env=dict(self.model.env), mounts=mounts)
