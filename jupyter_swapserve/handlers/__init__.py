@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from .admin import SchemaHandler, StatusHandler, SwapHandler
+from .embeddings import EmbeddingsHandler
 from .events import EventsHandler
 from .fallback import fallback_handlers
 from .metrics import MetricsHandler
 from .openai import CompletionsHandler, ModelsHandler
+from .prefetch import PrefetchHandler
 from .quotas import QuotasHandler, UsageHandler, UserQuotaHandler
 
 
@@ -15,10 +17,12 @@ def handlers() -> list[tuple]:
         (r"/swapserve/v1/models", ModelsHandler),
         (r"/swapserve/v1/chat/completions", CompletionsHandler, {"upstream_path": "/v1/chat/completions"}),
         (r"/swapserve/v1/completions", CompletionsHandler, {"upstream_path": "/v1/completions"}),
+        (r"/swapserve/v1/embeddings", EmbeddingsHandler),
         (r"/swapserve/api/status", StatusHandler),
         (r"/swapserve/api/events", EventsHandler),
         (r"/swapserve/api/schema", SchemaHandler),
         (r"/swapserve/api/models/([^/]+)/(swap-in|swap-out)", SwapHandler),
+        (r"/swapserve/api/models/([^/]+)/prefetch", PrefetchHandler),
         (r"/swapserve/api/quotas", QuotasHandler),
         (r"/swapserve/api/quotas/([^/]+)", UserQuotaHandler),
         (r"/swapserve/api/usage", UsageHandler),
