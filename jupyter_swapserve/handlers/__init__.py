@@ -8,6 +8,7 @@ from .events import EventsHandler
 from .fallback import fallback_handlers
 from .metrics import MetricsHandler
 from .openai import CompletionsHandler, ModelsHandler
+from .openapi import OpenAPIHandler
 from .prefetch import PrefetchHandler
 from .quotas import QuotasHandler, UsageHandler, UserQuotaHandler
 
@@ -26,6 +27,7 @@ def handlers() -> list[tuple]:
         (r"/swapserve/api/quotas", QuotasHandler),
         (r"/swapserve/api/quotas/([^/]+)", UserQuotaHandler),
         (r"/swapserve/api/usage", UsageHandler),
+        (r"/swapserve/api/openapi.json", OpenAPIHandler),
         (r"/swapserve/metrics", MetricsHandler),
         *fallback_handlers(),  # last: unknown /swapserve/ paths get an OpenAI-shaped 404
     ]

@@ -114,6 +114,8 @@ class SwapMetrics:
             r.register(_StatusGauges(status))
 
     def model_label(self, model: Any) -> str:
+        if model is None:
+            return ""  # a route without a model (status, quotas...)
         return model if isinstance(model, str) and model in self.models else UNKNOWN_MODEL
 
     # ---- the scheduler's observer interface ------------------------------------------------
