@@ -330,6 +330,18 @@ class SwapServeClient:
             raise LLMError(f"Unknown model '{name}'. Available models: {listed}.")
         return models[name]
 
+    def prefetch(self, name: str) -> str | None:
+        """An intent hint: the server starts swapping the model in ahead of the request if that evicts
+        nothing busy, and answers at once ('running', 'starting' or why it declined). None when the
+        hint could not be sent: the request itself will report any problem."""
+        try:
+            conn = self.connection
+            r = self.http.post(f"{conn.base_url}swapserve/api/models/{name}/prefetch", headers=_auth(conn),
+                               content=b"{}", timeout=5.0)
+            return str(r.json().get("prefetch")) if r.status_code in (200, 202) else None
+        except (httpx.HTTPError, ValueError, LLMError, AttributeError):
+            return None
+
     def swap(self, name: str, direction: str) -> dict[str, Any]:
         return self.request("POST", f"swapserve/api/models/{name}/{direction}", content=b"{}")
 

@@ -201,6 +201,8 @@ class LLMMagics(Magics):
         if not argv:
             raise UsageError(f"%%llm needs a model name.\n{USAGE}")
         args = _cell_parser().parse_args(argv)
+        # the intent hint first: the model's swap-in overlaps with rendering the prompt and the request
+        hinted = self.client.prefetch(args.model)
         ns = self.shell.user_ns
         prompt = interpolate(cell, ns).strip()
         if not prompt:
@@ -212,7 +214,7 @@ class LLMMagics(Magics):
                           temperature=args.temperature, seed=args.seed)
         out = _Output(args.format)
         try:
-            text, stream_note = self._stream(args.model, api, body, out)
+            text, stream_note = self._stream(args.model, api, body, out, prefetched=hinted == "starting")
         except KeyboardInterrupt:
             # leaving the stream's `with` block closed the connection: the server cancels the request
             out.set_status("")
@@ -228,7 +230,8 @@ class LLMMagics(Magics):
             self.conversations.setdefault(args.model, []).extend(
                 [{"role": "user", "content": prompt}, {"role": "assistant", "content": text}])
 
-    def _stream(self, model: str, api: str, body: dict[str, Any], out: _Output) -> tuple[str, str]:
+    def _stream(self, model: str, api: str, body: dict[str, Any], out: _Output,
+                prefetched: bool = False) -> tuple[str, str]:
         """Stream the answer into out; the answer's text and the line about swap and queue."""
         waiter = Waiter(self.client, model, out.set_status)
         waiter.start()
@@ -239,6 +242,8 @@ class LLMMagics(Magics):
                 notes = []
                 if stream.swap_in_seconds > 0:
                     notes.append(f"{model} swapped in, {seconds(stream.swap_in_seconds)}")
+                elif prefetched:
+                    notes.append(f"{model} swapped in, ahead of the request (prefetch)")
                 if stream.queue_seconds >= 0.1:
                     notes.append(f"queued {seconds(stream.queue_seconds)}")
                 note = " · ".join(notes)

@@ -225,3 +225,16 @@ def test_unexpected_exception_type_maps_to_openai_error(demo_server: ServerHandl
     assert r.json()["error"]["message"]
     with pytest.raises(APIStatusError):
         client(demo_server).with_options(max_retries=0).post("/completions", cast_to=dict, body={"model": "gemma"})
+
+
+def test_prefetch_hint_route(demo_server: ServerHandle) -> None:
+    r = httpx.post(demo_server.url + "swapserve/api/models/smollm2/prefetch", headers=demo_server.headers(),
+                   timeout=30)
+    assert r.status_code in (200, 202), r.text
+    assert r.json()["model"] == "smollm2"
+    # the demo device may be busy with another test's model: the hint may be declined, never an error
+    assert r.json()["prefetch"] in ("running", "starting") or r.json()["prefetch"].startswith("declined")
+    r = httpx.post(demo_server.url + "swapserve/api/models/nosuch/prefetch", headers=demo_server.headers(),
+                   timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert httpx.post(demo_server.url + "swapserve/api/models/smollm2/prefetch", timeout=30).status_code == 401

@@ -57,3 +57,32 @@ async def test_a_burst_is_served_with_few_swaps_thanks_to_the_residency_quantum(
     served_off, swaps_off, worst_off = await run(tmp_path, quantum=0.0, multiple=0.0)
     assert served_off == 45 and worst_off <= 1.0
     assert swaps_off >= 3 * swaps, (swaps_off, swaps)  # without the quantum the models push each other out
+
+
+async def test_prefetch_swaps_in_ahead_of_need_but_never_evicts_a_busy_model(tmp_path: Path) -> None:
+    svc = service(tmp_path, quantum=2.0, multiple=4.0)
+    svc.start()
+    await svc.wait_started(60)
+    try:
+        assert svc.prefetch("a") == "starting"  # free memory: swapped in in the background
+        for _ in range(100):
+            if svc.backends["a"].state.value == "running":
+                break
+            await asyncio.sleep(0.05)
+        assert svc.backends["a"].state.value == "running"
+        assert svc.prefetch("a") == "running"
+        # a is idle: a hint for b may push it out
+        assert svc.prefetch("b") == "starting"
+        for _ in range(100):
+            if svc.backends["b"].state.value == "running":
+                break
+            await asyncio.sleep(0.05)
+        assert svc.backends["b"].state.value == "running" and svc.backends["a"].state.value == "swapped_out"
+        # b is serving: a hint for c is declined and nothing moves
+        async with svc.admit("b", "user"):
+            outcome = svc.prefetch("c")
+            assert outcome.startswith("declined") and "busy" in outcome
+            assert svc.backends["c"].state.value == "swapped_out"
+        assert svc.scheduler.reservations[0].granted_gib <= 1.0
+    finally:
+        await svc.close()

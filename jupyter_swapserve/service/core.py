@@ -233,6 +233,10 @@ class SwapService:
     async def swap_in(self, name: str) -> float:
         return await self.scheduler.ensure_running(self.backend(name))
 
+    def prefetch(self, name: str) -> str:
+        """An intent hint (a cell about to ask this model): see Scheduler.prefetch."""
+        return self.scheduler.prefetch(self.backend(name))
+
     async def swap_out(self, name: str) -> bool:
         backend = self.backend(name)
         if backend.config.pinned:

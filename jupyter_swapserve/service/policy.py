@@ -88,3 +88,11 @@ def choose_victims(
         if freed >= need_gib:
             return VictimPlan(tuple(victims), True)
     return VictimPlan(tuple(victims), False)
+
+
+def prefetch_victims(backends: Sequence[BackendSnapshot], device: int, need_gib: float, free_gib: float,
+                     requester: str) -> VictimPlan:
+    """For an intent hint (prefetch): only idle engines may make room, never one that is serving or
+    has requests waiting. ``sufficient=False`` means the hint is declined."""
+    idle = [s for s in backends if s.queued == 0 and s.in_flight == 0]
+    return choose_victims(idle, device, need_gib, free_gib, requester)

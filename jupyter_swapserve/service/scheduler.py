@@ -24,7 +24,7 @@ from ..runtime import make_runtime
 from ..runtime.process import RuntimeStepError
 from .backend import Backend, DrainTimeout, State, SwapStepError, SwapSteps
 from .events import Notifier
-from .policy import BackendSnapshot, choose_victims, residency_quantum
+from .policy import BackendSnapshot, choose_victims, prefetch_victims, residency_quantum
 from .reservations import Reservation, ReservationGroup, ReservationManager, ReservationTooLarge
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,33 @@ class Scheduler:
                     await self._wait_backoff(backend)
                     await self.cold_start(backend, snapshot=False)
         return time.perf_counter() - t0
+
+    def prefetch(self, backend: Backend) -> str:
+        """An intent hint: swap the engine in ahead of need if that evicts nothing busy. Returns what
+        happens: 'running', 'starting' (a swap-in began in the background) or why it was declined."""
+        if backend.state == State.RUNNING:
+            return "running"
+        if backend.state in (State.SWAPPING_IN, State.STARTING):
+            return "starting"
+        if backend.state not in (State.SWAPPED_OUT, State.STOPPED):
+            return f"declined: the model is {backend.state.value}"
+        kept = backend.residual_reservation.gib if backend.residual_reservation else 0.0
+        need = max(0.0, float(backend.memory_gib or 0) - kept) if backend.memory_gib is not None else None
+        for device in backend.devices:
+            manager = self.reservations[device]
+            if need is None:
+                return "declined: its size is not measured yet"
+            plan = prefetch_victims(self.snapshots(), device, need, manager.free_gib, backend.name)
+            if not plan.sufficient:
+                return "declined: no free memory without evicting a busy model"
+        task = asyncio.create_task(self._prefetch(backend))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return "starting"
+
+    async def _prefetch(self, backend: Backend) -> None:
+        with contextlib.suppress(EngineUnavailable):
+            await self.ensure_running(backend)
 
     async def _wait_backoff(self, backend: Backend) -> None:
         if backend.failures == 0:
