@@ -64,7 +64,7 @@ class ModelConfig:
     request_timeout: float = 600.0
     warmup: bool = True
     sleep_level: int = 1
-    residual: str = "checkpoint"
+    residual: str = "auto"
     residency_quantum: float = 2.0
     residency_multiple: float = 4.0
 
@@ -164,8 +164,10 @@ def _semantic_problem(model: ModelConfig, devices: list[DeviceConfig] | None) ->
     missing = [d for d in model.devices if devices is not None and d >= len(devices)]
     if missing:
         return f"field 'device': {missing[0]} does not exist (the file declares {len(devices or [])} device(s))"
-    if model.residual == "keep" and len(model.devices) > 1:
-        return "field 'residual': 'keep' is for single-device engines"
+    if model.residual in ("keep", "auto") and len(model.devices) > 1:
+        if model.residual == "keep":
+            return "field 'residual': 'keep' is for single-device engines"
+        model.residual = "checkpoint"  # auto: an engine spanning devices always checkpoints its residual
     return None
 
 

@@ -80,3 +80,16 @@ def test_a_model_with_waiting_requests_keeps_the_device_for_its_quantum() -> Non
     assert choose_victims([idle], 0, 4, 0, "x").victims == ("idle",)  # nothing waits for it: no protection
     unserved = snap("unserved", queued=1, served_since_swap_in=False, resident_for=60.0, quantum=8.0)
     assert choose_victims([unserved], 0, 4, 0, "x").victims == ()  # never pushed out before serving one
+
+
+def test_residual_auto_keeps_while_there_is_room_and_lru_residuals_make_room_first() -> None:
+    from jupyter_swapserve.service.policy import ResidualSnapshot, keeps_residual, movable_residuals
+
+    assert keeps_residual("keep", room=False) and keeps_residual("auto", room=True)
+    assert not keeps_residual("auto", room=False) and not keeps_residual("checkpoint", room=True)
+    kept = [ResidualSnapshot("new", 0.9, 300, "auto"), ResidualSnapshot("old", 0.9, 100, "auto"),
+            ResidualSnapshot("fixed", 0.9, 50, "keep"), ResidualSnapshot("mid", 0.9, 200, "auto")]
+    assert movable_residuals(kept, 0.5) == ("old",)  # least recently used first, only as many as needed
+    assert movable_residuals(kept, 1.5) == ("old", "mid")
+    assert movable_residuals(kept, 80) == ("old", "mid", "new")  # never a residual: keep one
+    assert movable_residuals(kept, 0) == ()

@@ -96,3 +96,35 @@ def prefetch_victims(backends: Sequence[BackendSnapshot], device: int, need_gib:
     has requests waiting. ``sufficient=False`` means the hint is declined."""
     idle = [s for s in backends if s.queued == 0 and s.in_flight == 0]
     return choose_victims(idle, device, need_gib, free_gib, requester)
+
+
+@dataclass(frozen=True)
+class ResidualSnapshot:
+    """A sleeping engine's residual kept on the GPU (CUDA context, allocator pools)."""
+
+    name: str
+    gib: float
+    last_used: float
+    residual: str  # the model's `residual` option: keep | auto
+
+
+def keeps_residual(option: str, room: bool) -> bool:
+    """After the sleep hook: keep the residual on the GPU (swap-in skips the driver restore)?
+    keep: always; auto: while nobody waits for memory on the device; checkpoint: never."""
+    return option == "keep" or (option == "auto" and room)
+
+
+def movable_residuals(kept: Sequence[ResidualSnapshot], short_gib: float) -> tuple[str, ...]:
+    """Which kept residuals to checkpoint, least recently used first, to find ``short_gib`` more:
+    cheaper than evicting an engine that serves (a residual is ~1 GiB of state nobody uses now).
+    Only `residual: auto` ones; the shortest such prefix, or all of them when that is not enough."""
+    if short_gib <= 0:
+        return ()
+    chosen: list[str] = []
+    found = 0.0
+    for r in sorted((r for r in kept if r.residual == "auto"), key=lambda r: (r.last_used, r.name)):
+        chosen.append(r.name)
+        found += r.gib
+        if found >= short_gib:
+            break
+    return tuple(chosen)

@@ -24,7 +24,15 @@ from ..runtime import make_runtime
 from ..runtime.process import RuntimeStepError
 from .backend import Backend, DrainTimeout, State, SwapStepError, SwapSteps
 from .events import Notifier
-from .policy import BackendSnapshot, choose_victims, prefetch_victims, residency_quantum
+from .policy import (
+    BackendSnapshot,
+    ResidualSnapshot,
+    choose_victims,
+    keeps_residual,
+    movable_residuals,
+    prefetch_victims,
+    residency_quantum,
+)
 from .reservations import Reservation, ReservationGroup, ReservationManager, ReservationTooLarge
 
 log = logging.getLogger(__name__)
@@ -100,6 +108,11 @@ class Scheduler:
             for b in self.backends.values() for device in b.devices
         ]
 
+    def snapshots_of_residuals(self, device: int) -> list[ResidualSnapshot]:
+        return [ResidualSnapshot(b.name, b.residual_reservation.gib, b.last_used, b.config.residual)
+                for b in self.backends.values()
+                if device in b.devices and b.residual_reservation is not None and b.state == State.SWAPPED_OUT]
+
     async def _driver(self, step: str, call: Callable[..., Any], pid: int, *args: Any) -> None:
         """A checkpoint driver call in a thread, never awaited for longer than it can take: a
         hung call (restore of a frozen process) fails the step instead of the whole service."""
@@ -133,9 +146,11 @@ class Scheduler:
         manager = self.reservations[device]
         lock = self._device_locks[device]
         while True:
-            # pinned models and kept residuals never leave: if they leave too little, waiting cannot help
+            # pinned models and residuals kept by `residual: keep` never leave: if they leave too little,
+            # waiting cannot help (residuals kept by `residual: auto` are checkpointed to make room)
             pinned = sum((b.reservation.gib if b.config.pinned and b.reservation else 0.0)
-                         + (b.residual_reservation.gib if b.residual_reservation else 0.0)
+                         + (b.residual_reservation.gib if b.residual_reservation and b.config.residual == "keep"
+                            else 0.0)
                          for b in self.backends.values() if device in b.devices and b is not backend)
             if gib > manager.capacity_gib - pinned + 1e-9:
                 raise EngineUnavailable(
@@ -144,11 +159,18 @@ class Scheduler:
             async with lock:
                 reservation = manager.try_acquire(backend.name, gib)
                 if reservation is None:
+                    # cheapest room first: the residuals of sleeping engines, least recently used first
+                    for kept in movable_residuals(self.snapshots_of_residuals(device), gib - manager.free_gib):
+                        await self._checkpoint_residual(self.backends[kept])
+                        reservation = manager.try_acquire(backend.name, gib)
+                        if reservation is not None:
+                            break
+                if reservation is None:
                     plan = choose_victims(self.snapshots(), device, gib, manager.free_gib, backend.name)
                     if plan.sufficient:
                         for victim in plan.victims:
-                            await self._evict(self.backends[victim], backend.name)
-                            reservation = manager.try_acquire(backend.name, gib)
+                            reservation = await self._evict_until_granted(self.backends[victim], backend.name,
+                                                                          manager, gib)
                             if reservation is not None:
                                 break
                 if reservation is not None:
@@ -159,13 +181,34 @@ class Scheduler:
             except asyncio.TimeoutError:
                 continue
 
-    async def _evict(self, victim: Backend, requester: str) -> None:
-        """Swap a victim out in a task of its own: the requester's cancellation (its client hung up)
-        must not cut the victim's swap-out short, or the victim would be left half swapped."""
+    async def _evict_until_granted(self, victim: Backend, requester: str, manager: ReservationManager,
+                                   gib: float) -> Reservation | None:
+        """Swap a victim out in a task of its own (the requester's cancellation must not cut it short,
+        or the victim would be left half swapped) and return the requester's reservation as soon as
+        the memory is there: a victim with a sleep hook gives its weights and KV cache back when the
+        hook returns, so the requester's swap-in runs while the victim's residual is still being
+        checkpointed and frozen. None when the swap-out ended without enough memory for the request."""
+        # queue for the memory first: the victim then sees someone waiting (residual: auto checkpoints
+        # its residual instead of keeping it), and every byte it frees goes to this request
+        granted = asyncio.ensure_future(manager.acquire(requester, gib))
+        await asyncio.sleep(0)
         task = asyncio.create_task(self.swap_out(victim, reason=f"preempted for {requester}"))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-        await asyncio.shield(task)
+        taken = False
+        try:
+            await asyncio.wait({task, granted}, return_when=asyncio.FIRST_COMPLETED)
+            if not granted.done():
+                await asyncio.sleep(0)  # a grant made by the swap-out's last release lands here
+            if granted.done() and not granted.cancelled() and granted.exception() is None:
+                taken = True
+                return granted.result()
+            return None
+        finally:
+            if not taken:
+                granted.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    (await granted).release()  # granted just as we gave up: give it back
 
     # ---- the public operations -------------------------------------------------------------
     async def ensure_running(self, backend: Backend) -> float:
@@ -367,7 +410,8 @@ class Scheduler:
         try:
             async with backend.rw.write(timeout=backend.config.drain_timeout):
                 real_gpu = not self.is_virtual(backend)
-                keep_residual = real_gpu and backend.adapter.supports_sleep and backend.config.residual == "keep"
+                keep_residual = (real_gpu and backend.adapter.supports_sleep
+                                 and keeps_residual(backend.config.residual, self._room_for_residual(backend)))
                 if real_gpu and not keep_residual and not getattr(ckpt, "available", False):
                     # freezing alone would hand back a reservation whose memory stays on the GPU
                     raise SwapStepError("checkpoint", RuntimeError(
@@ -377,6 +421,12 @@ class Scheduler:
                     await steps.run("sleep", lambda: backend.adapter.sleep(self.client, backend.base_url or ""),
                                     undo=lambda: backend.adapter.wake(self.client, backend.base_url or ""),
                                     undo_if_failed=True)
+                    if not keep_residual and backend.reservation is not None:
+                        # overlapped eviction: the weights and KV cache left with the sleep hook; hand
+                        # that memory over now, while the residual is checkpointed (undo: take it back)
+                        full = backend.reservation.gib
+                        await steps.run("release weights", lambda: self._shrink_to_residual(backend),
+                                        undo=lambda: self._regrow(backend, full))
                 # residual: keep — what the sleeping engine still holds stays on the GPU, unmoved
                 pids = self.monitor.gpu_pids(runtime.pids()) if real_gpu and not keep_residual else []
                 for pid in pids:
@@ -411,6 +461,53 @@ class Scheduler:
         self._record(backend, f"swap-out ({reason})", steps)
         backend.set_state(State.SWAPPED_OUT)
 
+    def _residual_gib(self, backend: Backend) -> float:
+        per_device = self.monitor.process_memory_gib(backend.runtime.pids())
+        return max((per_device.get(d, 0.0) for d in backend.devices), default=0.0)
+
+    def _room_for_residual(self, backend: Backend) -> bool:
+        """residual: auto keeps the residual only while nobody waits for memory on its devices."""
+        return all(not self.reservations[d].waiting() for d in backend.devices)
+
+    async def _shrink_to_residual(self, backend: Backend) -> None:
+        if backend.reservation is not None:
+            backend.reservation.resize(min(self._residual_gib(backend), backend.reservation.gib))
+
+    async def _regrow(self, backend: Backend, gib: float) -> None:
+        """Undo of the early release: possible only while nobody took the memory; otherwise the engine
+        cannot wake, the unwind fails, and the engine is stopped (and restarted on demand)."""
+        if backend.reservation is not None:
+            backend.reservation.resize(gib)
+
+    async def _checkpoint_residual(self, backend: Backend) -> None:
+        """Move a sleeping engine's kept residual to host memory (thaw → lock → checkpoint → freeze:
+        the driver cannot work on a frozen process) and give its reservation back."""
+        async with backend.transition:
+            if backend.state != State.SWAPPED_OUT or backend.residual_reservation is None:
+                return
+            steps = SwapSteps()
+            runtime, ckpt = backend.runtime, self.checkpointer
+            pids: list[int] = []
+            try:
+                await steps.run("thaw", runtime.thaw, undo=runtime.freeze)
+                pids = self.monitor.gpu_pids(runtime.pids())
+                for pid in pids:
+                    await steps.run("lock", lambda p=pid: self._driver("lock", ckpt.lock, p, self.lock_timeout_ms),
+                                    undo=lambda p=pid: self._driver("unlock", ckpt.unlock, p))
+                for pid in pids:
+                    await steps.run("checkpoint", lambda p=pid: self._driver("checkpoint", ckpt.checkpoint, p),
+                                    undo=lambda p=pid: self._driver("restore", ckpt.restore, p))
+                await steps.run("freeze", runtime.freeze, undo=runtime.thaw, undo_if_failed=True)
+            except SwapStepError as exc:
+                self._record(backend, "residual checkpoint failed", steps)
+                if not exc.unwound:
+                    await self._fail(backend, f"checkpoint of its kept residual failed and could not be undone: {exc}")
+                return
+            backend.checkpointed_pids = pids
+            backend.residual_reservation.release()
+            backend.residual_reservation = None
+            self._record(backend, "residual checkpointed to make room", steps)
+
     def _keep_residual(self, backend: Backend) -> None:
         """After a sleep without checkpoint: the GPU memory the engine still holds (measured by NVML)
         stays reserved while it is swapped out; the rest of its reservation is freed."""
@@ -441,10 +538,10 @@ class Scheduler:
         code = await runtime.wait()
         if backend.runtime is runtime and not backend.intentional_stop:
             reason = f"engine exited with code {code}: {self._last_log_line(backend)}"
-            log.error("%s: %s", backend.name, reason)
             await self._fail(backend, reason)
 
     async def _fail(self, backend: Backend, reason: str) -> None:
+        log.error("model %s failed: %s", backend.name, reason)  # every failure, with its reason, in the server log
         for observer in self.observers:
             observer.engine_failed(backend.name, reason)
         backend.failures += 1
