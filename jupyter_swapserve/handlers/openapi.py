@@ -134,6 +134,19 @@ def _swap(direction: str) -> dict[str, Any]:
                         params=[_path_param("model", "The model's name.")])}
 
 
+def _prefetch() -> dict[str, Any]:
+    op = _op("Hint that the model will be needed: swapped in ahead when that evicts nothing busy; never waits.",
+             _ok("What the hint did (state unchanged, or already running).", PREFETCH_RESULT),
+             ("401", "403", "404"), tag="admin", params=[_path_param("model", "The model's name.")])
+    op["responses"]["202"] = _ok("The model is being started or swapped in.", PREFETCH_RESULT)
+    return op
+
+
+PREFETCH_RESULT = {"type": "object", "required": ["model", "prefetch", "state"],
+                   "properties": {"model": {"type": "string"}, "prefetch": {"type": "string"},
+                                  "state": {"type": "string"}}}
+
+
 def spec(base_url: str = "/") -> dict[str, Any]:
     """The OpenAPI 3.1 document; ``base_url`` is the Jupyter server's (its /swapserve/ routes below it)."""
     completions = ("400", "401", "403", "404", "429", "503")
@@ -162,6 +175,7 @@ def spec(base_url: str = "/") -> dict[str, Any]:
                                              tag="admin")},
         "/swapserve/api/models/{model}/swap-in": _swap("in"),
         "/swapserve/api/models/{model}/swap-out": _swap("out"),
+        "/swapserve/api/models/{model}/prefetch": {"post": _prefetch()},
         "/swapserve/api/quotas": {"get": _op("Every explicit quota row, the default ('*') first (admins).",
                                              _ok("Quota rows."), ("401", "403", "404"), tag="quotas")},
         "/swapserve/api/quotas/{user}": {
