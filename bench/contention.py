@@ -1,0 +1,207 @@
+"""Swapping under contention on a real GPU: three 8B-shape reference engines that do not all fit,
+through the real Jupyter route.
+
+For each `residual` option given (checkpoint, keep, auto) it starts a server with three engines
+(`--gpu-memory-utilization` so that two fit) and measures:
+
+- (a) round robin, one client, streaming: time to first token, split by whether the request found
+  free memory or needed an eviction (decided from /swapserve/api/status just before it);
+- (b) a burst: `--burst` concurrent clients over the three models: swaps per served request,
+  goodput (served requests per second), time to first token p50/p95;
+- (c) the always-on baseline: the same burst with three smaller engines that all fit (no swaps).
+
+Usage (on the GPU machine; see bench/gpu_run.sh):
+    python bench/contention.py --residual auto,checkpoint --out results_dir
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import datetime as dt
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.server import ServerHandle, run_server  # noqa: E402
+
+SHAPE = "shape:llama-3.1-8b"
+NAMES = ("m0", "m1", "m2")
+
+
+def models_file(residual: str, util: float, memory_gib: float | None, shape: str = SHAPE,
+                pinned: bool = False) -> dict[str, Any]:
+    models = []
+    for i, name in enumerate(NAMES):
+        m: dict[str, Any] = {"name": name, "engine": "reference", "model": shape, "api": "completion",
+                             "args": ["--gpu-memory-utilization", str(util), "--max-model-len", "2048",
+                                      "--seed", str(i), "--staging", "hugepages"],
+                             "residual": residual, "concurrency": 8, "start_timeout": 900, "pinned": pinned}
+        if memory_gib is not None:
+            m["memory_gib"] = memory_gib
+        models.append(m)
+    return {"models": models}
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def first_token(server: ServerHandle, name: str, max_tokens: int = 8) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    ttft = None
+    with httpx.stream("POST", server.api + "/completions", headers=server.headers(), timeout=600,
+                      json={"model": name, "prompt": "Hello", "max_tokens": max_tokens, "temperature": 0,
+                            "stream": True}) as r:
+        r.raise_for_status()
+        header = float(r.headers["x-swapserve-swap-in-seconds"])
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]" and ttft is None:
+                if json.loads(line[6:])["choices"][0].get("text"):
+                    ttft = time.perf_counter() - t0
+    return {"model": name, "ttft_s": ttft, "swap_in_header_s": header, "total_s": time.perf_counter() - t0}
+
+
+def needs_eviction(status: dict[str, Any], name: str) -> bool:
+    model = next(m for m in status["models"] if m["name"] == name)
+    if model["state"] == "running":
+        return False
+    device = status["devices"][model["device"]]
+    need = (model["memory_gib"] or 0) - (model["residual_gib"] or 0)
+    return device["free_gib"] + 1e-6 < need
+
+
+def round_robin(server: ServerHandle, rounds: int) -> list[dict[str, Any]]:
+    out = []
+    for i in range(rounds * len(NAMES)):
+        name = NAMES[i % len(NAMES)]
+        status = server.status()
+        evict = needs_eviction(status, name)
+        state = next(m["state"] for m in status["models"] if m["name"] == name)
+        r = first_token(server, name)
+        r.update({"was": state, "eviction": evict})
+        print("rr", json.dumps(r), flush=True)
+        out.append(r)
+    return out
+
+
+def burst(server: ServerHandle, clients: int) -> dict[str, Any]:
+    before = {m["name"]: m["swaps_in"] for m in server.status()["models"]}
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(clients) as pool:
+        futures = [pool.submit(first_token, server, NAMES[i % len(NAMES)], 16) for i in range(clients)]
+        results = []
+        for f in futures:
+            try:
+                results.append(f.result())
+            except Exception as exc:  # counted as not served
+                results.append({"error": repr(exc)})
+    wall = time.perf_counter() - t0
+    after = {m["name"]: m["swaps_in"] for m in server.status()["models"]}
+    served = [r for r in results if "error" not in r]
+    swaps = sum(after[n] - before[n] for n in after)
+    ttfts = [r["ttft_s"] for r in served if r["ttft_s"] is not None]
+    summary = {"clients": clients, "served": len(served), "wall_s": wall, "goodput_rps": len(served) / wall,
+               "swaps": swaps, "swaps_per_request": swaps / max(1, len(served)),
+               "ttft_p50_s": pct(ttfts, 0.5), "ttft_p95_s": pct(ttfts, 0.95),
+               "errors": [r["error"] for r in results if "error" in r][:3]}
+    print("burst", json.dumps(summary), flush=True)
+    return summary
+
+
+def run_variant(label: str, spec: dict[str, Any], rounds: int, clients: int, start_timeout: float) -> dict[str, Any]:
+    path = Path(tempfile.mkdtemp()) / f"{label}.json"
+    path.write_text(json.dumps(spec))
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+           "JUPYTER_CONFIG_PATH": str(ROOT / "jupyter-config")}
+    result: dict[str, Any] = {"label": label, "spec": spec}
+    t0 = time.perf_counter()
+    with run_server(path, env=env) as server:
+        try:
+            status = server.wait_models(timeout=start_timeout)
+        except Exception as exc:
+            result["startup_error"] = str(exc)[:2000]
+            result["server_log_tail"] = server.log()[-4000:]
+            print(f"{label}: startup failed: {str(exc)[:500]}", flush=True)
+            return result
+        result["startup_wall_s"] = time.perf_counter() - t0
+        result["memory_gib"] = {m["name"]: m["memory_gib"] for m in status["models"]}
+        result["capacity_gib"] = status["devices"][0]["capacity_gib"]
+        print(f"{label}: started in {result['startup_wall_s']:.1f} s, sizes {result['memory_gib']}", flush=True)
+        if rounds:
+            result["round_robin"] = round_robin(server, rounds)
+        if clients:
+            result["burst"] = burst(server, clients)
+        result["server_log_tail"] = server.log()[-3000:]
+    return result
+
+
+def summarize(results: list[dict[str, Any]]) -> str:
+    lines = ["| variant | TTFT free memory p50 | TTFT eviction needed p50 | burst swaps/request | "
+             "burst goodput (req/s) | burst TTFT p50 / p95 |", "|---|---|---|---|---|---|"]
+    base = next((r for r in results if r["label"] == "always-on"), None)
+    base_rps = base.get("burst", {}).get("goodput_rps") if base else None
+
+    def f(v: Any) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    for r in results:
+        rr = r.get("round_robin", [])
+        free = [x["ttft_s"] for x in rr if not x["eviction"] and x["was"] != "running" and x["ttft_s"]]
+        evict = [x["ttft_s"] for x in rr if x["eviction"] and x["ttft_s"]]
+        b = r.get("burst", {})
+        rps = b.get("goodput_rps")
+        ratio = f" ({100 * rps / base_rps:.0f} %)" if rps and base_rps and r is not base else ""
+        lines.append(f"| {r['label']} | {f(statistics.median(free)) if free else '-'} | "
+                     f"{f(statistics.median(evict)) if evict else '-'} | {f(b.get('swaps_per_request'))} | "
+                     f"{f(rps)}{ratio} | {f(b.get('ttft_p50_s'))} / {f(b.get('ttft_p95_s'))} |")
+        if r.get("startup_error"):
+            lines.append(f"| {r['label']}: startup failed: {r['startup_error'][:120]} | | | | | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--residual", default="auto,checkpoint", help="comma-separated: auto, checkpoint, keep")
+    p.add_argument("--util", type=float, default=0.38, help="each engine's share of the GPU (two fit, three do not)")
+    p.add_argument("--baseline-util", type=float, default=0.25, help="the always-on baseline: three that fit")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--burst", type=int, default=24)
+    p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--shape", default=SHAPE, help="shape:tiny for a dry run on a CPU")
+    p.add_argument("--start-timeout", type=float, default=600)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = p.parse_args()
+    results = []
+    for residual in [r for r in args.residual.split(",") if r]:
+        # keep needs sizes up front (an unmeasured start would reserve the device); auto and checkpoint measure
+        memory = 31.1 if residual == "keep" else None
+        spec = models_file(residual, args.util, memory, args.shape)
+        results.append(run_variant(f"residual: {residual}", spec, args.rounds, args.burst, args.start_timeout))
+    if not args.no_baseline:
+        spec = models_file("auto", args.baseline_util, None, args.shape, pinned=True)  # always on: never swapped
+        results.append(run_variant("always-on", spec, 0, args.burst, args.start_timeout))
+    table = summarize(results)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.date.today().isoformat()
+    (out / f"{stamp}-contention.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / f"{stamp}-contention.md").write_text(f"# Contention benchmark ({stamp})\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
