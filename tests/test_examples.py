@@ -15,7 +15,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def test_quickstart_notebook_runs_without_errors(demo_server: ServerHandle) -> None:
-    nb = nbformat.read(EXAMPLES / "quickstart.ipynb", as_version=4)
+    nb = nbformat.read(EXAMPLES / "01-quickstart.ipynb", as_version=4)
     kernel = ServerKernel(demo_server)
     outputs: list[str] = []
     try:
