@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 from pathlib import Path
 
@@ -107,7 +108,19 @@ class SwapServe(ExtensionApp):
         self.log.info("jupyter-swapserve: quotas and usage in %s", accounting.store.engine.url.render_as_string())
         return accounting
 
+    def _route_core_logs(self) -> None:
+        """The core logs under 'jupyter_swapserve.*' with the standard library: show its lines (swap
+        steps, evictions, model failures with their reasons) in the server's log, formatted alike."""
+        core = logging.getLogger("jupyter_swapserve")
+        handlers = getattr(getattr(self, "serverapp", None), "log", self.log).handlers or self.log.handlers
+        if handlers and not core.handlers:
+            for handler in handlers:
+                core.addHandler(handler)
+            core.setLevel(logging.INFO)
+            core.propagate = False
+
     def initialize_settings(self) -> None:
+        self._route_core_logs()
         self.resolved_mode, upstream = self._resolve_mode()
         self.settings["swapserve_mode"] = self.resolved_mode
         self.settings["swapserve_local_user"] = self.local_user or getpass.getuser()

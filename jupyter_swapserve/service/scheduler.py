@@ -410,17 +410,21 @@ class Scheduler:
         try:
             async with backend.rw.write(timeout=backend.config.drain_timeout):
                 real_gpu = not self.is_virtual(backend)
-                keep_residual = (real_gpu and backend.adapter.supports_sleep
-                                 and keeps_residual(backend.config.residual, self._room_for_residual(backend)))
-                if real_gpu and not keep_residual and not getattr(ckpt, "available", False):
+                sleeps = real_gpu and backend.adapter.supports_sleep
+                can_checkpoint = bool(getattr(ckpt, "available", False))
+                option = backend.config.residual
+                if real_gpu and not can_checkpoint and not (sleeps and option in ("keep", "auto")):
                     # freezing alone would hand back a reservation whose memory stays on the GPU
                     raise SwapStepError("checkpoint", RuntimeError(
                         "this driver has no CUDA checkpoint API, so the engine's GPU memory cannot be freed"),
                         unwound=True)
-                if real_gpu and backend.adapter.supports_sleep:
+                keep_residual = False
+                if sleeps:
                     await steps.run("sleep", lambda: backend.adapter.sleep(self.client, backend.base_url or ""),
                                     undo=lambda: backend.adapter.wake(self.client, backend.base_url or ""),
                                     undo_if_failed=True)
+                    # decided after the sleep, when the residual can be measured
+                    keep_residual = keeps_residual(option, not can_checkpoint or self._room_for_residual(backend))
                     if not keep_residual and backend.reservation is not None:
                         # overlapped eviction: the weights and KV cache left with the sleep hook; hand
                         # that memory over now, while the residual is checkpointed (undo: take it back)
@@ -466,8 +470,16 @@ class Scheduler:
         return max((per_device.get(d, 0.0) for d in backend.devices), default=0.0)
 
     def _room_for_residual(self, backend: Backend) -> bool:
-        """residual: auto keeps the residual only while nobody waits for memory on its devices."""
-        return all(not self.reservations[d].waiting() for d in backend.devices)
+        """residual: auto keeps the residual while the memory the sleep freed still covers everyone
+        waiting for memory on its devices (a kept residual costs ~1 GiB; a restore of it ~0.75 s)."""
+        residual = self._residual_gib(backend)
+        held = backend.reservation.gib if backend.reservation is not None else 0.0
+        for d in backend.devices:
+            manager = self.reservations[d]
+            wanted = sum(gib for _, gib, _ in manager.waiting())
+            if manager.free_gib + max(0.0, held - residual) + 1e-9 < wanted:
+                return False
+        return True
 
     async def _shrink_to_residual(self, backend: Backend) -> None:
         if backend.reservation is not None:
