@@ -52,15 +52,24 @@ class Upstream:
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             # no limit on connections: each model already bounds its own concurrency
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
+            # idle connections are dropped before the engines' own keep-alive (uvicorn: 5 s) ends them
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0),
+                                                  auto_decompress=False)
         return self._session
 
     @contextlib.asynccontextmanager
     async def post(self, url: str, body: bytes, model: str, read_timeout: float) -> AsyncIterator[UpstreamResponse]:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30.0, sock_read=read_timeout)
+        session = self._get_session()
         try:
-            response = await self._get_session().post(
-                url, data=body, headers={"Content-Type": "application/json"}, timeout=timeout)
+            try:
+                response = await session.post(url, data=body, headers={"Content-Type": "application/json"},
+                                              timeout=timeout)
+            except aiohttp.ServerDisconnectedError:
+                # a pooled connection the engine closed as it was reused (its keep-alive ran out, e.g.
+                # while it was frozen): nothing was answered, so it is sent once more, on a new one
+                response = await session.post(url, data=body, headers={"Content-Type": "application/json"},
+                                              timeout=timeout)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise EngineUnavailable(f"model '{model}' did not answer: {exc.__class__.__name__}") from None
         try:
