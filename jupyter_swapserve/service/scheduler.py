@@ -350,8 +350,13 @@ class Scheduler:
         try:
             await self._reserve(backend, max(0.0, float(backend.memory_gib or 0) - kept))
         except BaseException:
-            backend.set_state(State.SWAPPED_OUT)
+            if backend.state == State.SWAPPING_IN:  # not if the engine died meanwhile (failed)
+                backend.set_state(State.SWAPPED_OUT)
             raise
+        if backend.state != State.SWAPPING_IN or backend.runtime is None:
+            # the engine exited while this swap-in waited for memory (its watcher failed it)
+            backend.release_reservation()
+            raise EngineUnavailable(f"model '{backend.name}' exited while it was being swapped in: {backend.error}")
         steps = SwapSteps()
         runtime, ckpt = backend.runtime, self.checkpointer
         pids = list(backend.checkpointed_pids)
