@@ -178,6 +178,8 @@ def main() -> None:
     p.add_argument("--residual", default="auto,checkpoint", help="comma-separated: auto, checkpoint, keep")
     p.add_argument("--util", type=float, default=0.38, help="each engine's share of the GPU (two fit, three do not)")
     p.add_argument("--baseline-util", type=float, default=0.25, help="the always-on baseline: three that fit")
+    p.add_argument("--baseline-gib", type=float, default=19.5, help="their size (measured 19.02 GiB at 0.25)")
+    p.add_argument("--no-variants", action="store_true", help="only the always-on baseline")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--burst", type=int, default=24)
     p.add_argument("--no-baseline", action="store_true")
@@ -186,13 +188,14 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
     results = []
-    for residual in [r for r in args.residual.split(",") if r]:
+    for residual in [r for r in args.residual.split(",") if r and not args.no_variants]:
         # keep needs sizes up front (an unmeasured start would reserve the device); auto and checkpoint measure
         memory = 31.1 if residual == "keep" else None
         spec = models_file(residual, args.util, memory, args.shape)
         results.append(run_variant(f"residual: {residual}", spec, args.rounds, args.burst, args.start_timeout))
     if not args.no_baseline:
-        spec = models_file("auto", args.baseline_util, None, args.shape, pinned=True)  # always on: never swapped
+        # always on: pinned (never swapped), sized up front (a pinned start cannot take the whole device)
+        spec = models_file("auto", args.baseline_util, args.baseline_gib, args.shape, pinned=True)
         results.append(run_variant("always-on", spec, 0, args.burst, args.start_timeout))
     table = summarize(results)
     print(table)

@@ -50,6 +50,7 @@ def gpu_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandl
     util = os.environ.get("SWAPSERVE_TEST_UTIL", "0.55")  # two of them exceed one GPU
     models = {"models": [
         {"name": name, "engine": "reference", "model": "shape:llama-3.2-1b", "api": "completion",
+         "residual": "checkpoint",  # this file tests the checkpoint path; residual: auto is test_gpu_contention's
          "args": ["--gpu-memory-utilization", util, "--max-model-len", "1024", "--cuda-graphs", "--seed", str(i)]}
         for i, name in enumerate(("gpu-a", "gpu-b"))]}
     path = tmp_path_factory.mktemp("gpu") / "models.json"
