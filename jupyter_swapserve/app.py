@@ -13,6 +13,7 @@ from traitlets import Bool, Enum, Float, List, Unicode
 
 from .config import ConfigError, ModelsFile, load_models_file
 from .handlers import handlers
+from .handlers.fallback import fallback_handlers
 from .handlers.proxy import UpstreamClient, proxy_handlers
 from .service import SwapService
 from .service.accounting import QuotaAccounting
@@ -172,7 +173,8 @@ class SwapServe(ExtensionApp):
                 raise SystemExit(f"jupyter-swapserve: SwapServe.event_log: cannot open {path}: {exc}") from None
 
     def initialize_handlers(self) -> None:
-        self.handlers.extend(proxy_handlers() if self.upstream is not None else handlers())
+        # client mode: everything under /swapserve/ goes to the shared service; the rest is a JSON 404
+        self.handlers.extend([*proxy_handlers(), *fallback_handlers()] if self.upstream is not None else handlers())
 
     async def _start_jupyter_server_extension(self, serverapp) -> None:  # type: ignore[override]
         if self.service is not None:

@@ -158,3 +158,19 @@ def test_metrics_count_requests_by_route_and_status(api: Api) -> None:
     assert 'swapserve_requests_total{model="_unknown",route="/v1/completions",status="404"} 1.0' in text
     assert 'swapserve_requests_total{model="",route="ModelsHandler",status="200"} 1.0' in text
     assert 'swapserve_device_capacity_bytes{device="0"}' in text
+
+
+class TestClientMode:
+    """A user's server in client mode (its shared service unreachable here): forwarded routes say
+    the service did not answer, anything else under /swapserve/ is a JSON 404; never HTML."""
+
+    @pytest.fixture
+    def jp_server_config(self, tmp_path: Path) -> dict[str, Any]:
+        return {"ServerApp": {"jpserver_extensions": {"jupyter_swapserve": True}},
+                "SwapServe": {"mode": "client", "upstream_url": "http://127.0.0.1:9/", "export_env": False}}
+
+    def test_unreachable_service_is_503_and_unknown_paths_404(self, api: Api) -> None:
+        openai_error(api("swapserve/v1/models"), 503, "upstream_unreachable")
+        openai_error(api("swapserve/nope"), 404, "unknown_route")
+        openai_error(api("swapserve/metrics"), 404, "unknown_route")
+        openai_error(api("swapserve/v1/models", headers={"Authorization": "token wrong"}), 401, "invalid_api_key")
