@@ -164,6 +164,7 @@ class SwapServe(ExtensionApp):
         metrics = SwapMetrics(list(service.backends), status=service.status)
         service.scheduler.observers.append(metrics)
         self.settings["swapserve_metrics"] = metrics
+        metrics.register_globally()  # also at jupyter_server's /metrics
         if self.event_log.lower() != "none":
             path = Path(self.event_log) if self.event_log else Path(jupyter_data_dir()) / "swapserve" / "events.jsonl"
             try:
@@ -190,6 +191,8 @@ class SwapServe(ExtensionApp):
                                                               for d in self.service.monitor.devices))
 
     async def stop_extension(self) -> None:
+        if self.settings.get("swapserve_metrics") is not None:
+            self.settings["swapserve_metrics"].unregister_globally()
         if self.service is not None:
             await self.service.close()
         if self.upstream is not None:

@@ -160,6 +160,16 @@ def test_metrics_count_requests_by_route_and_status(api: Api) -> None:
     assert 'swapserve_device_capacity_bytes{device="0"}' in text
 
 
+def test_metrics_also_at_jupyter_servers_own_metrics(api: Api) -> None:
+    api("swapserve/v1/models")
+    response = api("metrics")
+    assert response.code == 200
+    text = response.body.decode()
+    assert "swapserve_requests_total" in text and "swapserve_device_capacity_bytes" in text
+    assert "http_request_duration_seconds" in text  # jupyter_server's own, beside ours
+    assert api("metrics", headers={"Authorization": "token wrong"}).code in (401, 403)
+
+
 class TestClientMode:
     """A user's server in client mode (its shared service unreachable here): forwarded routes say
     the service did not answer, anything else under /swapserve/ is a JSON 404; never HTML."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -146,3 +146,34 @@ class SwapMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+    # ---- jupyter_server's own /metrics (the process-wide registry) --------------------------
+    def register_globally(self) -> None:
+        """Also expose these metrics at jupyter_server's /metrics (prometheus_client's default
+        registry), beside the server's own. One service per process there: a second replaces the first."""
+        _GLOBAL_BRIDGE.target = self
+        if not _GLOBAL_BRIDGE.registered:
+            REGISTRY.register(_GLOBAL_BRIDGE)
+            _GLOBAL_BRIDGE.registered = True
+
+    def unregister_globally(self) -> None:
+        if _GLOBAL_BRIDGE.target is self:
+            _GLOBAL_BRIDGE.target = None
+
+
+class _GlobalBridge(Collector):
+    """Registered once in the default registry; collects the current service's metrics."""
+
+    def __init__(self) -> None:
+        self.target: SwapMetrics | None = None
+        self.registered = False
+
+    def collect(self) -> Iterable[Metric]:
+        target = self.target
+        return target.registry.collect() if target is not None else iter(())
+
+    def describe(self) -> Iterable[Metric]:
+        return iter(())  # names vary with the service: no collision check against the default registry
+
+
+_GLOBAL_BRIDGE = _GlobalBridge()
