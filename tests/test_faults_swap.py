@@ -7,6 +7,7 @@ and the event log record the failure."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -121,5 +122,23 @@ async def test_restore_failing_on_swap_in_is_unwound_and_the_reservation_release
             "swapserve_swap_seconds_count", {"model": "a", "direction": "out", "path": "checkpoint"}) == 2
         assert any(e["event"] == "eviction" and e["model"] == "a" for e in read_events(log_path))
         no_leak(svc)
+    finally:
+        await svc.close()
+
+
+@pytest.mark.xfail(strict=True, raises=asyncio.TimeoutError,
+                   reason="known: _reserve_on re-plans forever when its only victim's swap-out keeps failing "
+                          "(here: every lock times out), so the request waits until the client gives up")
+async def test_a_request_whose_only_victim_cannot_be_swapped_out_is_refused_not_left_waiting(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    driver = FakeDriver()
+    svc, _, _ = await gpu_service(tmp_path, monkeypatch, driver)  # room for one
+    try:
+        await svc.swap_in("a")
+        driver.results["cuCheckpointProcessLock"] = 600  # a can no longer be swapped out
+        with pytest.raises(EngineUnavailable):
+            await asyncio.wait_for(svc.swap_in("b"), 20)
+        no_leak(svc)
+        assert svc.backends["a"].state == State.RUNNING
     finally:
         await svc.close()
