@@ -126,9 +126,6 @@ async def test_restore_failing_on_swap_in_is_unwound_and_the_reservation_release
         await svc.close()
 
 
-@pytest.mark.xfail(strict=True, raises=asyncio.TimeoutError,
-                   reason="known: _reserve_on re-plans forever when its only victim's swap-out keeps failing "
-                          "(here: every lock times out), so the request waits until the client gives up")
 async def test_a_request_whose_only_victim_cannot_be_swapped_out_is_refused_not_left_waiting(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     driver = FakeDriver()

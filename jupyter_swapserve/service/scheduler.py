@@ -38,6 +38,8 @@ from .reservations import Reservation, ReservationGroup, ReservationManager, Res
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 30.0
+#: a request gives up on its memory after its victims' swap-outs failed this many times each
+MAX_REFUSED_EVICTIONS = 3
 
 
 class EngineUnavailable(RuntimeError):
@@ -145,6 +147,7 @@ class Scheduler:
     async def _reserve_on(self, backend: Backend, device: int, gib: float) -> Reservation:
         manager = self.reservations[device]
         lock = self._device_locks[device]
+        refused: dict[str, int] = {}  # victims whose swap-out failed, and how often
         while True:
             # pinned models and residuals kept by `residual: keep` never leave: if they leave too little,
             # waiting cannot help (residuals kept by `residual: auto` are checkpointed to make room)
@@ -173,6 +176,15 @@ class Scheduler:
                                                                           manager, gib)
                             if reservation is not None:
                                 break
+                            if self.backends[victim].state == State.RUNNING:  # its swap-out was abandoned
+                                refused[victim] = refused.get(victim, 0) + 1
+                    if plan.victims and all(refused.get(v, 0) >= MAX_REFUSED_EVICTIONS for v in plan.victims):
+                        # the only way to make room keeps failing: say so instead of waiting forever
+                        reasons = "; ".join(f"{v}: {self.backends[v].error or 'swap-out failed'}"
+                                            for v in plan.victims)
+                        raise EngineUnavailable(
+                            f"model '{backend.name}' needs {gib:.2f} GiB on device {device}, but the models "
+                            f"holding it could not be swapped out ({reasons})", retry_after=30)
                 if reservation is not None:
                     return reservation
             # nothing (enough) evictable now: queue for the memory, re-plan when things change
