@@ -131,7 +131,9 @@ def parse_models(data: Any, source: str = "<models>") -> ModelsFile:
     for index, entry in enumerate(data["models"]):
         label = f"model #{index}"
         if isinstance(entry, dict) and isinstance(entry.get("name"), str):
-            label = f"model '{entry['name']}'"
+            # one line whatever the name holds: control characters escaped, long names cut
+            shown = entry["name"].encode("unicode_escape").decode("ascii")
+            label = f"model '{shown[:80]}{'…' if len(shown) > 80 else ''}'"
         entry_errors = sorted(model_validator.iter_errors(entry), key=lambda e: list(e.absolute_path))
         if entry_errors:
             e = entry_errors[0]
