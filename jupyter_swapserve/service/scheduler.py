@@ -450,13 +450,7 @@ class Scheduler:
                                         undo=lambda: self._regrow(backend, full))
                 # residual: keep — what the sleeping engine still holds stays on the GPU, unmoved
                 pids = self.monitor.gpu_pids(runtime.pids()) if real_gpu and not keep_residual else []
-                for pid in pids:
-                    await steps.run("lock", lambda p=pid: self._driver("lock", ckpt.lock, p, self.lock_timeout_ms),
-                                    undo=lambda p=pid: self._driver("unlock", ckpt.unlock, p))
-                for pid in pids:
-                    await steps.run("checkpoint", lambda p=pid: self._driver("checkpoint", ckpt.checkpoint, p),
-                                    undo=lambda p=pid: self._driver("restore", ckpt.restore, p))
-                await steps.run("freeze", runtime.freeze, undo=runtime.thaw, undo_if_failed=True)
+                await self._checkpoint_and_freeze(steps, runtime, pids)
         except asyncio.CancelledError:
             # cancelled while draining (no step has run, or SwapSteps already undid them): still running
             self._record(backend, "swap-out cancelled", steps)
@@ -481,6 +475,18 @@ class Scheduler:
         backend.swaps_out += 1
         self._record(backend, f"swap-out ({reason})", steps)
         backend.set_state(State.SWAPPED_OUT)
+
+    async def _checkpoint_and_freeze(self, steps: SwapSteps, runtime: Any, pids: list[int]) -> None:
+        """lock every GPU process → checkpoint each → freeze: the driver needs the processes running
+        (a frozen one hangs it), and nothing may run once their memory is gone."""
+        ckpt = self.checkpointer
+        for pid in pids:
+            await steps.run("lock", lambda p=pid: self._driver("lock", ckpt.lock, p, self.lock_timeout_ms),
+                            undo=lambda p=pid: self._driver("unlock", ckpt.unlock, p))
+        for pid in pids:
+            await steps.run("checkpoint", lambda p=pid: self._driver("checkpoint", ckpt.checkpoint, p),
+                            undo=lambda p=pid: self._driver("restore", ckpt.restore, p))
+        await steps.run("freeze", runtime.freeze, undo=runtime.thaw, undo_if_failed=True)
 
     def _residual_gib(self, backend: Backend) -> float:
         per_device = self.monitor.process_memory_gib(backend.runtime.pids())
@@ -515,18 +521,12 @@ class Scheduler:
             if backend.state != State.SWAPPED_OUT or backend.residual_reservation is None:
                 return
             steps = SwapSteps()
-            runtime, ckpt = backend.runtime, self.checkpointer
+            runtime = backend.runtime
             pids: list[int] = []
             try:
                 await steps.run("thaw", runtime.thaw, undo=runtime.freeze)
                 pids = self.monitor.gpu_pids(runtime.pids())
-                for pid in pids:
-                    await steps.run("lock", lambda p=pid: self._driver("lock", ckpt.lock, p, self.lock_timeout_ms),
-                                    undo=lambda p=pid: self._driver("unlock", ckpt.unlock, p))
-                for pid in pids:
-                    await steps.run("checkpoint", lambda p=pid: self._driver("checkpoint", ckpt.checkpoint, p),
-                                    undo=lambda p=pid: self._driver("restore", ckpt.restore, p))
-                await steps.run("freeze", runtime.freeze, undo=runtime.thaw, undo_if_failed=True)
+                await self._checkpoint_and_freeze(steps, runtime, pids)
             except SwapStepError as exc:
                 self._record(backend, "residual checkpoint failed", steps)
                 if not exc.unwound:
