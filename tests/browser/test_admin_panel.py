@@ -20,6 +20,11 @@ def test_admin_sets_a_quota_in_the_sidebar_and_it_is_enforced(lab: ServerHandle,
     expect(quotas).to_be_visible()  # the server's one user is its admin
     default_row = quotas.locator('fieldset[data-user="*"]')
     expect(default_row).to_be_visible()
+    # each model's colour comes from the palette variable its data-color picks (base.css)
+    swatch = page.locator(f"{PANEL} .jp-SwapServe-swatch[data-color]").first
+    expect(swatch).to_be_attached()
+    painted = swatch.evaluate("e => getComputedStyle(e).backgroundColor")
+    assert painted not in ("", "rgba(0, 0, 0, 0)", "transparent"), painted
 
     # a first request shows up in the usage section
     r = httpx.post(lab.api + "/completions", headers=lab.headers(), timeout=120,
