@@ -54,6 +54,8 @@ export class StatusClient {
   private running = false;
   /** Bumped on every status applied; a poll answer older than the last event is dropped. */
   private generation = 0;
+  /** When the last intent hint was sent, per model (ms). */
+  private readonly lastHint = new Map<string, number>();
   private readonly pollInterval: number;
   private readonly maxBackoff: number;
   private readonly sseRetryInterval: number;
@@ -112,6 +114,26 @@ export class StatusClient {
       error.message = `Model '${model}' is not known to the server (404).`;
     }
     return { error };
+  }
+
+  /**
+   * Intent hint: the user is looking at this model, so the server may swap it in ahead of need
+   * (it never evicts a busy model for a hint). Sent at most once per model per `hintInterval` ms;
+   * never throws. Returns the server's `prefetch` outcome, or null when not sent or refused.
+   */
+  async prefetch(model: string, hintInterval = 30000): Promise<string | null> {
+    const now = Date.now();
+    if (now - (this.lastHint.get(model) ?? -Infinity) < hintInterval) {
+      return null;
+    }
+    this.lastHint.set(model, now);
+    try {
+      const r = await this.options.request(`models/${encodeURIComponent(model)}/prefetch`, { method: 'POST' });
+      const body = r.body as { prefetch?: unknown } | null;
+      return (r.status === 200 || r.status === 202) && body && typeof body.prefetch === 'string' ? body.prefetch : null;
+    } catch {
+      return null;
+    }
   }
 
   // ---- server-sent events -----------------------------------------------------------------

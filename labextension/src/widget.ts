@@ -107,6 +107,16 @@ export class SwapServePanel extends Widget {
       onError: error => this.setState(withError(this.state, error)),
       onReconnecting: () => this.setState(withConnection(this.state, this.state.status ? 'polling' : 'connecting'))
     });
+    // A model card clicked or focused is an intent hint: the server may swap it in ahead of the
+    // request (never evicting a busy model); hover alone is not, it would swap on a passing mouse.
+    const hint = (ev: Event): void => {
+      const card = (ev.target as Element | null)?.closest?.('[data-model]') as HTMLElement | null;
+      if (card?.dataset.model) {
+        void this.client.prefetch(card.dataset.model);
+      }
+    };
+    this.view.node.addEventListener('focusin', hint);
+    this.view.node.addEventListener('click', hint);
     this.render();
   }
 

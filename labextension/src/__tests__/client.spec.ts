@@ -231,3 +231,31 @@ describe('StatusClient', () => {
     expect('error' in refused && refused.error.message).toBe("The server answered 409: model 'gemma' is pinned.");
   });
 });
+
+describe('prefetch (intent hint)', () => {
+  it('posts to the model prefetch route once per interval and returns the outcome', async () => {
+    const { client, calls } = setup(() => ({ status: 202, body: { model: 'a b', prefetch: 'starting' } }), false);
+    expect(await client.prefetch('a b')).toBe('starting');
+    expect(calls).toEqual([{ path: 'models/a%20b/prefetch', method: 'POST' }]);
+    expect(await client.prefetch('a b')).toBeNull();
+    expect(calls).toHaveLength(1);
+    jest.advanceTimersByTime(30001);
+    expect(await client.prefetch('a b')).toBe('starting');
+    expect(calls).toHaveLength(2);
+  });
+
+  it('never throws: a refused or failed hint gives null', async () => {
+    const { client } = setup(() => ({ status: 404, body: { error: { message: 'no such model' } } }), false);
+    expect(await client.prefetch('nope')).toBeNull();
+    const failing = new StatusClient({
+      request: async () => {
+        throw new Error('network down');
+      },
+      eventsUrl: null,
+      createEventSource: null,
+      onStatus: () => undefined,
+      onError: () => undefined
+    });
+    expect(await failing.prefetch('m')).toBeNull();
+  });
+});
