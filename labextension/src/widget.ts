@@ -110,7 +110,7 @@ export class SwapServePanel extends Widget {
     // A model card clicked or focused is an intent hint: the server may swap it in ahead of the
     // request (never evicting a busy model); hover alone is not, it would swap on a passing mouse.
     const hint = (ev: Event): void => {
-      const card = (ev.target as Element | null)?.closest?.('[data-model]') as HTMLElement | null;
+      const card = (ev.target as Element | null)?.closest?.('.jp-SwapServe-model[data-model]') as HTMLElement | null;
       if (card?.dataset.model) {
         void this.client.prefetch(card.dataset.model);
       }
