@@ -12,7 +12,7 @@ import logging
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .quotas import (
@@ -53,7 +53,6 @@ class QuotaLease:
     recorded: bool = False
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def priority(self) -> float:

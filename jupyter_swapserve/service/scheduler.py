@@ -436,17 +436,20 @@ class Scheduler:
                         "this driver has no CUDA checkpoint API, so the engine's GPU memory cannot be freed"),
                         unwound=True)
                 keep_residual = False
+                residual = 0.0
                 if sleeps:
                     await steps.run("sleep", lambda: backend.adapter.sleep(self.client, backend.base_url or ""),
                                     undo=lambda: backend.adapter.wake(self.client, backend.base_url or ""),
                                     undo_if_failed=True)
-                    # decided after the sleep, when the residual can be measured
-                    keep_residual = keeps_residual(option, not can_checkpoint or self._room_for_residual(backend))
+                    # decided after the sleep, when the residual can be measured (once: an NVML query)
+                    residual = self._residual_gib(backend)
+                    keep_residual = keeps_residual(option,
+                                                   not can_checkpoint or self._room_for_residual(backend, residual))
                     if not keep_residual and backend.reservation is not None:
                         # overlapped eviction: the weights and KV cache left with the sleep hook; hand
                         # that memory over now, while the residual is checkpointed (undo: take it back)
                         full = backend.reservation.gib
-                        await steps.run("release weights", lambda: self._shrink_to_residual(backend),
+                        await steps.run("release weights", lambda: self._shrink_to(backend, residual),
                                         undo=lambda: self._regrow(backend, full))
                 # residual: keep — what the sleeping engine still holds stays on the GPU, unmoved
                 pids = self.monitor.gpu_pids(runtime.pids()) if real_gpu and not keep_residual else []
@@ -468,7 +471,7 @@ class Scheduler:
         backend.slept = any(t.step == "sleep" for t in steps.timings)
         backend.checkpointed_pids = pids
         if keep_residual:
-            self._keep_residual(backend)
+            self._keep_residual(backend, residual)
         backend.release_reservation()
         elapsed = time.perf_counter() - t0
         backend.last_swap_out_seconds = elapsed
@@ -492,10 +495,9 @@ class Scheduler:
         per_device = self.monitor.process_memory_gib(backend.runtime.pids())
         return max((per_device.get(d, 0.0) for d in backend.devices), default=0.0)
 
-    def _room_for_residual(self, backend: Backend) -> bool:
+    def _room_for_residual(self, backend: Backend, residual: float) -> bool:
         """residual: auto keeps the residual while the memory the sleep freed still covers everyone
         waiting for memory on its devices (a kept residual costs ~1 GiB; a restore of it ~0.75 s)."""
-        residual = self._residual_gib(backend)
         held = backend.reservation.gib if backend.reservation is not None else 0.0
         for d in backend.devices:
             manager = self.reservations[d]
@@ -504,9 +506,9 @@ class Scheduler:
                 return False
         return True
 
-    async def _shrink_to_residual(self, backend: Backend) -> None:
+    async def _shrink_to(self, backend: Backend, residual: float) -> None:
         if backend.reservation is not None:
-            backend.reservation.resize(min(self._residual_gib(backend), backend.reservation.gib))
+            backend.reservation.resize(min(residual, backend.reservation.gib))
 
     async def _regrow(self, backend: Backend, gib: float) -> None:
         """Undo of the early release: possible only while nobody took the memory; otherwise the engine
@@ -537,10 +539,10 @@ class Scheduler:
             backend.residual_reservation = None
             self._record(backend, "residual checkpointed to make room", steps)
 
-    def _keep_residual(self, backend: Backend) -> None:
-        """After a sleep without checkpoint: the GPU memory the engine still holds (measured by NVML)
-        stays reserved while it is swapped out; the rest of its reservation is freed."""
-        residual = self.monitor.process_memory_gib(backend.runtime.pids()).get(backend.device, 0.0)
+    def _keep_residual(self, backend: Backend, residual: float) -> None:
+        """After a sleep without checkpoint: the GPU memory the engine still holds (``residual``,
+        measured by NVML after the sleep) stays reserved while it is swapped out; the rest of its
+        reservation is freed."""
         kept = backend.residual_reservation
         if kept is not None:
             grow = residual - kept.gib
