@@ -3,10 +3,7 @@ for models declared with ``api: embedding``."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
-
-from tornado.iostream import StreamClosedError
 
 from .base import OpenAIError
 from .openai import CompletionsHandler, validate_common
@@ -40,9 +37,7 @@ class EmbeddingsHandler(CompletionsHandler):
     def initialize(self, upstream_path: str = "/v1/embeddings") -> None:
         super().initialize(upstream_path)
 
-    async def post(self) -> None:
-        self.require_user("execute")
-        body = self.read_json()
+    def validate(self, body: dict[str, Any]) -> str:
         model = validate_common(body)
         validate_embedding(body)
         backend = self.service.backends.get(model)
@@ -50,11 +45,4 @@ class EmbeddingsHandler(CompletionsHandler):
             raise OpenAIError(400, f"The model '{model}' is not an embedding model (its api is "
                                    f"'{backend.config.api}'); declare one with 'api: embedding'.",
                               param="model", code="model_not_embedding")
-        self._task = asyncio.current_task()
-        try:
-            await self._serve(model, body)
-        except asyncio.CancelledError:
-            if not self.request.connection.stream or not self.request.connection.stream.closed():
-                raise
-        except StreamClosedError:
-            pass
+        return model

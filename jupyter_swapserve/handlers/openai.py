@@ -107,14 +107,19 @@ class CompletionsHandler(SwapServeHandler):
         if self._task is not None and not self._task.done():
             self._task.cancel()
 
-    async def post(self) -> None:
-        self.require_user("execute")
-        body = self.read_json()
+    def validate(self, body: dict[str, Any]) -> str:
+        """Check the body (400 naming the field); returns the model."""
         model = validate_common(body)
         if self.upstream_path.endswith("chat/completions"):
             validate_chat(body)
         else:
             validate_completion(body)
+        return model
+
+    async def post(self) -> None:
+        self.require_user("execute")
+        body = self.read_json()
+        model = self.validate(body)
         self._task = asyncio.current_task()
         try:
             await self._serve(model, body)
