@@ -37,6 +37,8 @@ class EmbeddingsHandler(CompletionsHandler):
     def initialize(self, upstream_path: str = "/v1/embeddings") -> None:
         super().initialize(upstream_path)
 
+    generates_tokens = False  # a max_tokens default means nothing to an embedding engine
+
     def validate(self, body: dict[str, Any]) -> str:
         model = validate_common(body)
         validate_embedding(body)

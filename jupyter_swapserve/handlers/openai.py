@@ -107,6 +107,9 @@ class CompletionsHandler(SwapServeHandler):
         if self._task is not None and not self._task.done():
             self._task.cancel()
 
+    #: the route generates tokens: the user's max_tokens_per_request becomes a request's default
+    generates_tokens = True
+
     def validate(self, body: dict[str, Any]) -> str:
         """Check the body (400 naming the field); returns the model."""
         model = validate_common(body)
@@ -135,7 +138,7 @@ class CompletionsHandler(SwapServeHandler):
         try:
             self.service.backend(model)  # an unknown model is a 404 before any quota is counted
             limit = self.service.max_tokens_limit(user, model)
-            if limit is not None and requested_max_tokens(body) is None:
+            if limit is not None and self.generates_tokens and requested_max_tokens(body) is None:
                 body["max_tokens"] = limit  # the user's per-request limit becomes the request's
             async with self.service.admit(model, user, requested_max_tokens(body)) as ticket:
                 self.set_header("x-swapserve-swap-in-seconds", f"{ticket.swap_in_seconds:.4f}")
