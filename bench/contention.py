@@ -28,11 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.swap_latency import first_token  # noqa: E402
 from tests.server import ServerHandle, run_server  # noqa: E402
 
 SHAPE = "shape:llama-3.1-8b"
@@ -60,21 +59,6 @@ def pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-def first_token(server: ServerHandle, name: str, max_tokens: int = 8) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    ttft = None
-    with httpx.stream("POST", server.api + "/completions", headers=server.headers(), timeout=600,
-                      json={"model": name, "prompt": "Hello", "max_tokens": max_tokens, "temperature": 0,
-                            "stream": True}) as r:
-        r.raise_for_status()
-        header = float(r.headers["x-swapserve-swap-in-seconds"])
-        for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]" and ttft is None:
-                if json.loads(line[6:])["choices"][0].get("text"):
-                    ttft = time.perf_counter() - t0
-    return {"model": name, "ttft_s": ttft, "swap_in_header_s": header, "total_s": time.perf_counter() - t0}
-
-
 def needs_eviction(status: dict[str, Any], name: str) -> bool:
     model = next(m for m in status["models"] if m["name"] == name)
     if model["state"] == "running":
@@ -92,7 +76,7 @@ def round_robin(server: ServerHandle, rounds: int) -> list[dict[str, Any]]:
         evict = needs_eviction(status, name)
         state = next(m["state"] for m in status["models"] if m["name"] == name)
         r = first_token(server, name)
-        r.update({"was": state, "eviction": evict})
+        r.update({"model": name, "was": state, "eviction": evict})
         print("rr", json.dumps(r), flush=True)
         out.append(r)
     return out

@@ -173,11 +173,11 @@ def swap_out(server: ServerHandle, name: str) -> float:
     return time.perf_counter() - t0
 
 
-def first_token(server: ServerHandle, name: str) -> dict[str, Any]:
+def first_token(server: ServerHandle, name: str, max_tokens: int = 8) -> dict[str, Any]:
     t0 = time.perf_counter()
     ttft = None
     with httpx.stream("POST", server.api + "/completions", headers=server.headers(), timeout=900,
-                      json={"model": name, "prompt": "Hello", "max_tokens": 8, "temperature": 0,
+                      json={"model": name, "prompt": "Hello", "max_tokens": max_tokens, "temperature": 0,
                             "stream": True}) as r:
         r.raise_for_status()
         header = float(r.headers["x-swapserve-swap-in-seconds"])
