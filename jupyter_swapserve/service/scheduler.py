@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 import httpx
 
@@ -40,6 +40,18 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF = 30.0
 #: a request gives up on its memory after its victims' swap-outs failed this many times each
 MAX_REFUSED_EVICTIONS = 3
+
+
+class TenantSource(Protocol):
+    """Tenants of the devices other than models (notebook kernels), seen by the scheduler only as
+    snapshots for the policy and as victims it can evict."""
+
+    def snapshots(self) -> list[BackendSnapshot]: ...
+    def owns(self, name: str) -> bool: ...
+    async def evict(self, name: str, reason: str) -> bool: ...
+    def holds(self, name: str) -> bool: ...
+    def error(self, name: str) -> str | None: ...
+    def pinned_gib(self, device: int, requester: str) -> float: ...
 
 
 class EngineUnavailable(RuntimeError):
@@ -85,6 +97,8 @@ class Scheduler:
         self._background: set[asyncio.Task[Any]] = set()
         self._runtime_factory = runtime_factory or make_runtime
         self.observers: list[Any] = []  # metrics, event log: swap_recorded(...), engine_failed(...)
+        #: other tenants of the devices (idle notebook kernels): victims ranked by the same policy
+        self.tenant_sources: list[TenantSource] = []
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None))
         for b in backends.values():
             b.on_change = notifier.notify
@@ -93,11 +107,12 @@ class Scheduler:
     def is_virtual(self, backend: Backend) -> bool:
         return all(self.monitor.devices[d].virtual for d in backend.devices)
 
-    def snapshots(self) -> list[BackendSnapshot]:
+    def snapshots(self, with_tenants: bool = True) -> list[BackendSnapshot]:
         """One snapshot per backend and device it uses: an engine spanning two GPUs is a candidate
-        victim on each, and evicting it frees memory on both."""
+        victim on each, and evicting it frees memory on both. Other tenants (kernels) follow."""
         now = time.monotonic()
-        return [
+        tenants = [s for source in self.tenant_sources for s in source.snapshots()] if with_tenants else []
+        return tenants + [
             BackendSnapshot(
                 name=b.name, device=device, state=b.state.value,
                 memory_gib=b.reservation.gib if b.reservation else (b.memory_gib or 0.0),  # what a swap-out frees
@@ -137,16 +152,35 @@ class Scheduler:
         parts: list[Reservation] = []
         try:
             for device in backend.devices:
-                parts.append(await self._reserve_on(backend, device, gib))
+                parts.append(await self.reserve_on(backend.name, device, gib))
         except BaseException:
             for part in parts:
                 part.release()
             raise
         backend.reservation = parts[0] if len(parts) == 1 else ReservationGroup(parts)
 
-    async def _reserve_on(self, backend: Backend, device: int, gib: float) -> Reservation:
+    def _tenant_source(self, name: str) -> TenantSource | None:
+        return next((s for s in self.tenant_sources if s.owns(name)), None)
+
+    def _evictor(self, name: str) -> Callable[[str], Awaitable[bool]]:
+        source = self._tenant_source(name)
+        if source is not None:
+            return lambda reason: source.evict(name, reason)
+        return lambda reason: self.swap_out(self.backends[name], reason)
+
+    def _still_holds(self, name: str) -> tuple[bool, str | None]:
+        """After an abandoned eviction: is the victim still on the device, and why it stayed."""
+        source = self._tenant_source(name)
+        if source is not None:
+            return source.holds(name), source.error(name)
+        b = self.backends[name]
+        return b.state == State.RUNNING, b.error
+
+    async def reserve_on(self, name: str, device: int, gib: float) -> Reservation:
+        """``gib`` on one device for the tenant ``name`` (a model or a kernel), evicting victims."""
         manager = self.reservations[device]
         lock = self._device_locks[device]
+        who = f"model '{name}'" if name in self.backends else name
         refused: dict[str, int] = {}  # victims whose swap-out failed, and how often
         while True:
             # pinned models and residuals kept by `residual: keep` never leave: if they leave too little,
@@ -154,47 +188,47 @@ class Scheduler:
             pinned = sum((b.reservation.gib if b.config.pinned and b.reservation else 0.0)
                          + (b.residual_reservation.gib if b.residual_reservation and b.config.residual == "keep"
                             else 0.0)
-                         for b in self.backends.values() if device in b.devices and b is not backend)
+                         for b in self.backends.values() if device in b.devices and b.name != name)
+            pinned += sum(source.pinned_gib(device, name) for source in self.tenant_sources)
             if gib > manager.capacity_gib - pinned + 1e-9:
                 raise EngineUnavailable(
-                    f"model '{backend.name}' needs {gib:.2f} GiB but pinned models hold {pinned:.2f} of "
+                    f"{who} needs {gib:.2f} GiB but pinned models hold {pinned:.2f} of "
                     f"{manager.capacity_gib:.2f} GiB on device {device}", retry_after=60)
             async with lock:
-                reservation = manager.try_acquire(backend.name, gib)
+                reservation = manager.try_acquire(name, gib)
                 if reservation is None:
                     # cheapest room first: the residuals of sleeping engines, least recently used first
                     for kept in movable_residuals(self.snapshots_of_residuals(device), gib - manager.free_gib):
                         await self._checkpoint_residual(self.backends[kept])
-                        reservation = manager.try_acquire(backend.name, gib)
+                        reservation = manager.try_acquire(name, gib)
                         if reservation is not None:
                             break
                 if reservation is None:
-                    plan = choose_victims(self.snapshots(), device, gib, manager.free_gib, backend.name)
+                    plan = choose_victims(self.snapshots(), device, gib, manager.free_gib, name)
                     if plan.sufficient:
                         for victim in plan.victims:
-                            reservation = await self._evict_until_granted(self.backends[victim], backend.name,
-                                                                          manager, gib)
+                            reservation = await self._evict_until_granted(self._evictor(victim), name, manager, gib)
                             if reservation is not None:
                                 break
-                            if self.backends[victim].state == State.RUNNING:  # its swap-out was abandoned
+                            if self._still_holds(victim)[0]:  # its swap-out was abandoned
                                 refused[victim] = refused.get(victim, 0) + 1
                     if plan.victims and all(refused.get(v, 0) >= MAX_REFUSED_EVICTIONS for v in plan.victims):
                         # the only way to make room keeps failing: say so instead of waiting forever
-                        reasons = "; ".join(f"{v}: {self.backends[v].error or 'swap-out failed'}"
+                        reasons = "; ".join(f"{v}: {self._still_holds(v)[1] or 'swap-out failed'}"
                                             for v in plan.victims)
                         raise EngineUnavailable(
-                            f"model '{backend.name}' needs {gib:.2f} GiB on device {device}, but the models "
+                            f"{who} needs {gib:.2f} GiB on device {device}, but the tenants "
                             f"holding it could not be swapped out ({reasons})", retry_after=30)
                 if reservation is not None:
                     return reservation
             # nothing (enough) evictable now: queue for the memory, re-plan when things change
             try:
-                return await asyncio.wait_for(manager.acquire(backend.name, gib), timeout=1.0)
+                return await asyncio.wait_for(manager.acquire(name, gib), timeout=1.0)
             except asyncio.TimeoutError:
                 continue
 
-    async def _evict_until_granted(self, victim: Backend, requester: str, manager: ReservationManager,
-                                   gib: float) -> Reservation | None:
+    async def _evict_until_granted(self, evict: Callable[[str], Awaitable[bool]], requester: str,
+                                   manager: ReservationManager, gib: float) -> Reservation | None:
         """Swap a victim out in a task of its own (the requester's cancellation must not cut it short,
         or the victim would be left half swapped) and return the requester's reservation as soon as
         the memory is there: a victim with a sleep hook gives its weights and KV cache back when the
@@ -204,7 +238,7 @@ class Scheduler:
         # its residual instead of keeping it), and every byte it frees goes to this request
         granted = asyncio.ensure_future(manager.acquire(requester, gib))
         await asyncio.sleep(0)
-        task = asyncio.create_task(self.swap_out(victim, reason=f"preempted for {requester}"))
+        task = asyncio.create_task(evict(f"preempted for {requester}"))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         taken = False
@@ -254,7 +288,9 @@ class Scheduler:
             manager = self.reservations[device]
             if need is None:
                 return "declined: its size is not measured yet"
-            plan = prefetch_victims(self.snapshots(), device, need, manager.free_gib, backend.name)
+            # a hint never pushes a user's idle kernel out: only idle models make room for it
+            plan = prefetch_victims(self.snapshots(with_tenants=False), device, need, manager.free_gib,
+                                    backend.name)
             if not plan.sufficient:
                 return "declined: no free memory without evicting a busy model"
         task = asyncio.create_task(self._prefetch(backend))

@@ -1,0 +1,428 @@
+"""Notebook kernels as GPU tenants: their GPU memory is booked like a model's, and an idle kernel
+is swapped out with the CUDA checkpoint API (lock → checkpoint, **never** a freeze: the kernel
+keeps answering Jupyter's heartbeats, and a CUDA call simply blocks until restore + unlock) and
+swapped back in (reserve, evicting if needed → restore → unlock) before its next cell runs.
+
+This module knows nothing of Jupyter: the server side (:mod:`jupyter_swapserve.kernel_watch`)
+reports each kernel's facts (:class:`KernelFacts`: pids, user, notebook, busy, last execution)
+with :meth:`KernelTenants.observe`; the decisions are the pure functions of
+:mod:`.kernel_policy`; the steps are timed and unwound like a model's (:class:`.backend.SwapSteps`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from .backend import StepTiming, SwapStepError, SwapSteps
+from .kernel_policy import KernelView, due_for_swap_out, kernel_snapshot, may_pin, over_user_limit
+from .policy import BackendSnapshot
+from .reservations import Reservation
+
+log = logging.getLogger(__name__)
+
+PREFIX = "kernel "
+#: after an execution was sent, the kernel counts as busy this long even before it says so itself
+BUSY_GRACE_S = 2.0
+
+
+class KernelSwapError(RuntimeError):
+    """A kernel could not be swapped in or out; the message says why (shown to the user)."""
+
+
+@dataclass(frozen=True)
+class KernelFacts:
+    """What the Jupyter server knows of one of its kernels, each sweep."""
+
+    kernel_id: str
+    user: str
+    path: str
+    pids: tuple[int, ...]  # the kernel process and its descendants
+    busy: bool
+    last_execution: float  # time.time()
+
+
+@dataclass
+class KernelTenant:
+    kernel_id: str
+    user: str
+    path: str
+    device: int
+    pids: tuple[int, ...] = ()
+    gib: float = 0.0
+    state: str = "resident"
+    busy: bool = False
+    last_execution: float = 0.0
+    pinned: bool = False
+    release_requested: bool = False
+    #: time.time() when an execution was last sent through the server: busy until the kernel's own
+    #: activity is newer (its busy status may come a moment later), at most BUSY_GRACE_S
+    execution_sent_at: float = 0.0
+    reservation: Reservation | None = None
+    checkpointed_pids: list[int] = field(default_factory=list)
+    last_swap_in_seconds: float | None = None
+    last_swap_out_seconds: float | None = None
+    swaps_in: int = 0
+    swaps_out: int = 0
+    last_steps: list[StepTiming] = field(default_factory=list)
+    swap_in_history: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=50))
+    error: str | None = None
+    transition: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def name(self) -> str:
+        return PREFIX + self.kernel_id
+
+    def view(self) -> KernelView:
+        return KernelView(self.name, self.user, self.device, self.state, self.busy, self.pinned, self.gib,
+                          self.last_execution, self.release_requested)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "kernel_id": self.kernel_id, "name": self.name, "user": self.user, "path": self.path,
+            "device": self.device, "memory_gib": round(self.gib, 4), "state": self.state,
+            "busy": self.busy, "pinned": self.pinned, "last_execution": self.last_execution or None,
+            "reserved_gib": round(self.reservation.gib, 4) if self.reservation is not None else 0.0,
+            "last_swap_in_seconds": self.last_swap_in_seconds, "last_swap_out_seconds": self.last_swap_out_seconds,
+            "swaps_in": self.swaps_in, "swaps_out": self.swaps_out,
+            "swap_in_history": [{"t": t, "seconds": s} for t, s in self.swap_in_history],
+            "last_steps": [{"step": s.step, "seconds": s.seconds, "ok": s.ok} for s in self.last_steps],
+            "pids": list(self.pids), "error": self.error,
+        }
+
+
+class KernelTenants:
+    """The kernels holding GPU memory on this server's devices, and their swaps. A tenant source of
+    the scheduler: its kernels are victims ranked by the same policy as models."""
+
+    def __init__(self, scheduler: Any, idle_timeout: float | None = None, virtual: bool = False) -> None:
+        self.scheduler = scheduler
+        self.monitor = scheduler.monitor
+        self.checkpointer = scheduler.checkpointer
+        #: swap a kernel out after this many seconds without execution (None: only on demand)
+        self.idle_timeout = idle_timeout
+        #: count kernels on a virtual device by their resident host memory (demos and CPU tests:
+        #: bookkeeping only, no checkpoint — nothing is on a GPU)
+        self.virtual = virtual
+        #: per-user limits: (GiB a user's resident kernels may hold, GiB they may pin); None: no limit
+        self.limits: Any = lambda user: (None, None)
+        self.tenants: dict[str, KernelTenant] = {}
+        #: a fresh sweep of the kernels' facts (set by the server), before acting on a user's request
+        self.refresh: Any = None
+        self._growing: set[str] = set()
+        scheduler.tenant_sources.append(self)
+
+    # ---- the scheduler's view (TenantSource) ---------------------------------------------------
+    def snapshots(self) -> list[BackendSnapshot]:
+        return [kernel_snapshot(t.view()) for t in self.tenants.values()]
+
+    def owns(self, name: str) -> bool:
+        return name.startswith(PREFIX) and name[len(PREFIX):] in self.tenants
+
+    def _by_name(self, name: str) -> KernelTenant | None:
+        return self.tenants.get(name[len(PREFIX):]) if name.startswith(PREFIX) else None
+
+    async def evict(self, name: str, reason: str) -> bool:
+        tenant = self._by_name(name)
+        return tenant is not None and await self.swap_out(tenant.kernel_id, reason)
+
+    def holds(self, name: str) -> bool:
+        tenant = self._by_name(name)
+        return tenant is not None and tenant.state == "resident"
+
+    def error(self, name: str) -> str | None:
+        tenant = self._by_name(name)
+        return tenant.error if tenant is not None else None
+
+    def pinned_gib(self, device: int, requester: str) -> float:
+        return sum(t.reservation.gib for t in self.tenants.values()
+                   if t.pinned and t.reservation is not None and t.device == device and t.name != requester)
+
+    # ---- facts from the server ---------------------------------------------------------------
+    def _measure(self, pids: tuple[int, ...]) -> tuple[int, float]:
+        """(device, GiB) the processes hold: NVML on a real GPU; host memory when counted virtually."""
+        per_device = self.monitor.process_memory_gib(list(pids))
+        if per_device:
+            device = max(per_device, key=lambda d: per_device[d])
+            return device, per_device[device]
+        if self.virtual and self.monitor.devices[0].virtual:
+            from .scheduler import _rss_gib  # the measure of an engine on a virtual device, too
+
+            return 0, _rss_gib(list(pids))
+        return 0, 0.0
+
+    async def observe(self, facts: list[KernelFacts]) -> None:
+        """One sweep: update every kernel, book what resident ones hold, forget the ones that are
+        gone, swap in kernels that run while swapped out (an execution that reached them another
+        way than the websocket), and swap out the due ones."""
+        seen = set()
+        for f in facts:
+            seen.add(f.kernel_id)
+            tenant = self.tenants.get(f.kernel_id)
+            if tenant is not None:
+                tenant.user, tenant.path, tenant.pids = f.user, f.path, f.pids
+                sent = tenant.execution_sent_at
+                in_grace = f.last_execution < sent and time.time() < sent + BUSY_GRACE_S
+                tenant.busy = f.busy or in_grace
+                tenant.last_execution = max(tenant.last_execution, f.last_execution)
+                if tenant.state == "swapped_out" and f.busy:
+                    self._background(self.swap_in(f.kernel_id), f"swap-in of busy kernel {f.kernel_id}")
+                elif tenant.state == "resident" and not tenant.transition.locked():
+                    self._rebook(tenant)
+                continue
+            device, gib = self._measure(f.pids)
+            if gib <= 0:
+                continue  # holds no GPU memory: not a tenant
+            tenant = KernelTenant(f.kernel_id, f.user, f.path, device, f.pids, gib, busy=f.busy,
+                                  last_execution=f.last_execution)
+            self.tenants[f.kernel_id] = tenant
+            log.info("kernel %s (%s, %s) holds %.2f GiB on device %d", f.kernel_id, f.user, f.path, gib, device)
+            self._rebook(tenant)
+        for kernel_id in [k for k in self.tenants if k not in seen]:
+            self.forget(kernel_id)
+        await self.swap_out_due()
+
+    def _rebook(self, tenant: KernelTenant) -> None:
+        """Keep a resident kernel's reservation equal to what it holds now. Shrinking is immediate;
+        growing books free memory, or evicts in the background (the kernel already has the memory:
+        the books must follow reality)."""
+        _device, gib = self._measure(tenant.pids)
+        if gib <= 0 and tenant.reservation is None:
+            return
+        tenant.gib = gib
+        manager = self.scheduler.reservations[tenant.device]
+        if tenant.reservation is None:
+            tenant.reservation = manager.try_acquire(tenant.name, min(gib, manager.capacity_gib))
+            if tenant.reservation is None:
+                self._grow(tenant, gib)
+            self.scheduler.notifier.notify()
+            return
+        held = tenant.reservation.gib
+        if gib < held - 1e-6:
+            tenant.reservation.resize(gib)
+        elif gib > held + 1e-6:
+            try:
+                tenant.reservation.resize(min(gib, manager.capacity_gib))
+            except Exception:
+                self._grow(tenant, gib - held)
+
+    def _grow(self, tenant: KernelTenant, gib: float) -> None:
+        if tenant.kernel_id in self._growing:
+            return
+        self._growing.add(tenant.kernel_id)
+
+        async def grow() -> None:
+            try:
+                extra = await self.scheduler.reserve_on(tenant.name, tenant.device, gib)
+                if tenant.reservation is None:
+                    tenant.reservation = extra
+                else:
+                    extra.transfer_to(tenant.reservation, extra.gib)
+                    extra.release()
+            finally:
+                self._growing.discard(tenant.kernel_id)
+
+        self._background(grow(), f"booking the GPU memory of kernel {tenant.kernel_id}")
+
+    def forget(self, kernel_id: str) -> None:
+        """The kernel is gone (shut down, died): its memory with it."""
+        tenant = self.tenants.pop(kernel_id, None)
+        if tenant is not None and tenant.reservation is not None:
+            tenant.reservation.release()
+            tenant.reservation = None
+        self.scheduler.notifier.notify()
+
+    async def swap_out_due(self) -> None:
+        views = [t.view() for t in self.tenants.values()]
+        due = due_for_swap_out(views, time.time(), self.idle_timeout)
+        for user in {v.user for v in views}:
+            over, _enough = over_user_limit(views, user, self.limits(user)[0])
+            due += [name for name in over if name not in due]
+        for name in due:
+            tenant = self._by_name(name)
+            if tenant is not None:
+                reason = "released by its user" if tenant.release_requested else (
+                    f"idle for {self.idle_timeout:g} s" if self.idle_timeout is not None else "over the user's limit")
+                await self.swap_out(tenant.kernel_id, reason)
+
+    # ---- swaps -------------------------------------------------------------------------------
+    def _gpu_pids(self, tenant: KernelTenant) -> list[int]:
+        return [] if self.monitor.devices[tenant.device].virtual else self.monitor.gpu_pids(list(tenant.pids))
+
+    def _record(self, tenant: KernelTenant, what: str, steps: SwapSteps) -> None:
+        tenant.last_steps = steps.timings
+        for observer in self.scheduler.observers:
+            with contextlib.suppress(Exception):
+                observer.swap_recorded(tenant.name, what, steps.timings)
+        log.info("%s %s: %s", tenant.name, what,
+                 ", ".join(f"{t.step} {t.seconds * 1000:.1f} ms{'' if t.ok else ' FAILED'}" for t in steps.timings))
+
+    async def swap_out(self, kernel_id: str, reason: str) -> bool:
+        """resident → swapped_out: lock → checkpoint each GPU process, then give the memory back.
+        False when the kernel is busy, pinned, not resident, or a step failed (then undone)."""
+        tenant = self.tenants.get(kernel_id)
+        if tenant is None:
+            return False
+        async with tenant.transition:
+            if tenant.state != "resident" or tenant.busy or tenant.pinned:
+                return False
+            t0 = time.perf_counter()
+            tenant.state = "swapping_out"
+            self.scheduler.notifier.notify()
+            steps = SwapSteps()
+            ckpt, driver, timeout_ms = self.checkpointer, self.scheduler._driver, self.scheduler.lock_timeout_ms
+            pids = self._gpu_pids(tenant)
+            try:
+                for pid in pids:
+                    await steps.run("lock", lambda p=pid: driver("lock", ckpt.lock, p, timeout_ms),
+                                    undo=lambda p=pid: driver("unlock", ckpt.unlock, p))
+                for pid in pids:
+                    await steps.run("checkpoint", lambda p=pid: driver("checkpoint", ckpt.checkpoint, p),
+                                    undo=lambda p=pid: driver("restore", ckpt.restore, p))
+            except (SwapStepError, asyncio.CancelledError) as exc:
+                self._record(tenant, "swap-out failed", steps)
+                tenant.state = "resident"
+                tenant.error = f"swap-out ({reason}) failed: {exc}"
+                self.scheduler.notifier.notify()
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                return False
+            tenant.checkpointed_pids = pids
+            tenant.release_requested = False
+            tenant.error = None
+            if tenant.reservation is not None:
+                tenant.reservation.release()
+                tenant.reservation = None
+            tenant.last_swap_out_seconds = time.perf_counter() - t0
+            tenant.swaps_out += 1
+            self._record(tenant, f"swap-out ({reason})", steps)
+            tenant.state = "swapped_out"
+            self.scheduler.notifier.notify()
+            return True
+
+    async def swap_in(self, kernel_id: str) -> float:
+        """swapped_out → resident: reserve its memory (evicting by the policy) → restore → unlock.
+        Returns the seconds it took (0 when it was resident). Raises KernelSwapError."""
+        tenant = self.tenants.get(kernel_id)
+        if tenant is None:
+            return 0.0
+        async with tenant.transition:
+            if tenant.state == "resident":
+                return 0.0
+            t0 = time.perf_counter()
+            tenant.state = "swapping_in"
+            self.scheduler.notifier.notify()
+            steps = SwapSteps()
+            ckpt, driver = self.checkpointer, self.scheduler._driver
+            try:
+                limit = self.limits(tenant.user)[0]
+                over, enough = over_user_limit([t.view() for t in self.tenants.values()], tenant.user, limit,
+                                               keep=tenant.name)
+                for name in over:  # the user's other idle kernels make room within their limit first
+                    other = self._by_name(name)
+                    if other is not None:
+                        await self.swap_out(other.kernel_id, "its user's kernels are over their GPU memory limit")
+                if not enough:
+                    raise KernelSwapError(f"the kernels of '{tenant.user}' would hold more than their limit of "
+                                          f"{limit:g} GiB of GPU memory; shut down or release another kernel")
+                reservation = await self.scheduler.reserve_on(tenant.name, tenant.device, tenant.gib)
+                tenant.reservation = reservation
+                pids = list(tenant.checkpointed_pids)
+                for pid in pids:
+                    await steps.run("restore", lambda p=pid: driver("restore", ckpt.restore, p),
+                                    undo=lambda p=pid: driver("checkpoint", ckpt.checkpoint, p))
+                for pid in pids:
+                    await steps.run("unlock", lambda p=pid: driver("unlock", ckpt.unlock, p),
+                                    undo=lambda p=pid: driver("lock", ckpt.lock, p, self.scheduler.lock_timeout_ms))
+            except BaseException as exc:
+                self._record(tenant, "swap-in failed", steps)
+                if tenant.reservation is not None:
+                    tenant.reservation.release()
+                    tenant.reservation = None
+                tenant.state = "swapped_out"
+                tenant.error = f"swap-in failed: {exc}"
+                self.scheduler.notifier.notify()
+                if isinstance(exc, (asyncio.CancelledError, KernelSwapError)):
+                    raise
+                raise KernelSwapError(f"the kernel's GPU state could not be restored: {exc}") from None
+            tenant.checkpointed_pids = []
+            elapsed = time.perf_counter() - t0
+            tenant.last_swap_in_seconds = elapsed
+            tenant.swap_in_history.append((time.time(), elapsed))
+            tenant.swaps_in += 1
+            tenant.error = None
+            tenant.last_execution = time.time()  # about to execute: not idle (no immediate swap-out again)
+            self._record(tenant, "swap-in", steps)
+            tenant.state = "resident"
+            self.scheduler.notifier.notify()
+            return elapsed
+
+    def begin_execution(self, kernel_id: str) -> bool:
+        """An execution (or comm message) is about to reach the kernel: from now on it is busy (never
+        a victim). True when its GPU state must come back first (swapped out, or in a swap)."""
+        tenant = self.tenants.get(kernel_id)
+        if tenant is None:
+            return False
+        tenant.busy = True
+        tenant.execution_sent_at = tenant.last_execution = time.time()
+        return tenant.state != "resident" or tenant.transition.locked()
+
+    # ---- the user's controls (%gpu) ------------------------------------------------------------
+    def release(self, kernel_id: str) -> str:
+        """Swap out as soon as the kernel is idle (the %gpu magic runs inside a busy kernel)."""
+        tenant = self.tenants.get(kernel_id)
+        if tenant is None:
+            return "not a GPU tenant: the kernel holds no GPU memory"
+        if tenant.pinned:
+            raise KernelSwapError("the kernel is pinned; unpin it first")
+        if tenant.state != "resident":
+            return f"already {tenant.state.replace('_', ' ')}"
+        tenant.release_requested = True
+        return "will be swapped out as soon as the cell finishes"
+
+    def pin(self, kernel_id: str, pinned: bool) -> str:
+        tenant = self.tenants.get(kernel_id)
+        if tenant is None:
+            raise KernelSwapError("the kernel holds no GPU memory, so there is nothing to pin")
+        if pinned and not tenant.pinned:
+            limit = self.limits(tenant.user)[1]
+            if not may_pin([t.view() for t in self.tenants.values()], tenant.user, tenant.name, limit):
+                raise KernelSwapError(f"pinning would exceed the {limit:g} GiB of kernel GPU memory "
+                                      f"'{tenant.user}' may pin")
+        tenant.pinned = pinned
+        tenant.release_requested = False
+        self.scheduler.notifier.notify()
+        return "pinned: it stays on the GPU" if pinned else "unpinned"
+
+    # ---- housekeeping --------------------------------------------------------------------------
+    def _background(self, coro: Any, what: str) -> None:
+        async def guarded() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("%s failed: %s", what, exc)
+
+        task = asyncio.create_task(guarded())
+        self.scheduler._background.add(task)
+        task.add_done_callback(self.scheduler._background.discard)
+
+    def status(self) -> list[dict[str, Any]]:
+        return [t.status() for t in self.tenants.values()]
+
+    async def close(self) -> None:
+        """Server shutdown: restore what was checkpointed (a kernel outliving the server, e.g. one
+        owned by an external kernel provisioner, must not be left without its GPU state)."""
+        for tenant in list(self.tenants.values()):
+            if tenant.state == "swapped_out" and tenant.checkpointed_pids:
+                for step, call in (("restore", self.checkpointer.restore), ("unlock", self.checkpointer.unlock)):
+                    for pid in tenant.checkpointed_pids:
+                        with contextlib.suppress(Exception):
+                            await self.scheduler._driver(step, call, pid)
+            self.forget(tenant.kernel_id)
