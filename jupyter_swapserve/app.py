@@ -72,6 +72,23 @@ class SwapServe(ExtensionApp):
              "Empty: $SWAPSERVE_UPSTREAM_URL, else asked from the hub (GET /hub/api/services/<hub_service_name>).",
     )
     hub_service_name = Unicode("swapserve", config=True, help="The JupyterHub service that runs the shared service.")
+    kernel_tenants = Bool(
+        True, config=True,
+        help="Standalone mode: this server's notebook kernels that hold GPU memory are tenants of the GPUs "
+             "like the models: listed in the status, evicted by the same policy when idle, checkpointed "
+             "(never frozen) and restored before their next cell runs.",
+    )
+    kernel_idle_timeout = Float(
+        None, allow_none=True, config=True,
+        help="Swap out a kernel's GPU memory after this many seconds without execution. None (the "
+             "default): only when a swap-in needs the memory, or its user asks (%%gpu release).",
+    )
+    kernel_check_interval = Float(2.0, config=True, help="Seconds between sweeps of the kernels' GPU memory.")
+    kernel_tenants_on_virtual_device = Bool(
+        False, config=True,
+        help="On a server without a GPU (virtual device 0), count kernels as tenants by their host "
+             "memory: demos and tests of kernel swapping (bookkeeping only, nothing is checkpointed).",
+    )
     event_log = Unicode(
         "", config=True,
         help="JSON-lines log of every swap, eviction and engine failure. Empty: "
@@ -155,6 +172,37 @@ class SwapServe(ExtensionApp):
                                    accounting=self._make_accounting())
         self.settings["swapserve_service"] = self.service
         self._observe(self.service)
+        self._track_kernels(self.service)
+
+    def _track_kernels(self, service: SwapService) -> None:
+        """Kernels as GPU tenants: the books, the sweeps, and the websocket connection that swaps a
+        checkpointed kernel back in before its next cell."""
+        self.kernel_watcher = None
+        if not self.kernel_tenants or self.resolved_mode != "standalone":
+            return
+        from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebsocketConnection
+
+        from .kernel_connection import SwapServeKernelConnection
+        from .kernel_watch import KernelWatcher
+        from .service.kernels import KernelTenants
+
+        configured = self.settings.get("kernel_websocket_connection_class")
+        if configured not in (None, ZMQChannelsWebsocketConnection, SwapServeKernelConnection):
+            self.log.warning("jupyter-swapserve: kernels are not GPU tenants: ServerApp.kernel_websocket_"
+                             "connection_class is %s, which cannot be wrapped", configured)
+            return
+        tenants = KernelTenants(service.scheduler, idle_timeout=self.kernel_idle_timeout,
+                                virtual=self.kernel_tenants_on_virtual_device)
+        if service.accounting is not None:
+            accounting = service.accounting
+            tenants.limits = lambda user: (accounting.limits(user).kernel_gpu_gib,
+                                           accounting.limits(user).kernel_pin_gib)
+        service.kernels = tenants
+        self.settings["swapserve_kernels"] = tenants
+        self.settings["kernel_websocket_connection_class"] = SwapServeKernelConnection
+        self.kernel_watcher = KernelWatcher(self.serverapp, tenants, self.settings["swapserve_local_user"],
+                                            interval=self.kernel_check_interval)
+        tenants.refresh = self.kernel_watcher.sweep
 
     def _observe(self, service: SwapService) -> None:
         """Prometheus metrics (GET /swapserve/metrics) and the event log, fed by the scheduler."""
@@ -180,6 +228,8 @@ class SwapServe(ExtensionApp):
     async def _start_jupyter_server_extension(self, serverapp) -> None:  # type: ignore[override]
         if self.service is not None:
             self.service.start()
+        if getattr(self, "kernel_watcher", None) is not None:
+            self.kernel_watcher.start()
         if self.export_env and self.resolved_mode != "service":
             os.environ["SWAPSERVE_URL"] = serverapp.connection_url.rstrip("/") + "/swapserve/v1"
             token = getattr(serverapp.identity_provider, "token", "") or ""
@@ -193,6 +243,8 @@ class SwapServe(ExtensionApp):
     async def stop_extension(self) -> None:
         if self.settings.get("swapserve_metrics") is not None:
             self.settings["swapserve_metrics"].unregister_globally()
+        if getattr(self, "kernel_watcher", None) is not None:
+            await self.kernel_watcher.close()
         if self.service is not None:
             await self.service.close()
         if self.upstream is not None:

@@ -407,4 +407,7 @@ LLMMagics.llm.__doc__ = f"Prompt a model or manage the swap service.\n\n{USAGE}"
 
 
 def load_ipython_extension(ipython: Any) -> None:
+    from .gpu_magic import GpuMagics  # %gpu: this kernel as a GPU tenant
+
     ipython.register_magics(LLMMagics)
+    ipython.register_magics(GpuMagics)

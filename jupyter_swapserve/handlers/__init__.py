@@ -6,6 +6,7 @@ from .admin import SchemaHandler, StatusHandler, SwapHandler
 from .embeddings import EmbeddingsHandler
 from .events import EventsHandler
 from .fallback import fallback_handlers
+from .kernels import ACTIONS, KernelActionHandler, KernelHandler, KernelListHandler
 from .metrics import MetricsHandler
 from .openai import CompletionsHandler, ModelsHandler
 from .openapi import OpenAPIHandler
@@ -24,6 +25,9 @@ def handlers() -> list[tuple]:
         (r"/swapserve/api/schema", SchemaHandler),
         (r"/swapserve/api/models/([^/]+)/(swap-in|swap-out)", SwapHandler),
         (r"/swapserve/api/models/([^/]+)/prefetch", PrefetchHandler),
+        (r"/swapserve/api/kernels", KernelListHandler),
+        (r"/swapserve/api/kernels/([^/]+)", KernelHandler),
+        (rf"/swapserve/api/kernels/([^/]+)/({'|'.join(ACTIONS)})", KernelActionHandler),
         (r"/swapserve/api/quotas", QuotasHandler),
         (r"/swapserve/api/quotas/([^/]+)", UserQuotaHandler),
         (r"/swapserve/api/usage", UsageHandler),

@@ -26,6 +26,7 @@ ERRORS = {
     "401": _error("Missing or invalid credentials."),
     "403": _error("Forbidden: not an admin, or the model is not allowed for the user."),
     "404": _error("Unknown model, user or route."),
+    "409": _error("The action is refused in the current state (e.g. a pinned kernel, or over a kernel quota)."),
     "429": _error("A quota is exhausted (Retry-After says when to retry)."),
     "503": _error("The engine is unavailable or its queue is full (Retry-After)."),
 }
@@ -116,6 +117,8 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {**QUOTA_FIELDS,
                        "allowed_models": {"type": ["array", "null"], "items": {"type": "string"}},
+                       "kernel_gpu_gib": {"type": ["number", "null"], "minimum": 0},
+                       "kernel_pin_gib": {"type": ["number", "null"], "minimum": 0},
                        "models": {"type": "object", "additionalProperties": {
                            "type": "object", "properties": QUOTA_FIELDS}}},
     },
@@ -140,6 +143,25 @@ def _prefetch() -> dict[str, Any]:
              ("401", "403", "404"), tag="admin", params=[_path_param("model", "The model's name.")])
     op["responses"]["202"] = _ok("The model is being started or swapped in.", PREFETCH_RESULT)
     return op
+
+
+KERNEL_ACTIONS = {
+    "release": "Swap the kernel's GPU memory out as soon as it is idle (what %gpu release asks).",
+    "swap-out": "Swap the kernel's GPU memory out now, if it is idle and not pinned.",
+    "swap-in": "Restore the kernel's GPU memory now (evicting others as the policy says).",
+    "pin": "Keep the kernel on the GPU (within the user's kernel_pin_gib quota).",
+    "unpin": "Let the kernel be swapped out again.",
+}
+
+
+def _kernel_action(action: str) -> dict[str, Any]:
+    result = {"type": "object", "required": ["kernel_id", "action"],
+              "properties": {"kernel_id": {"type": "string"}, "action": {"type": "string"},
+                             "result": {"type": "string"}, "state": {"type": "string"},
+                             "seconds": {"type": "number"}}}
+    return {"post": _op(KERNEL_ACTIONS[action] + " The kernel's user, or an admin.", _ok("What was done.", result),
+                        ("401", "403", "404", "409"), tag="kernels",
+                        params=[_path_param("kernel_id", "A kernel of this Jupyter server.")])}
 
 
 PREFETCH_RESULT = {"type": "object", "required": ["model", "prefetch", "state"],
@@ -176,6 +198,14 @@ def spec(base_url: str = "/") -> dict[str, Any]:
         "/swapserve/api/models/{model}/swap-in": _swap("in"),
         "/swapserve/api/models/{model}/swap-out": _swap("out"),
         "/swapserve/api/models/{model}/prefetch": {"post": _prefetch()},
+        "/swapserve/api/kernels": {"get": _op(
+            "The notebook kernels holding GPU memory (GPU tenants): the caller's, or everyone's for admins.",
+            _ok("Kernels and the idle timeout."), ("401", "403", "404"), tag="kernels")},
+        "/swapserve/api/kernels/{kernel_id}": {"get": _op(
+            "One kernel's GPU state (state 'not_a_tenant' when it holds no GPU memory).", _ok("The kernel."),
+            ("401", "403", "404"), tag="kernels",
+            params=[_path_param("kernel_id", "A kernel of this Jupyter server.")])},
+        **{f"/swapserve/api/kernels/{{kernel_id}}/{a}": _kernel_action(a) for a in KERNEL_ACTIONS},
         "/swapserve/api/quotas": {"get": _op("Every explicit quota row, the default ('*') first (admins).",
                                              _ok("Quota rows."), ("401", "403", "404"), tag="quotas")},
         "/swapserve/api/quotas/{user}": {

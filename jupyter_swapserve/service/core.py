@@ -94,6 +94,8 @@ class SwapService:
         self._tasks: list[asyncio.Task[None]] = []
         self._waiting_priorities: dict[str, list[float]] = {}
         self.started_at = time.time()
+        #: notebook kernels as GPU tenants (set by the server extension; None elsewhere)
+        self.kernels: Any = None
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -282,6 +284,7 @@ class SwapService:
             "checkpointer": self.checkpointer.kind,
             "devices": devices,
             "models": models,
+            "kernels": self.kernels.status() if self.kernels is not None else [],
             "config_errors": self.config_errors,
             "quotas": self.accounting is not None,
         }

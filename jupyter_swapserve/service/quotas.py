@@ -20,8 +20,11 @@ DEFAULT_USER = "*"
 
 #: the fields a per-model entry may set
 MODEL_FIELDS = ("max_concurrent", "requests_per_minute", "tokens_per_day", "max_tokens_per_request", "priority")
+#: limits on the user's notebook kernels as GPU tenants (user-wide only): GiB of GPU memory their
+#: resident kernels may hold, and GiB they may pin (0: may not pin)
+KERNEL_FIELDS = ("kernel_gpu_gib", "kernel_pin_gib")
 #: every field of a quota row, in the order admins see them
-FIELDS = ("allowed_models", *MODEL_FIELDS)
+FIELDS = ("allowed_models", *MODEL_FIELDS, *KERNEL_FIELDS)
 INTEGER_FIELDS = frozenset({"max_concurrent", "requests_per_minute", "tokens_per_day", "max_tokens_per_request"})
 DEFAULT_PRIORITY = 1.0
 WINDOW_SECONDS = 60.0
@@ -52,6 +55,10 @@ def _check_value(name: str, value: Any, param: str) -> Any:
         if not 0 <= value <= MAX_INTEGER:
             raise QuotaInputError(param, f"must be between 0 and {MAX_INTEGER}.")
         return value
+    if name in KERNEL_FIELDS:
+        if not 0 <= value <= 1e6:
+            raise QuotaInputError(param, "must be a number of GiB between 0 and 1000000, or null for no limit.")
+        return float(value)
     if not 0 < value <= 1000:  # priority: a weight
         raise QuotaInputError(param, "must be greater than 0 and at most 1000.")
     return float(value)
@@ -107,13 +114,15 @@ class Limits:
     model_max_concurrent: int | None = None
     model_requests_per_minute: int | None = None
     model_tokens_per_day: int | None = None
+    kernel_gpu_gib: float | None = None
+    kernel_pin_gib: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "allowed_models": list(self.allowed_models) if self.allowed_models is not None else None,
             "max_concurrent": self.max_concurrent, "requests_per_minute": self.requests_per_minute,
             "tokens_per_day": self.tokens_per_day, "max_tokens_per_request": self.max_tokens_per_request,
-            "priority": self.priority,
+            "priority": self.priority, "kernel_gpu_gib": self.kernel_gpu_gib, "kernel_pin_gib": self.kernel_pin_gib,
         }
 
 
@@ -147,6 +156,8 @@ def effective_limits(rows: Mapping[str, Mapping[str, Any]], user: str, model: st
         model_max_concurrent=per_model.get("max_concurrent"),
         model_requests_per_minute=per_model.get("requests_per_minute"),
         model_tokens_per_day=per_model.get("tokens_per_day"),
+        kernel_gpu_gib=top.get("kernel_gpu_gib"),
+        kernel_pin_gib=top.get("kernel_pin_gib"),
     )
 
 
