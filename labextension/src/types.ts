@@ -3,6 +3,8 @@
  * server-sent event, POST /swapserve/api/models/<name>/swap-in|swap-out).
  */
 
+import type { IKernelTenant } from './kernels';
+
 export type ModelState =
   | 'stopped'
   | 'starting'
@@ -70,6 +72,8 @@ export interface IStatus {
   checkpointer?: string;
   devices: IDevice[];
   models: IModel[];
+  /** notebook kernels holding GPU memory (standalone servers with kernel tenancy) */
+  kernels?: IKernelTenant[];
   config_errors?: string[];
   user?: { name?: string | null; admin?: boolean } | null;
 }

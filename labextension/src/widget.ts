@@ -9,6 +9,7 @@ import { IHttpResponse, Requester, StatusClient } from './client';
 import { swapServeIcon } from './icon';
 import { IQuotaDoc, probeQuotas, QuotaSection } from './quotas';
 import { PanelView } from './render';
+import { KernelSection } from './kernels';
 import { fetchUsage, IUsageDoc, UsageSection } from './usage';
 import {
   dismissMessage,
@@ -61,6 +62,7 @@ export class SwapServePanel extends Widget {
   private quotaDoc: IQuotaDoc | null = null;
   private quotaProbedFor: string | null = null;
   private usage: UsageSection;
+  private kernels: KernelSection;
   private usageDoc: IUsageDoc | null = null;
   private usageFetchedAt = 0;
   private usageVersion = -1;
@@ -89,7 +91,8 @@ export class SwapServePanel extends Widget {
     this.quotas = new QuotaSection(this.request);
     this.quotas.onChanged = () => this.refreshQuotas();
     this.usage = new UsageSection();
-    this.view.extra.append(this.usage.node, this.quotas.node);
+    this.kernels = new KernelSection(this.request);
+    this.view.extra.append(this.kernels.node, this.usage.node, this.quotas.node);
     this.node.appendChild(this.view.node);
     this.client = new StatusClient({
       request: this.request,
@@ -223,5 +226,6 @@ export class SwapServePanel extends Widget {
     this.view.update(this.state, Date.now());
     this.quotas.update(this.quotaDoc, this.state.status);
     this.usage.update(this.usageDoc);
+    this.kernels.update(this.state.status?.kernels, Date.now() / 1000);
   }
 }
