@@ -150,6 +150,10 @@ def test_an_execution_reaching_a_swapped_out_kernel_swaps_it_in_first(server: Se
             sock.close()
 
     asyncio.run(scenario())
+    # observable like a model's swaps: one metrics label for all kernels, each kernel in the event log
+    assert 'model="kernel"' in api(server, "GET", "swapserve/metrics").text
+    events = [json.loads(line) for line in (server.root_dir / "events.jsonl").read_text().splitlines()]
+    assert any(e.get("model") == f"kernel {kernel}" and e.get("direction") == "in" for e in events), events[-3:]
 
 
 def test_models_and_kernels_evict_each_other_by_the_same_policy(server: ServerHandle, kernel: str) -> None:

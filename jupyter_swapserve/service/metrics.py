@@ -20,6 +20,7 @@ SWAP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 
 WAIT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 #: label value for a model name that is not configured (keeps label cardinality bounded)
+KERNEL_LABEL = "kernel"
 UNKNOWN_MODEL = "_unknown"
 
 
@@ -118,10 +119,16 @@ class SwapMetrics:
             return ""  # a route without a model (status, quotas...)
         return model if isinstance(model, str) and model in self.models else UNKNOWN_MODEL
 
+    def tenant_label(self, name: str) -> str:
+        """A model's name; every notebook kernel shares the label ``kernel`` (one series per kernel
+        id would grow without bound as kernels come and go; the event log has the ids)."""
+        return KERNEL_LABEL if name.startswith("kernel ") else self.model_label(name)
+
     # ---- the scheduler's observer interface ------------------------------------------------
     def swap_recorded(self, model: str, what: str, timings: Sequence[Any]) -> None:
         """``timings``: the swap's steps (``.step``, ``.seconds``, ``.ok``; SwapSteps.timings)."""
         direction, ok, reason = swap_event(what)
+        model = self.tenant_label(model)
         self.swaps.labels(model, direction, "ok" if ok else "failed").inc()
         if ok:
             seconds = sum(t.seconds for t in timings)
