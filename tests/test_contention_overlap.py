@@ -418,6 +418,47 @@ async def test_auto_residuals_are_checkpointed_to_make_room_and_an_unmeasured_st
     assert manager.granted_gib == 0
 
 
+async def test_a_residual_whose_engine_is_being_swapped_in_is_skipped_not_waited_for(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Making room holds the device lock. If the engine whose kept residual it would move has just
+    been handed its transition lock by a request (which will next ask for the device lock), waiting
+    for that engine would deadlock the two: the residual is skipped, and moved on a later round."""
+    svc = service([("a", 0.5, "auto"), ("b", 0.5, "auto"), ("c", None, "auto")], capacity=1.0)
+    gpu = FakeGpu(svc, sizes={"a": 0.5, "b": 0.5, "c": 0.5}, residuals={"a": 0.15, "b": 0.15, "c": 0.15})
+    gpu.install(monkeypatch)
+    scheduler, manager = svc.scheduler, svc.scheduler.reservations[0]
+    svc.start()
+    try:
+        await svc.wait_started(90)
+        c = svc.backends["c"]
+        assert c.residual_reservation is not None and manager.free_gib == pytest.approx(0.85)
+        holder_has_lock, room_asked = asyncio.Event(), asyncio.Event()
+
+        async def request_for_c() -> None:
+            # what a request does: c's transition lock first, then (in its swap-in) the device lock
+            async with c.transition:
+                holder_has_lock.set()
+                await room_asked.wait()
+                small = await scheduler.reserve_on("c-request", 0, 0.01)
+                small.release()
+
+        holder = asyncio.create_task(request_for_c())
+        await holder_has_lock.wait()
+        needs_room = asyncio.create_task(scheduler.reserve_on("x", 0, 0.9))  # only c's residual can make room
+        await asyncio.sleep(0.05)
+        room_asked.set()
+        granted = await asyncio.wait_for(needs_room, 20)  # before the fix: both waited forever
+        await asyncio.wait_for(holder, 5)
+        assert granted.gib == pytest.approx(0.9) and c.residual_reservation is None
+        assert gpu.records[-1][:2] == ("c", "residual checkpointed to make room")
+        granted.release()
+        no_leak(svc)
+    finally:
+        await svc.close()
+    # the books' checker knows engines only: the two test-made owners are the exception
+    assert [v for v in gpu.violations if "c-request" not in v and "<Reservation x " not in v] == []
+
+
 async def test_keep_residuals_are_never_moved_so_an_unmeasured_start_fails_with_its_reason(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """The contrast: residual: keep. a's kept residual stays on the device whatever waits; c,

@@ -554,7 +554,11 @@ class Scheduler:
 
     async def _checkpoint_residual(self, backend: Backend) -> None:
         """Move a sleeping engine's kept residual to host memory (thaw → lock → checkpoint → freeze:
-        the driver cannot work on a frozen process) and give its reservation back."""
+        the driver cannot work on a frozen process) and give its reservation back. Called with the
+        device lock held: an engine whose transition lock is taken (a request is about to swap it in,
+        and will wait for the device lock) is skipped, never waited for, or the two would deadlock."""
+        if backend.transition.locked():
+            return
         async with backend.transition:
             if backend.state != State.SWAPPED_OUT or backend.residual_reservation is None:
                 return
