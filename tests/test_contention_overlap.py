@@ -50,7 +50,8 @@ EPS = 1e-6
 HOLD_GUARD_S = 20.0
 
 
-def service(models: list[tuple[str, float | None, str]], capacity: float) -> SwapService:
+def service(models: list[tuple[str, float | None, str]], capacity: float,
+            idle_check_interval: float = 3600.0) -> SwapService:
     """Reference engines (tiny random Llama on the CPU, one seed each: different answers) on one
     device of ``capacity`` GiB; ``models``: (name, memory_gib or None for unmeasured, residual)."""
     specs = []
@@ -64,7 +65,8 @@ def service(models: list[tuple[str, float | None, str]], capacity: float) -> Swa
         specs.append(spec)
     loaded = parse_models({"devices": [{"virtual": True, "memory_gib": capacity}], "models": specs})
     assert not loaded.errors, loaded.errors
-    return SwapService(loaded)
+    # the idle sweep (which also brings checkpointed residuals back) only where a test wants it
+    return SwapService(loaded, idle_check_interval=idle_check_interval)
 
 
 def parts(r: Reservation | ReservationGroup | None) -> list[Reservation]:
@@ -208,7 +210,11 @@ class FakeGpu:
             owned = {id(p) for b in on_device for r in (b.reservation, b.residual_reservation) for p in parts(r)}
             for r in manager.granted():
                 owner = self.svc.backends.get(r.owner)
-                if id(r) not in owned and (owner is None or owner.state not in (State.SWAPPING_IN, State.STARTING)):
+                # granted to an engine in a transition (swap-in, start, a residual coming back): it takes
+                # the reservation right after the grant, in the same step of the event loop
+                taking = owner is not None and (owner.state in (State.SWAPPING_IN, State.STARTING)
+                                                or (where.startswith("change") and owner.transition.locked()))
+                if id(r) not in owned and not taking:
                     self.violations.append(f"{where}: {r!r} belongs to no engine taking it")
             used = 0.0
             for b in on_device:
@@ -457,6 +463,39 @@ async def test_a_residual_whose_engine_is_being_swapped_in_is_skipped_not_waited
         await svc.close()
     # the books' checker knows engines only: the two test-made owners are the exception
     assert [v for v in gpu.violations if "c-request" not in v and "<Reservation x " not in v] == []
+
+
+async def test_residuals_moved_out_for_a_start_come_back_when_there_is_room(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unmeasured start of c checkpointed a's and b's residuals; once c is measured and swapped
+    out there is room again, and the idle sweep brings them back (thaw → restore → unlock → freeze),
+    so a's next swap-in is thaw → wake, with no driver restore in the request's path."""
+    svc = service([("a", 0.5, "auto"), ("b", 0.5, "auto"), ("c", None, "auto")], capacity=1.0,
+                  idle_check_interval=0.2)
+    gpu = FakeGpu(svc, sizes={"a": 0.5, "b": 0.5, "c": 0.5}, residuals={"a": 0.15, "b": 0.15, "c": 0.15})
+    gpu.install(monkeypatch)
+    manager = svc.scheduler.reservations[0]
+    with running_sampler(gpu):
+        svc.start()
+        try:
+            await svc.wait_started(90)
+            a, b = svc.backends["a"], svc.backends["b"]
+            await until(lambda: a.residual_reservation is not None and b.residual_reservation is not None,
+                        "a's and b's residuals back on the GPU")
+            back = [(m, steps) for m, what, steps in gpu.records if what == "swap-in of the residual (room to keep it)"]
+            assert sorted(back) == [("a", ["thaw", "restore", "unlock", "freeze"]),
+                                    ("b", ["thaw", "restore", "unlock", "freeze"])]
+            for x in (a, b):
+                assert x.state == State.SWAPPED_OUT and x.checkpointed_pids == [] and x.runtime.frozen
+                assert x.residual_reservation.gib == pytest.approx(0.15) and gpu.holds(x) == pytest.approx(0.15)
+            assert manager.granted_gib == pytest.approx(0.45)
+            answer = await ask(svc, "a")
+            assert [s.step for s in a.last_steps] == ["thaw", "wake"]
+            assert answer and gpu.violations == []
+            no_leak(svc)
+        finally:
+            await svc.close()
+    assert gpu.violations == [] and gpu.failures == []
 
 
 async def test_keep_residuals_are_never_moved_so_an_unmeasured_start_fails_with_its_reason(

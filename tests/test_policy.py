@@ -93,3 +93,14 @@ def test_residual_auto_keeps_while_there_is_room_and_lru_residuals_make_room_fir
     assert movable_residuals(kept, 1.5) == ("old", "mid")
     assert movable_residuals(kept, 80) == ("old", "mid", "new")  # never a residual: keep one
     assert movable_residuals(kept, 0) == ()
+
+
+def test_residuals_come_back_most_recently_used_first_while_they_fit_and_nobody_waits() -> None:
+    from jupyter_swapserve.service.policy import ResidualSnapshot, residuals_to_restore
+
+    snaps = [ResidualSnapshot("old", 1.0, 10.0, "auto"), ResidualSnapshot("new", 1.0, 30.0, "auto"),
+             ResidualSnapshot("mid", 2.0, 20.0, "auto"), ResidualSnapshot("never", 0.5, 40.0, "checkpoint")]
+    assert residuals_to_restore(snaps, free_gib=10.0, anyone_waiting=False) == ("new", "mid", "old")
+    assert residuals_to_restore(snaps, free_gib=2.5, anyone_waiting=False) == ("new", "old")  # mid does not fit
+    assert residuals_to_restore(snaps, free_gib=10.0, anyone_waiting=True) == ()
+    assert residuals_to_restore(snaps, free_gib=0.5, anyone_waiting=False) == ()

@@ -160,6 +160,9 @@ class Backend:
     #: time.monotonic() when the engine last came onto the device (its residency quantum counts from here)
     resident_since: float = 0.0
     slept: bool = False  # the engine-aware sleep hook ran on the last swap-out
+    #: what the engine held on the GPU right after its last sleep (NVML): the size of its residual,
+    #: reserved again when a checkpointed residual is brought back to the GPU
+    residual_gib: float = 0.0
     checkpointed_pids: list[int] = field(default_factory=list)
     error: str | None = None
     failures: int = 0

@@ -116,6 +116,7 @@ class SwapService:
             await asyncio.sleep(self._idle_interval)
             try:
                 await self.scheduler.swap_out_idle()
+                await self.scheduler.restore_residuals()
             except Exception:  # keep sweeping; one bad swap must not end idle handling
                 log.exception("idle swap-out failed")
 

@@ -128,3 +128,21 @@ def movable_residuals(kept: Sequence[ResidualSnapshot], short_gib: float) -> tup
         if found >= short_gib:
             break
     return tuple(chosen)
+
+
+def residuals_to_restore(checkpointed: Sequence[ResidualSnapshot], free_gib: float, anyone_waiting: bool
+                         ) -> tuple[str, ...]:
+    """Which checkpointed residuals (`residual: auto`) to bring back to the GPU while it has room, most
+    recently used first (the likeliest to be asked for next): a swap-in that finds its residual on the
+    GPU skips the driver restore (~0.75 s for a 1 GiB residual). Residuals moved out to make room
+    (an unmeasured start takes the whole device) come back once the room is there again; never while
+    anyone waits for memory on the device."""
+    if anyone_waiting:
+        return ()
+    chosen: list[str] = []
+    room = free_gib
+    for r in sorted((r for r in checkpointed if r.residual == "auto"), key=lambda r: (-r.last_used, r.name)):
+        if 0 < r.gib <= room + 1e-9:
+            chosen.append(r.name)
+            room -= r.gib
+    return tuple(chosen)

@@ -32,6 +32,7 @@ from .policy import (
     movable_residuals,
     prefetch_victims,
     residency_quantum,
+    residuals_to_restore,
 )
 from .reservations import Reservation, ReservationGroup, ReservationManager, ReservationTooLarge
 
@@ -479,6 +480,7 @@ class Scheduler:
                                     undo_if_failed=True)
                     # decided after the sleep, when the residual can be measured (once: an NVML query)
                     residual = self._residual_gib(backend)
+                    backend.residual_gib = residual
                     keep_residual = keeps_residual(option,
                                                    not can_checkpoint or self._room_for_residual(backend, residual))
                     if not keep_residual and backend.reservation is not None:
@@ -578,6 +580,58 @@ class Scheduler:
             backend.residual_reservation.release()
             backend.residual_reservation = None
             self._record(backend, "residual checkpointed to make room", steps)
+
+    async def restore_residuals(self) -> None:
+        """Bring checkpointed `residual: auto` residuals back to the GPU while there is room (the
+        policy says which), so the next swap-in is thaw → wake. Engines in a transition are left alone."""
+        if not getattr(self.checkpointer, "available", False):
+            return
+        for device, manager in self.reservations.items():
+            candidates = {
+                b.name: b for b in self.backends.values()
+                if b.devices == [device] and b.state == State.SWAPPED_OUT and b.slept and b.checkpointed_pids
+                and b.residual_reservation is None and b.config.residual == "auto" and b.residual_gib > 0
+                and not b.transition.locked() and not self.is_virtual(b)}
+            snapshots = [ResidualSnapshot(b.name, b.residual_gib, b.last_used, b.config.residual)
+                         for b in candidates.values()]
+            for name in residuals_to_restore(snapshots, manager.free_gib, bool(manager.waiting())):
+                await self._restore_residual(candidates[name])
+
+    async def _restore_residual(self, backend: Backend) -> None:
+        """thaw → restore → unlock → freeze: the sleeping engine's residual is on the GPU again (as if
+        kept), its reservation taken first; every step undone in reverse if one fails."""
+        if backend.transition.locked():
+            return
+        async with backend.transition:
+            if backend.state != State.SWAPPED_OUT or not backend.checkpointed_pids:
+                return
+            manager = self.reservations[backend.device]
+            reservation = manager.try_acquire(backend.name, backend.residual_gib)
+            if reservation is None:
+                return  # taken meanwhile
+            backend.residual_reservation = reservation  # booked before the memory is on the GPU
+            steps = SwapSteps()
+            runtime, ckpt, pids = backend.runtime, self.checkpointer, list(backend.checkpointed_pids)
+            try:
+                await steps.run("thaw", runtime.thaw, undo=runtime.freeze)
+                for pid in pids:
+                    await steps.run("restore", lambda p=pid: self._driver("restore", ckpt.restore, p),
+                                    undo=lambda p=pid: self._driver("checkpoint", ckpt.checkpoint, p))
+                for pid in pids:
+                    await steps.run("unlock", lambda p=pid: self._driver("unlock", ckpt.unlock, p),
+                                    undo=lambda p=pid: self._driver("lock", ckpt.lock, p, self.lock_timeout_ms))
+                await steps.run("freeze", runtime.freeze, undo=runtime.thaw, undo_if_failed=True)
+            except SwapStepError as exc:
+                self._record(backend, "residual restore failed", steps)
+                if exc.unwound:  # back on the host: the booking goes; otherwise _fail releases it
+                    reservation.release()
+                    backend.residual_reservation = None
+                if not exc.unwound:
+                    await self._fail(backend, f"restore of its residual failed and could not be undone: {exc}")
+                return
+            backend.checkpointed_pids = []
+            self._record(backend, "swap-in of the residual (room to keep it)", steps)
+            backend.on_change()
 
     def _keep_residual(self, backend: Backend, residual: float) -> None:
         """After a sleep without checkpoint: the GPU memory the engine still holds (``residual``,
