@@ -98,10 +98,12 @@ class KernelSocket:
         return msg
 
     async def outputs_until_idle(self, msg_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
-        """Every iopub output and the reply of each execution, until all of them are idle."""
+        """Every iopub output and the reply of each execution, until each is idle and replied (the
+        reply comes on the shell channel, the idle status on iopub: in either order)."""
         got: dict[str, list[dict[str, Any]]] = {m: [] for m in msg_ids}
         idle: set[str] = set()
-        while idle != set(msg_ids):
+        replied: set[str] = set()
+        while idle != set(msg_ids) or replied != set(msg_ids):
             msg = await self.receive()
             parent = (msg.get("parent_header") or {}).get("msg_id")
             if parent not in got:
@@ -110,6 +112,8 @@ class KernelSocket:
                 idle.add(parent)
             elif msg["msg_type"] in ("stream", "execute_reply", "error", "execute_result"):
                 got[parent].append(msg)
+                if msg["msg_type"] == "execute_reply":
+                    replied.add(parent)
         return got
 
     def close(self) -> None:
