@@ -256,3 +256,24 @@ def test_the_gpu_magic_inside_the_kernel(server: ServerHandle, kernel: str) -> N
     assert released == ["GPU: will be swapped out as soon as the cell finishes\n"]
     assert any("unknown action 'bogus'" in line for line in bogus)
     wait_for(lambda: tenant(server, kernel)["state"] == "swapped_out", what="the release after the cell")
+
+
+def test_a_kernel_restarted_while_swapped_out_starts_afresh(server: ServerHandle, kernel: str) -> None:
+    """The checkpointed state died with the old process: the restarted kernel is a new tenant, and
+    its next cell runs without a restore (and without an error line)."""
+    old_pid = tenant(server, kernel)["pids"][0]
+    assert api(server, "POST", f"swapserve/api/kernels/{kernel}/swap-out").json()["state"] == "swapped_out"
+    assert api(server, "POST", f"api/kernels/{kernel}/restart").status_code == 200
+    fresh = wait_for(lambda: (t := tenant(server, kernel)).get("state") == "resident" and t["pids"][0] != old_pid
+                     and t, what="the restarted kernel as a new tenant")
+    assert fresh["swaps_out"] == 0
+
+    async def run_cell() -> list[str]:
+        sock = await KernelSocket.open(server, kernel, V1)
+        try:
+            msg_id = await sock.send_execute("print('fresh')")
+            return texts((await sock.outputs_until_idle([msg_id]))[msg_id])
+        finally:
+            sock.close()
+
+    assert asyncio.run(run_cell()) == ["fresh\n"]

@@ -164,6 +164,11 @@ class KernelTenants:
         for f in facts:
             seen.add(f.kernel_id)
             tenant = self.tenants.get(f.kernel_id)
+            if tenant is not None and tenant.pids[:1] != f.pids[:1] and not tenant.transition.locked():
+                # the kernel was restarted (same id, new process): what was checkpointed died with the old one
+                log.info("kernel %s restarted: its GPU state starts afresh", f.kernel_id)
+                self.forget(f.kernel_id)
+                tenant = None
             if tenant is not None:
                 tenant.user, tenant.path, tenant.pids = f.user, f.path, f.pids
                 sent = tenant.execution_sent_at
