@@ -280,15 +280,9 @@ class KernelTenants:
             tenant.state = "swapping_out"
             self.scheduler.notifier.notify()
             steps = SwapSteps()
-            ckpt, driver, timeout_ms = self.checkpointer, self.scheduler._driver, self.scheduler.lock_timeout_ms
             pids = self._gpu_pids(tenant)
             try:
-                for pid in pids:
-                    await steps.run("lock", lambda p=pid: driver("lock", ckpt.lock, p, timeout_ms),
-                                    undo=lambda p=pid: driver("unlock", ckpt.unlock, p))
-                for pid in pids:
-                    await steps.run("checkpoint", lambda p=pid: driver("checkpoint", ckpt.checkpoint, p),
-                                    undo=lambda p=pid: driver("restore", ckpt.restore, p))
+                await self.scheduler.checkpoint_gpu(steps, pids)  # and no freeze, ever
             except (SwapStepError, asyncio.CancelledError) as exc:
                 self._record(tenant, "swap-out failed", steps)
                 tenant.state = "resident"
@@ -323,7 +317,6 @@ class KernelTenants:
             tenant.state = "swapping_in"
             self.scheduler.notifier.notify()
             steps = SwapSteps()
-            ckpt, driver = self.checkpointer, self.scheduler._driver
             try:
                 limit = self.limits(tenant.user)[0]
                 over, enough = over_user_limit([t.view() for t in self.tenants.values()], tenant.user, limit,
@@ -337,13 +330,7 @@ class KernelTenants:
                                           f"{limit:g} GiB of GPU memory; shut down or release another kernel")
                 reservation = await self.scheduler.reserve_on(tenant.name, tenant.device, tenant.gib)
                 tenant.reservation = reservation
-                pids = list(tenant.checkpointed_pids)
-                for pid in pids:
-                    await steps.run("restore", lambda p=pid: driver("restore", ckpt.restore, p),
-                                    undo=lambda p=pid: driver("checkpoint", ckpt.checkpoint, p))
-                for pid in pids:
-                    await steps.run("unlock", lambda p=pid: driver("unlock", ckpt.unlock, p),
-                                    undo=lambda p=pid: driver("lock", ckpt.lock, p, self.scheduler.lock_timeout_ms))
+                await self.scheduler.restore_gpu(steps, list(tenant.checkpointed_pids))
             except BaseException as exc:
                 self._record(tenant, "swap-in failed", steps)
                 if tenant.reservation is not None:

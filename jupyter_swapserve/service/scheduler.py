@@ -407,16 +407,11 @@ class Scheduler:
             backend.release_reservation()
             raise EngineUnavailable(f"model '{backend.name}' exited while it was being swapped in: {backend.error}")
         steps = SwapSteps()
-        runtime, ckpt = backend.runtime, self.checkpointer
+        runtime = backend.runtime
         pids = list(backend.checkpointed_pids)
         try:
             await steps.run("thaw", runtime.thaw, undo=runtime.freeze)
-            for pid in pids:
-                await steps.run("restore", lambda p=pid: self._driver("restore", ckpt.restore, p),
-                                undo=lambda p=pid: self._driver("checkpoint", ckpt.checkpoint, p))
-            for pid in pids:
-                await steps.run("unlock", lambda p=pid: self._driver("unlock", ckpt.unlock, p),
-                                undo=lambda p=pid: self._driver("lock", ckpt.lock, p, self.lock_timeout_ms))
+            await self.restore_gpu(steps, pids)
             if backend.slept:
                 await steps.run("wake", lambda: backend.adapter.wake(self.client, backend.base_url or ""),
                                 undo=lambda: backend.adapter.sleep(self.client, backend.base_url or ""))
@@ -520,6 +515,11 @@ class Scheduler:
     async def _checkpoint_and_freeze(self, steps: SwapSteps, runtime: Any, pids: list[int]) -> None:
         """lock every GPU process → checkpoint each → freeze: the driver needs the processes running
         (a frozen one hangs it), and nothing may run once their memory is gone."""
+        await self.checkpoint_gpu(steps, pids)
+        await steps.run("freeze", runtime.freeze, undo=runtime.thaw, undo_if_failed=True)
+
+    async def checkpoint_gpu(self, steps: SwapSteps, pids: list[int]) -> None:
+        """lock every process, then checkpoint each (its GPU memory to the host); undone in reverse."""
         ckpt = self.checkpointer
         for pid in pids:
             await steps.run("lock", lambda p=pid: self._driver("lock", ckpt.lock, p, self.lock_timeout_ms),
@@ -527,7 +527,16 @@ class Scheduler:
         for pid in pids:
             await steps.run("checkpoint", lambda p=pid: self._driver("checkpoint", ckpt.checkpoint, p),
                             undo=lambda p=pid: self._driver("restore", ckpt.restore, p))
-        await steps.run("freeze", runtime.freeze, undo=runtime.thaw, undo_if_failed=True)
+
+    async def restore_gpu(self, steps: SwapSteps, pids: list[int]) -> None:
+        """restore every checkpointed process, then unlock each (never on a frozen one: it hangs)."""
+        ckpt = self.checkpointer
+        for pid in pids:
+            await steps.run("restore", lambda p=pid: self._driver("restore", ckpt.restore, p),
+                            undo=lambda p=pid: self._driver("checkpoint", ckpt.checkpoint, p))
+        for pid in pids:
+            await steps.run("unlock", lambda p=pid: self._driver("unlock", ckpt.unlock, p),
+                            undo=lambda p=pid: self._driver("lock", ckpt.lock, p, self.lock_timeout_ms))
 
     def _residual_gib(self, backend: Backend) -> float:
         per_device = self.monitor.process_memory_gib(backend.runtime.pids())
@@ -611,15 +620,10 @@ class Scheduler:
                 return  # taken meanwhile
             backend.residual_reservation = reservation  # booked before the memory is on the GPU
             steps = SwapSteps()
-            runtime, ckpt, pids = backend.runtime, self.checkpointer, list(backend.checkpointed_pids)
+            runtime, pids = backend.runtime, list(backend.checkpointed_pids)
             try:
                 await steps.run("thaw", runtime.thaw, undo=runtime.freeze)
-                for pid in pids:
-                    await steps.run("restore", lambda p=pid: self._driver("restore", ckpt.restore, p),
-                                    undo=lambda p=pid: self._driver("checkpoint", ckpt.checkpoint, p))
-                for pid in pids:
-                    await steps.run("unlock", lambda p=pid: self._driver("unlock", ckpt.unlock, p),
-                                    undo=lambda p=pid: self._driver("lock", ckpt.lock, p, self.lock_timeout_ms))
+                await self.restore_gpu(steps, pids)
                 await steps.run("freeze", runtime.freeze, undo=runtime.thaw, undo_if_failed=True)
             except SwapStepError as exc:
                 self._record(backend, "residual restore failed", steps)
