@@ -44,7 +44,8 @@ def describe(state: dict[str, Any]) -> str:
     if state.get("last_swap_in_seconds") is not None:
         parts.append(f"last restored in {state['last_swap_in_seconds']:.1f} s")
     if state.get("swaps_out"):
-        parts.append(f"swapped out {state['swaps_out']} time(s)")
+        why = f", last {state['last_swap_out_reason']}" if state.get("last_swap_out_reason") else ""
+        parts.append(f"swapped out {state['swaps_out']} time(s){why}")
     if state.get("error"):
         parts.append(f"last error: {state['error']}")
     return "GPU: " + ", ".join(parts)

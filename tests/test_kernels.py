@@ -166,7 +166,8 @@ def test_models_and_kernels_evict_each_other_by_the_same_policy(server: ServerHa
     r = api(server, "POST", "swapserve/v1/chat/completions",
             json={"model": "tiny", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4})
     assert r.status_code == 200, r.text
-    assert tenant(server, kernel)["state"] == "swapped_out"  # the idle kernel made room for the model
+    state = tenant(server, kernel)
+    assert state["state"] == "swapped_out" and state["last_swap_out_reason"] == "preempted for tiny"
 
     async def run_cell() -> list[str]:
         sock = await KernelSocket.open(server, kernel, V1)
@@ -191,6 +192,7 @@ def test_idle_kernels_are_swapped_out_and_busy_ones_never(tmp_path: Any) -> None
                                         "--SwapServe.kernel_idle_timeout=1.0"]) as srv:
         kernel_id = api(srv, "POST", "api/kernels", json={"name": "python3"}).json()["id"]
         wait_for(lambda: tenant(srv, kernel_id).get("state") == "swapped_out", what="the idle swap-out")
+        assert tenant(srv, kernel_id)["last_swap_out_reason"] == "idle for 1 s"
 
         async def long_cell() -> list[str]:
             sock = await KernelSocket.open(srv, kernel_id, V1)

@@ -67,6 +67,8 @@ class KernelTenant:
     checkpointed_pids: list[int] = field(default_factory=list)
     last_swap_in_seconds: float | None = None
     last_swap_out_seconds: float | None = None
+    #: why it last left the GPU: "idle for 600 s", "preempted for <model>", "released by its user", ...
+    last_swap_out_reason: str | None = None
     swaps_in: int = 0
     swaps_out: int = 0
     last_steps: list[StepTiming] = field(default_factory=list)
@@ -89,7 +91,7 @@ class KernelTenant:
             "busy": self.busy, "pinned": self.pinned, "last_execution": self.last_execution or None,
             "reserved_gib": round(self.reservation.gib, 4) if self.reservation is not None else 0.0,
             "last_swap_in_seconds": self.last_swap_in_seconds, "last_swap_out_seconds": self.last_swap_out_seconds,
-            "swaps_in": self.swaps_in, "swaps_out": self.swaps_out,
+            "last_swap_out_reason": self.last_swap_out_reason, "swaps_in": self.swaps_in, "swaps_out": self.swaps_out,
             "swap_in_history": [{"t": t, "seconds": s} for t, s in self.swap_in_history],
             "last_steps": [{"step": s.step, "seconds": s.seconds, "ok": s.ok} for s in self.last_steps],
             "pids": list(self.pids), "error": self.error,
@@ -298,6 +300,7 @@ class KernelTenants:
                 tenant.reservation.release()
                 tenant.reservation = None
             tenant.last_swap_out_seconds = time.perf_counter() - t0
+            tenant.last_swap_out_reason = reason
             tenant.swaps_out += 1
             self._record(tenant, f"swap-out ({reason})", steps)
             tenant.state = "swapped_out"

@@ -25,6 +25,8 @@ from .test_gpu_swap import server_env
 pytestmark = pytest.mark.gpu
 GIB = 1024**3
 ALLOC_GIB = float(os.environ.get("SWAPSERVE_KERNEL_TEST_GIB", "6"))
+#: idle seconds before a kernel is swapped out; the model request of the second test comes sooner
+IDLE_TIMEOUT = 15
 
 SETUP = f"""
 import torch
@@ -104,7 +106,8 @@ def kernel_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHa
                           "args": ["--gpu-memory-utilization", util, "--max-model-len", "1024", "--seed", "0"]}]}
     path = Path(tmp_path_factory.mktemp("gpu-kernels")) / "models.json"
     path.write_text(json.dumps(models))
-    with run_server(path, env=server_env(), extra_args=["--SwapServe.kernel_check_interval=0.5"]) as server:
+    args = ["--SwapServe.kernel_check_interval=0.5", f"--SwapServe.kernel_idle_timeout={IDLE_TIMEOUT}"]
+    with run_server(path, env=server_env(), extra_args=args) as server:
         try:
             server.wait_models(timeout=600)
             yield server
@@ -131,12 +134,12 @@ def test_an_idle_kernel_leaves_the_gpu_and_its_next_cell_restores_it(kernel_serv
     kernel_id, pid = gpu_kernel
     held = kernel_gpu_gib(pid)
     assert held >= ALLOC_GIB
-    t0 = time.perf_counter()
-    out = api(kernel_server, "POST", f"swapserve/api/kernels/{kernel_id}/swap-out").json()
-    assert out["state"] == "swapped_out", out
-    state = tenant(kernel_server, kernel_id)
-    print(f"\nkernel swap-out of {held:.2f} GiB: {state['last_swap_out_seconds']:.3f} s "
-          f"(request {time.perf_counter() - t0:.3f} s), steps {state['last_steps']}")
+    # idle: swapped out by the timeout, with nothing asked
+    state = wait_for(lambda: (t := tenant(kernel_server, kernel_id))["state"] == "swapped_out" and t,
+                     IDLE_TIMEOUT + 120, "the idle swap-out")
+    assert state["last_swap_out_reason"] == f"idle for {IDLE_TIMEOUT} s"
+    print(f"\nkernel swap-out of {held:.2f} GiB after {IDLE_TIMEOUT} s idle: {state['last_swap_out_seconds']:.3f} s, "
+          f"steps {state['last_steps']}")
     assert [s["step"] for s in state["last_steps"]] == ["lock", "checkpoint"]  # never a freeze
     assert kernel_gpu_gib(pid) < 0.05, "the kernel's GPU memory left the device"
     # not frozen: the kernel still answers Jupyter (kernel_info over the websocket, heartbeats)
@@ -154,13 +157,15 @@ def test_an_idle_kernel_leaves_the_gpu_and_its_next_cell_restores_it(kernel_serv
 
 def test_the_kernel_and_a_model_evict_each_other(kernel_server: ServerHandle, gpu_kernel: tuple[str, int]) -> None:
     kernel_id, pid = gpu_kernel
+    assert tenant(kernel_server, kernel_id)["state"] == "resident"  # its last cell just ran: not idle yet
     t0 = time.perf_counter()
     r = api(kernel_server, "POST", "swapserve/v1/completions",
             json={"model": "gpu-m", "prompt": "Hello", "max_tokens": 4, "temperature": 0})
     assert r.status_code == 200, r.text
     print(f"\nmodel request evicting the idle kernel: {time.perf_counter() - t0:.3f} s, "
           f"swap-in header {r.headers.get('x-swapserve-swap-in-seconds')}")
-    assert tenant(kernel_server, kernel_id)["state"] == "swapped_out"
+    state = tenant(kernel_server, kernel_id)
+    assert state["state"] == "swapped_out" and state["last_swap_out_reason"] == "preempted for gpu-m"
     assert kernel_gpu_gib(pid) < 0.05
 
     t0 = time.perf_counter()
