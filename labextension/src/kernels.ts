@@ -20,6 +20,7 @@ export interface IKernelTenant {
   last_execution: number | null;
   last_swap_in_seconds: number | null;
   last_swap_out_seconds: number | null;
+  last_swap_out_reason?: string | null;
   swaps_in: number;
   swaps_out: number;
   error?: string | null;
@@ -46,6 +47,9 @@ export function kernelFacts(k: IKernelTenant, nowSeconds: number): string {
   }
   if (k.last_execution) {
     parts.push(`last run ${formatAgo(k.last_execution, nowSeconds)}`);
+  }
+  if (k.state === 'swapped_out' && k.last_swap_out_reason) {
+    parts.push(`out: ${k.last_swap_out_reason}`);
   }
   return parts.join(' · ');
 }

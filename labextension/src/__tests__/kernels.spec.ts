@@ -30,6 +30,9 @@ describe('kernels', () => {
     expect(line).toContain('busy');
     expect(line).toContain('restored in');
     expect(line).toContain('last run');
+    expect(line).not.toContain('out:');
+    const out = kernelFacts(kernel({ state: 'swapped_out', last_swap_out_reason: 'idle for 600 s' }), 1180);
+    expect(out).toContain('out: idle for 600 s');
   });
 
   it('offers release and pin to a resident kernel, only unpin to a pinned one', () => {
