@@ -596,6 +596,11 @@ class Scheduler:
         if not getattr(self.checkpointer, "available", False):
             return
         for device, manager in self.reservations.items():
+            moving = {State.STARTING, State.SWAPPING_IN, State.SWAPPING_OUT}
+            busy = any(device in b.devices and (b.state in moving or b.transition.locked())
+                       for b in self.backends.values())
+            if busy or self._device_locks[device].locked():
+                continue  # someone is making room or moving in or out: memory is not idle on this device
             candidates = {
                 b.name: b for b in self.backends.values()
                 if b.devices == [device] and b.state == State.SWAPPED_OUT and b.slept and b.checkpointed_pids
@@ -603,8 +608,10 @@ class Scheduler:
                 and not b.transition.locked() and not self.is_virtual(b)}
             snapshots = [ResidualSnapshot(b.name, b.residual_gib, b.last_used, b.config.residual)
                          for b in candidates.values()]
-            for name in residuals_to_restore(snapshots, manager.free_gib, bool(manager.waiting())):
-                await self._restore_residual(candidates[name])
+            # under the device lock: no reservation (and no residual checkpoint to make room) runs meanwhile
+            async with self._device_locks[device]:
+                for name in residuals_to_restore(snapshots, manager.free_gib, bool(manager.waiting())):
+                    await self._restore_residual(candidates[name])
 
     async def _restore_residual(self, backend: Backend) -> None:
         """thaw → restore → unlock → freeze: the sleeping engine's residual is on the GPU again (as if
