@@ -245,7 +245,8 @@ def test_the_gpu_magic_inside_the_kernel(server: ServerHandle, kernel: str) -> N
         sock = await KernelSocket.open(server, kernel, V1)
         try:
             results = []
-            for code in ("%load_ext jupyter_swapserve\n%gpu", "%gpu release", "%gpu bogus"):
+            # release last: a cell after it would (rightly) bring the kernel back if the sweep came between
+            for code in ("%load_ext jupyter_swapserve\n%gpu", "%gpu bogus", "%gpu release"):
                 msg_id = await sock.send_execute(code)
                 got = (await sock.outputs_until_idle([msg_id]))[msg_id]
                 results.append(texts(got) + [m["content"].get("evalue", "") for m in got if m["msg_type"] == "error"])
@@ -253,7 +254,7 @@ def test_the_gpu_magic_inside_the_kernel(server: ServerHandle, kernel: str) -> N
         finally:
             sock.close()
 
-    shown, released, bogus = asyncio.run(cells())
+    shown, bogus, released = asyncio.run(cells())
     assert shown[0].startswith("GPU: ") and "resident" in shown[0]
     assert released == ["GPU: will be swapped out as soon as the cell finishes\n"]
     assert any("unknown action 'bogus'" in line for line in bogus)
