@@ -226,7 +226,9 @@ class KernelTenants:
         async def grow() -> None:
             try:
                 extra = await self.scheduler.reserve_on(tenant.name, tenant.device, gib)
-                if tenant.reservation is None:
+                if self.tenants.get(tenant.kernel_id) is not tenant or tenant.state != "resident":
+                    extra.release()  # gone or swapped out meanwhile: nothing of it is on the GPU to book
+                elif tenant.reservation is None:
                     tenant.reservation = extra
                 else:
                     extra.transfer_to(tenant.reservation, extra.gib)
@@ -346,6 +348,9 @@ class KernelTenants:
                     raise
                 raise KernelSwapError(f"the kernel's GPU state could not be restored: {exc}") from None
             tenant.checkpointed_pids = []
+            if self.tenants.get(kernel_id) is not tenant and tenant.reservation is not None:
+                tenant.reservation.release()  # the kernel was shut down during its swap-in
+                tenant.reservation = None
             elapsed = time.perf_counter() - t0
             tenant.last_swap_in_seconds = elapsed
             tenant.swap_in_history.append((time.time(), elapsed))
