@@ -480,7 +480,9 @@ async def test_residuals_moved_out_for_a_start_come_back_when_there_is_room(
         try:
             await svc.wait_started(90)
             a, b = svc.backends["a"], svc.backends["b"]
-            await until(lambda: a.residual_reservation is not None and b.residual_reservation is not None,
+            # booked first, then restored: done when booked, restored and out of its transition
+            await until(lambda: all(x.residual_reservation is not None and not x.checkpointed_pids
+                                    and not x.transition.locked() for x in (a, b)),
                         "a's and b's residuals back on the GPU")
             back = [(m, steps) for m, what, steps in gpu.records if what == "swap-in of the residual (room to keep it)"]
             assert sorted(back) == [("a", ["thaw", "restore", "unlock", "freeze"]),

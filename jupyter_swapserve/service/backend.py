@@ -96,6 +96,12 @@ class SwapStepError(RuntimeError):
         self.step, self.cause, self.unwound = step, cause, unwound
         super().__init__(f"{step} failed: {cause}" + ("" if unwound else " (unwinding failed too)"))
 
+    @property
+    def cancelled(self) -> bool:
+        """The step was cut short by a task cancellation (server shutdown): a caller that handles
+        the failure must still let the cancellation through."""
+        return isinstance(self.cause, asyncio.CancelledError)
+
 
 class SwapSteps:
     """Runs swap steps in order, timing each; on failure undoes the completed ones in reverse."""

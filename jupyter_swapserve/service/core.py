@@ -92,6 +92,7 @@ class SwapService:
         self.upstream = Upstream()
         self._idle_interval = idle_check_interval
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
         self._waiting_priorities: dict[str, list[float]] = {}
         self.started_at = time.time()
         #: notebook kernels as GPU tenants (set by the server extension; None elsewhere)
@@ -112,7 +113,7 @@ class SwapService:
                     await self.scheduler.cold_start(backend, snapshot=True)
 
     async def _idle_loop(self) -> None:
-        while True:
+        while not self._closing:  # also ends a loop whose cancellation a swap step swallowed
             await asyncio.sleep(self._idle_interval)
             try:
                 await self.scheduler.swap_out_idle()
@@ -126,6 +127,7 @@ class SwapService:
             await asyncio.wait_for(asyncio.shield(self._tasks[0]), timeout)
 
     async def close(self) -> None:
+        self._closing = True
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

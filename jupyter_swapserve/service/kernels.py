@@ -292,8 +292,8 @@ class KernelTenants:
                 tenant.state = "resident"
                 tenant.error = f"swap-out ({reason}) failed: {exc}"
                 self.scheduler.notifier.notify()
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
+                if isinstance(exc, asyncio.CancelledError) or exc.cancelled:
+                    raise asyncio.CancelledError from exc
                 return False
             tenant.checkpointed_pids = pids
             tenant.release_requested = False
@@ -346,6 +346,8 @@ class KernelTenants:
                 self.scheduler.notifier.notify()
                 if isinstance(exc, (asyncio.CancelledError, KernelSwapError)):
                     raise
+                if isinstance(exc, SwapStepError) and exc.cancelled:
+                    raise asyncio.CancelledError from exc
                 raise KernelSwapError(f"the kernel's GPU state could not be restored: {exc}") from None
             tenant.checkpointed_pids = []
             if self.tenants.get(kernel_id) is not tenant and tenant.reservation is not None:

@@ -584,6 +584,8 @@ class Scheduler:
                 self._record(backend, "residual checkpoint failed", steps)
                 if not exc.unwound:
                     await self._fail(backend, f"checkpoint of its kept residual failed and could not be undone: {exc}")
+                if exc.cancelled:
+                    raise asyncio.CancelledError from exc
                 return
             backend.checkpointed_pids = pids
             backend.residual_reservation.release()
@@ -639,6 +641,8 @@ class Scheduler:
                     backend.residual_reservation = None
                 if not exc.unwound:
                     await self._fail(backend, f"restore of its residual failed and could not be undone: {exc}")
+                if exc.cancelled:
+                    raise asyncio.CancelledError from exc
                 return
             backend.checkpointed_pids = []
             self._record(backend, "swap-in of the residual (room to keep it)", steps)
