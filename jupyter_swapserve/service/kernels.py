@@ -264,12 +264,7 @@ class KernelTenants:
         return [] if self.monitor.devices[tenant.device].virtual else self.monitor.gpu_pids(list(tenant.pids))
 
     def _record(self, tenant: KernelTenant, what: str, steps: SwapSteps) -> None:
-        tenant.last_steps = steps.timings
-        for observer in self.scheduler.observers:
-            with contextlib.suppress(Exception):
-                observer.swap_recorded(tenant.name, what, steps.timings)
-        log.info("%s %s: %s", tenant.name, what,
-                 ", ".join(f"{t.step} {t.seconds * 1000:.1f} ms{'' if t.ok else ' FAILED'}" for t in steps.timings))
+        self.scheduler._record(tenant, what, steps)  # same observers and log line as the models' swaps
 
     async def swap_out(self, kernel_id: str, reason: str) -> bool:
         """resident → swapped_out: lock → checkpoint each GPU process, then give the memory back.

@@ -137,7 +137,9 @@ class Scheduler:
         timeout = self.lock_timeout_ms / 1000 + 30 if step == "lock" else self.driver_timeout_s
         await run_guarded(step, pid, call, pid, *args, timeout=timeout)
 
-    def _record(self, backend: Backend, what: str, steps: SwapSteps) -> None:
+    def _record(self, backend: Any, what: str, steps: SwapSteps) -> None:
+        """Keep a swap's step timings on the tenant (a Backend or a kernel: any ``.name`` and
+        ``.last_steps``), tell the observers (metrics, event log) and log them."""
         backend.last_steps = steps.timings
         for observer in self.observers:
             observer.swap_recorded(backend.name, what, steps.timings)

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from ..server import ServerHandle, run_server
-from ..test_kernels import V1, KernelSocket, texts
+from ..test_kernels import V1, KernelSocket, tenant, texts, wait_for
 from .test_gpu_swap import server_env
 
 pytestmark = pytest.mark.gpu
@@ -65,20 +65,6 @@ def kernel_gpu_gib(pid: int) -> float:
 
 def api(server: ServerHandle, method: str, path: str, **kwargs: Any) -> httpx.Response:
     return httpx.request(method, server.url + path, headers=server.headers(), timeout=600, **kwargs)
-
-
-def tenant(server: ServerHandle, kernel_id: str) -> dict[str, Any]:
-    return api(server, "GET", f"swapserve/api/kernels/{kernel_id}").json()
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def run_cells(server: ServerHandle, kernel_id: str, cells: list[str]) -> list[list[str]]:
