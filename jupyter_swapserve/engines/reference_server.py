@@ -14,10 +14,10 @@ layer (``--compile``, torch.compile/inductor) and capture the decode step as a C
 (``--cuda-graphs``). The breakdown is logged (one ``STARTUP_TIMINGS {json}`` line) and served
 at ``GET /startup_timings``.
 
-It speaks vLLM's sleep protocol: ``POST /sleep?level=1`` copies the weights to pinned host
-staging buffers (allocated on the first sleep, kept across cycles: pinning is slow, copying is
-not) and releases the weights' and the KV pool's device memory; ``level=2`` discards the
-weights too. ``POST /wake_up`` maps the memory back and copies the weights in;
+It speaks vLLM's sleep protocol: ``POST /sleep?level=1`` releases the KV pool's device memory
+(discarded) at once, then copies the weights to pinned host staging buffers (allocated on the
+first sleep, kept across cycles: pinning is slow, copying is not) and releases them; ``level=2``
+discards the weights too. ``POST /wake_up`` maps the memory back and copies the weights in;
 ``GET /is_sleeping``. The memory is released either through torch-memory-saver (virtual
 addresses are kept, so CUDA graphs stay valid) or with plain torch (storage resized to zero and
 the cache emptied; graphs are re-captured when the addresses moved).
@@ -565,6 +565,16 @@ class Engine:
             info: dict[str, Any] = {"level": level, "weights_gib": round(self.weights_bytes / GIB, 3),
                                     "kv_gib": round(self.kv_bytes / GIB, 3), "memory_saver": self.saver.kind}
             self._sync()
+            # the KV cache first: it is discarded, not copied, so its memory can go back to the
+            # driver at once, before the weights' copy; the service hands what NVML shows freed to
+            # a waiting engine while this hook still runs, and that engine's H2D copy then overlaps
+            # this one's D2H (PCIe is full duplex)
+            t = time.perf_counter()
+            self.saver.release("kv", self.kv)
+            if self.cuda:
+                torch.cuda.empty_cache()  # plain torch: the freed pool must leave the allocator's cache
+                self._sync()
+            info["kv_release_s"] = round(time.perf_counter() - t, 4)
             if level == 1:
                 t = time.perf_counter()
                 if self.staging is None:
@@ -578,7 +588,6 @@ class Engine:
                 info["d2h_s"] = round(time.perf_counter() - t, 4)
             t = time.perf_counter()
             self.saver.release("weights", self.flat)
-            self.saver.release("kv", self.kv)
             info["release_s"] = round(time.perf_counter() - t, 4)
             if self.cuda:
                 # what the allocator still caches (prefill activations) would be checkpointed for nothing

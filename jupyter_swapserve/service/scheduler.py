@@ -24,6 +24,7 @@ from ..runtime import make_runtime
 from ..runtime.process import RuntimeStepError
 from .backend import Backend, DrainTimeout, State, SwapStepError, SwapSteps
 from .events import Notifier
+from .handover import run_handing_over
 from .policy import (
     BackendSnapshot,
     ResidualSnapshot,
@@ -472,9 +473,10 @@ class Scheduler:
                 keep_residual = False
                 residual = 0.0
                 if sleeps:
-                    await steps.run("sleep", lambda: backend.adapter.sleep(self.client, backend.base_url or ""),
-                                    undo=lambda: backend.adapter.wake(self.client, backend.base_url or ""),
-                                    undo_if_failed=True)
+                    full = backend.reservation.gib if backend.reservation is not None else 0.0
+                    # overlapped eviction, first half: what the hook frees is handed over while it runs
+                    await steps.run("sleep", lambda: self._sleep_handing_over(backend),
+                                    undo=lambda: self._regrow_and_wake(backend, full), undo_if_failed=True)
                     # decided after the sleep, when the residual can be measured (once: an NVML query)
                     residual = self._residual_gib(backend)
                     backend.residual_gib = residual
@@ -482,8 +484,7 @@ class Scheduler:
                                                    not can_checkpoint or self._room_for_residual(backend, residual))
                     if not keep_residual and backend.reservation is not None:
                         # overlapped eviction: the weights and KV cache left with the sleep hook; hand
-                        # that memory over now, while the residual is checkpointed (undo: take it back)
-                        full = backend.reservation.gib
+                        # the rest over now, while the residual is checkpointed (undo: take it back)
                         await steps.run("release weights", lambda: self._shrink_to(backend, residual),
                                         undo=lambda: self._regrow(backend, full))
                 # residual: keep — what the sleeping engine still holds stays on the GPU, unmoved
@@ -555,6 +556,37 @@ class Scheduler:
                 return False
         return True
 
+    async def _sleep_handing_over(self, backend: Backend) -> None:
+        """The engine's sleep hook; while it runs, its reservation follows what its processes still
+        hold (service/handover.py), so a waiting engine's wake overlaps this one's copy out."""
+        async def sleep() -> Any:
+            return await backend.adapter.sleep(self.client, backend.base_url or "")
+
+        reservation = backend.reservation
+        if reservation is None:
+            await sleep()
+            return
+        pids = backend.runtime.pids()
+        devices = list(backend.devices)
+
+        def held_gib() -> float | None:
+            try:
+                per_device = self.monitor.process_memory_gib(pids)
+            except Exception:  # NVML busy or gone: no sample, nothing handed over this time
+                return None
+            if not all(d in per_device for d in devices):
+                return None  # not listed is not "holds nothing": an engine always holds its context
+            return max(per_device[d] for d in devices)
+
+        _, report = await run_handing_over(sleep, held_gib, reservation)
+        log.info("%s: %s", backend.name, report.describe())
+
+    async def _regrow_and_wake(self, backend: Backend, gib: float) -> None:
+        """Undo of the sleep: take back what was handed over (fails when another engine holds it, and
+        the engine is then stopped), then wake the engine."""
+        await self._regrow(backend, gib)
+        await backend.adapter.wake(self.client, backend.base_url or "")
+
     async def _shrink_to(self, backend: Backend, residual: float) -> None:
         if backend.reservation is not None:
             backend.reservation.resize(min(residual, backend.reservation.gib))
@@ -562,7 +594,7 @@ class Scheduler:
     async def _regrow(self, backend: Backend, gib: float) -> None:
         """Undo of the early release: possible only while nobody took the memory; otherwise the engine
         cannot wake, the unwind fails, and the engine is stopped (and restarted on demand)."""
-        if backend.reservation is not None:
+        if backend.reservation is not None and backend.reservation.gib < gib:
             backend.reservation.resize(gib)
 
     async def _checkpoint_residual(self, backend: Backend) -> None:
