@@ -39,12 +39,14 @@ NAMES = ("m0", "m1", "m2")
 
 
 def models_file(residual: str, util: float, memory_gib: float | None, shape: str = SHAPE,
-                pinned: bool = False) -> dict[str, Any]:
+                pinned: bool = False, graphs: bool = False) -> dict[str, Any]:
     models = []
+    # --graphs: the decode step compiled and captured as a CUDA graph, as a production engine runs it
+    fast = ["--compile", "--cuda-graphs"] if graphs else []
     for i, name in enumerate(NAMES):
         m: dict[str, Any] = {"name": name, "engine": "reference", "model": shape, "api": "completion",
                              "args": ["--gpu-memory-utilization", str(util), "--max-model-len", "2048",
-                                      "--seed", str(i), "--staging", "hugepages"],
+                                      "--seed", str(i), "--staging", "hugepages", *fast],
                              "residual": residual, "concurrency": 8, "start_timeout": 900, "pinned": pinned}
         if memory_gib is not None:
             m["memory_gib"] = memory_gib
@@ -82,11 +84,11 @@ def round_robin(server: ServerHandle, rounds: int) -> list[dict[str, Any]]:
     return out
 
 
-def burst(server: ServerHandle, clients: int) -> dict[str, Any]:
+def burst(server: ServerHandle, clients: int, tokens: int = 16) -> dict[str, Any]:
     before = {m["name"]: m["swaps_in"] for m in server.status()["models"]}
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(clients) as pool:
-        futures = [pool.submit(first_token, server, NAMES[i % len(NAMES)], 16) for i in range(clients)]
+        futures = [pool.submit(first_token, server, NAMES[i % len(NAMES)], tokens) for i in range(clients)]
         results = []
         for f in futures:
             try:
@@ -98,7 +100,8 @@ def burst(server: ServerHandle, clients: int) -> dict[str, Any]:
     served = [r for r in results if "error" not in r]
     swaps = sum(after[n] - before[n] for n in after)
     ttfts = [r["ttft_s"] for r in served if r["ttft_s"] is not None]
-    summary = {"clients": clients, "served": len(served), "wall_s": wall, "goodput_rps": len(served) / wall,
+    summary = {"clients": clients, "tokens": tokens, "served": len(served), "wall_s": wall,
+               "goodput_rps": len(served) / wall,
                "swaps": swaps, "swaps_per_request": swaps / max(1, len(served)),
                "ttft_p50_s": pct(ttfts, 0.5), "ttft_p95_s": pct(ttfts, 0.95),
                "errors": [r["error"] for r in results if "error" in r][:3]}
@@ -106,7 +109,11 @@ def burst(server: ServerHandle, clients: int) -> dict[str, Any]:
     return summary
 
 
-def run_variant(label: str, spec: dict[str, Any], rounds: int, clients: int, start_timeout: float) -> dict[str, Any]:
+SWAP_LOG = ("swap-in", "swap-out", "handed over", "residual")
+
+
+def run_variant(label: str, spec: dict[str, Any], rounds: int, clients: int, start_timeout: float,
+                tokens: int = 16) -> dict[str, Any]:
     path = Path(tempfile.mkdtemp()) / f"{label}.json"
     path.write_text(json.dumps(spec))
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
@@ -128,8 +135,11 @@ def run_variant(label: str, spec: dict[str, Any], rounds: int, clients: int, sta
         if rounds:
             result["round_robin"] = round_robin(server, rounds)
         if clients:
-            result["burst"] = burst(server, clients)
-        result["server_log_tail"] = server.log()[-3000:]
+            result["burst"] = burst(server, clients, tokens)
+        log = server.log()
+        # every swap's steps and what was handed over during each sleep: where the time went
+        result["swap_log"] = [line[-400:] for line in log.splitlines() if any(k in line for k in SWAP_LOG)][-80:]
+        result["server_log_tail"] = log[-3000:]
     return result
 
 
@@ -169,18 +179,21 @@ def main() -> None:
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--shape", default=SHAPE, help="shape:tiny for a dry run on a CPU")
     p.add_argument("--start-timeout", type=float, default=600)
+    p.add_argument("--graphs", action="store_true", help="engines with --compile --cuda-graphs")
+    p.add_argument("--tokens", type=int, default=16, help="tokens per burst request")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
     results = []
     for residual in [r for r in args.residual.split(",") if r and not args.no_variants]:
         # keep needs sizes up front (an unmeasured start would reserve the device); auto and checkpoint measure
         memory = 31.1 if residual == "keep" else None
-        spec = models_file(residual, args.util, memory, args.shape)
-        results.append(run_variant(f"residual: {residual}", spec, args.rounds, args.burst, args.start_timeout))
+        spec = models_file(residual, args.util, memory, args.shape, graphs=args.graphs)
+        results.append(run_variant(f"residual: {residual}", spec, args.rounds, args.burst, args.start_timeout,
+                                   args.tokens))
     if not args.no_baseline:
         # always on: pinned (never swapped), sized up front (a pinned start cannot take the whole device)
-        spec = models_file("auto", args.baseline_util, args.baseline_gib, args.shape, pinned=True)
-        results.append(run_variant("always-on", spec, 0, args.burst, args.start_timeout))
+        spec = models_file("auto", args.baseline_util, args.baseline_gib, args.shape, pinned=True, graphs=args.graphs)
+        results.append(run_variant("always-on", spec, 0, args.burst, args.start_timeout, args.tokens))
     table = summarize(results)
     print(table)
     out = Path(args.out)

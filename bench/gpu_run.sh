@@ -4,6 +4,7 @@
 #   bash bench/gpu_run.sh tests                 # tests/gpu (real Jupyter server, real checkpoints)
 #   bash bench/gpu_run.sh bench [ARGS...]       # bench/swap_latency.py ARGS
 #   bash bench/gpu_run.sh all [ARGS...]         # both
+#   bash bench/gpu_run.sh contention [ARGS...]  # bench/pcie_duplex.py, then bench/contention.py ARGS
 # Wheels: `bash ../shared/device/make-wheels.sh` here first, then carry [".whl"].
 # Every step has its own `timeout`: a device call must never hang.
 set -uo pipefail
@@ -33,6 +34,11 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   timeout "$BENCH_TIMEOUT" python3 bench/swap_latency.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
+  rc=$((rc | ${PIPESTATUS[0]}))
+fi
+if [ "$what" = contention ]; then
+  timeout 120 python3 bench/pcie_duplex.py 2>&1 | tee "$OUT/pcie-duplex.log"
+  timeout "$BENCH_TIMEOUT" python3 bench/contention.py --out "$OUT" "$@" 2>&1 | tee "$OUT/contention.log"
   rc=$((rc | ${PIPESTATUS[0]}))
 fi
 # the engines' own logs (startup breakdown, sleep/wake timings, errors), as one file
