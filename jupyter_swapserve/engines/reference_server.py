@@ -256,6 +256,7 @@ class Engine:
         self.last_sleep: dict[str, Any] = {}
         self.last_wake: dict[str, Any] = {}
         self.graph: Any = None
+        self.prefill_layer: Any = layer_forward  # compiled in _compile_prefill with --compile
         self.first_after_wake = False
         self.cycles = 0
         self.max_len = args.max_model_len
@@ -436,6 +437,7 @@ class Engine:
 
     def _compile(self) -> None:
         self.decode_layer = layer_forward
+        self.prefill_layer = layer_forward
         if not self.args.compile:
             self.timings["compile_s"] = 0.0
             return
@@ -447,6 +449,23 @@ class Engine:
             self._decode_eager()  # compiles now, not during the graph capture or the first request
         self._sync()
         self.timings["compile_s"] = round(time.perf_counter() - t0, 3)
+        self._compile_prefill()
+
+    def _compile_prefill(self) -> None:
+        """The prefill, compiled for any prompt length (dynamic): eager, its ~400 small kernels
+        cost ~70 ms of launches for a short prompt, most of a swapped-in model's first token."""
+        t0 = time.perf_counter()
+        # dynamic in the token count only (marked in _prefill): the head counts stay static ints
+        self.prefill_layer = torch.compile(layer_forward, fullgraph=True)
+        try:
+            with torch.inference_mode():
+                for n in (5, 9):  # the second must not recompile
+                    self._prefill(torch.zeros(n, dtype=torch.long, device=self.device))
+            self._sync()
+        except Exception as exc:  # an inductor limit on this machine: the eager prefill still works
+            log.warning("compiling the prefill failed, it stays eager: %s", str(exc).splitlines()[0][:300])
+            self.prefill_layer = layer_forward
+        self.timings["compile_prefill_s"] = round(time.perf_counter() - t0, 3)
 
     def _setup_static(self) -> None:
         if getattr(self, "static_tok", None) is None:
@@ -502,10 +521,17 @@ class Engine:
         x = F.embedding(ids, self.w["embed_tokens.weight"])
         pos = self.positions[:t]
         cos, sin = self.cos[:t], self.sin[:t]
+        # one token is a size the compiler specialises (0/1): such a prompt runs eager
+        layer = self.prefill_layer if t >= 2 else layer_forward
+        compiled = layer is not layer_forward
+        if compiled:
+            for tensor in (pos, cos, sin):
+                torch._dynamo.mark_dynamic(tensor, 0)
         for i in range(sh.layers):
             kc, vc = self._cache(i)
-            x = layer_forward(x, self.layer_w[i], kc, vc, cos, sin, pos, None, sh.heads, sh.kv_heads, sh.hd,
-                              sh.rms_eps)
+            if compiled:
+                torch._dynamo.mark_dynamic(x, 0)
+            x = layer(x, self.layer_w[i], kc, vc, cos, sin, pos, None, sh.heads, sh.kv_heads, sh.hd, sh.rms_eps)
         x = rms_norm(x[-1:], self.w["norm.weight"], sh.rms_eps)
         return (x @ self.w["lm_head.weight"].T).float()
 
@@ -638,17 +664,22 @@ class Engine:
                 return {"already": True}
             t0 = time.perf_counter()
             info: dict[str, Any] = {"memory_saver": self.saver.kind}
+            # the weights' copy is queued first and the KV pool mapped while it runs: pages another
+            # process has just freed (a victim's, in an overlapped eviction) cost the driver ~70 ms
+            # to hand out, which then hides behind the copy
             self.saver.remap("weights", self.flat, self.weights_bytes)
-            self.saver.remap("kv", self.kv, self.kv_bytes)
-            with torch.inference_mode():  # the pool is an inference tensor
-                self.kv.zero_()  # remapped pages hold garbage: see the KV pool allocation
-            self._sync()
-            info["remap_s"] = round(time.perf_counter() - t0, 4)
+            info["remap_weights_s"] = round(time.perf_counter() - t0, 4)
             t = time.perf_counter()
-            if self.sleeping == 1 and self.staging is not None:
+            copying = self.sleeping == 1 and self.staging is not None
+            if copying:
                 self.flat.copy_(self.staging, non_blocking=True)
             else:  # level 2: the weights were discarded; load them again
                 self._reload_weights()
+            t_kv = time.perf_counter()
+            self.saver.remap("kv", self.kv, self.kv_bytes)
+            with torch.inference_mode():  # the pool is an inference tensor
+                self.kv.zero_()  # remapped pages hold garbage: see the KV pool allocation
+            info["remap_kv_s"] = round(time.perf_counter() - t_kv, 4)
             self._sync()
             info["h2d_s"] = round(time.perf_counter() - t, 4)
             if self.graph is not None and self._ptrs() != self.graph_ptrs:
