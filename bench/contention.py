@@ -8,7 +8,9 @@ For each `residual` option given (checkpoint, keep, auto) it starts a server wit
   free memory or needed an eviction (decided from /swapserve/api/status just before it);
 - (b) a burst: `--burst` concurrent clients over the three models: swaps per served request,
   goodput (served requests per second), time to first token p50/p95;
-- (c) the always-on baseline: the same burst with three smaller engines that all fit (no swaps).
+- (c) the always-on baseline: the same burst with three smaller engines that all fit (no swaps);
+- (d) free memory: each model requested after the others were swapped out (as by an idle timeout),
+  counted with (a)'s free-memory requests.
 
 Usage (on the GPU machine; see bench/gpu_run.sh):
     python bench/contention.py --residual auto,checkpoint --out results_dir
@@ -27,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -84,6 +88,32 @@ def round_robin(server: ServerHandle, rounds: int) -> list[dict[str, Any]]:
     return out
 
 
+def free_memory(server: ServerHandle, settle_s: float = 15.0) -> list[dict[str, Any]]:
+    """(d) each model requested when the GPU has room for it: every other model is swapped out
+    first (as an idle timeout would), and the idle sweep is given time to bring checkpointed
+    residuals back (what `residual: auto` does on a node that is not full)."""
+    out = []
+    for name in NAMES:
+        for m in server.status()["models"]:
+            if m["state"] == "running":
+                httpx.post(server.url + f"swapserve/api/models/{m['name']}/swap-out", headers=server.headers(),
+                           timeout=120).raise_for_status()
+        deadline = time.monotonic() + settle_s
+        while time.monotonic() < deadline:
+            model = next(m for m in server.status()["models"] if m["name"] == name)
+            if model["residual_gib"] or model["residual"] != "auto":
+                break
+            time.sleep(0.25)
+        status = server.status()
+        model = next(m for m in status["models"] if m["name"] == name)
+        r = first_token(server, name)
+        r.update({"model": name, "was": model["state"], "eviction": needs_eviction(status, name),
+                  "phase": "free", "residual_on_gpu": bool(model["residual_gib"])})
+        print("free", json.dumps(r), flush=True)
+        out.append(r)
+    return out
+
+
 def burst(server: ServerHandle, clients: int, tokens: int = 16) -> dict[str, Any]:
     before = {m["name"]: m["swaps_in"] for m in server.status()["models"]}
     t0 = time.perf_counter()
@@ -134,6 +164,7 @@ def run_variant(label: str, spec: dict[str, Any], rounds: int, clients: int, sta
         print(f"{label}: started in {result['startup_wall_s']:.1f} s, sizes {result['memory_gib']}", flush=True)
         if rounds:
             result["round_robin"] = round_robin(server, rounds)
+            result["round_robin"] += free_memory(server)
         if clients:
             result["burst"] = burst(server, clients, tokens)
         log = server.log()
@@ -144,8 +175,8 @@ def run_variant(label: str, spec: dict[str, Any], rounds: int, clients: int, sta
 
 
 def summarize(results: list[dict[str, Any]]) -> str:
-    lines = ["| variant | TTFT free memory p50 | TTFT eviction needed p50 | burst swaps/request | "
-             "burst goodput (req/s) | burst TTFT p50 / p95 |", "|---|---|---|---|---|---|"]
+    lines = ["| variant | TTFT free memory p50 | of which residual on the GPU (d) | TTFT eviction needed p50 | "
+             "burst swaps/request | burst goodput (req/s) | burst TTFT p50 / p95 |", "|---|---|---|---|---|---|---|"]
     base = next((r for r in results if r["label"] == "always-on"), None)
     base_rps = base.get("burst", {}).get("goodput_rps") if base else None
 
@@ -156,14 +187,17 @@ def summarize(results: list[dict[str, Any]]) -> str:
         rr = r.get("round_robin", [])
         free = [x["ttft_s"] for x in rr if not x["eviction"] and x["was"] != "running" and x["ttft_s"]]
         evict = [x["ttft_s"] for x in rr if x["eviction"] and x["ttft_s"]]
+        kept = [x["ttft_s"] for x in rr if not x["eviction"] and x.get("residual_on_gpu") and x["ttft_s"]]
         b = r.get("burst", {})
         rps = b.get("goodput_rps")
         ratio = f" ({100 * rps / base_rps:.0f} %)" if rps and base_rps and r is not base else ""
-        lines.append(f"| {r['label']} | {f(statistics.median(free)) if free else '-'} | "
-                     f"{f(statistics.median(evict)) if evict else '-'} | {f(b.get('swaps_per_request'))} | "
+        def p50(values: list[float]) -> str:
+            return f(statistics.median(values)) if values else "-"
+
+        lines.append(f"| {r['label']} | {p50(free)} | {p50(kept)} | {p50(evict)} | {f(b.get('swaps_per_request'))} | "
                      f"{f(rps)}{ratio} | {f(b.get('ttft_p50_s'))} / {f(b.get('ttft_p95_s'))} |")
         if r.get("startup_error"):
-            lines.append(f"| {r['label']}: startup failed: {r['startup_error'][:120]} | | | | | |")
+            lines.append(f"| {r['label']}: startup failed: {r['startup_error'][:120]} | | | | | | |")
     return "\n".join(lines)
 
 
