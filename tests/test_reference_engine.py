@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,6 +98,54 @@ def test_chat_stream_arrives_in_chunks(tiny: str) -> None:
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
+def test_a_stop_string_ends_the_generation_and_the_next_request_is_served(tiny: str) -> None:
+    full = complete(tiny, "stop here", 12).json()["choices"][0]["text"]
+    stop = full[3:5]
+    r = httpx.post(tiny + "/v1/completions", timeout=60, json={
+        "model": "tiny", "prompt": "stop here", "max_tokens": 12, "temperature": 0, "stop": stop})
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["text"] == full[:full.index(stop)]
+    # the generation stopped with the request: the engine serves the next one at once, unchanged
+    assert complete(tiny, "stop here", 12).json()["choices"][0]["text"] == full
+
+
+def test_a_client_leaving_mid_stream_does_not_stall_the_engine(tiny: str) -> None:
+    with httpx.stream("POST", tiny + "/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": "leave early", "max_tokens": 100, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break  # the first chunk, then the connection closes
+    assert complete(tiny, "after", 4).status_code == 200
+    assert httpx.post(tiny + "/sleep", params={"level": 1}, timeout=60).status_code == 200
+    assert httpx.post(tiny + "/wake_up", timeout=60).status_code == 200
+    assert complete(tiny, "after", 4).status_code == 200
+
+
+def test_every_forward_pass_runs_on_one_thread() -> None:
+    from jupyter_swapserve.engines.reference_server import Engine, parse_args
+
+    eng = Engine(parse_args(["--model", "shape:tiny", "--device", "cpu", "--max-model-len", "64"]))
+    seen: set[str] = set()
+    prefill = eng._prefill
+
+    def spy(ids: torch.Tensor) -> torch.Tensor:
+        seen.add(threading.current_thread().name)
+        return prefill(ids)
+
+    eng._prefill = spy  # type: ignore[method-assign]
+    ids = eng.tokenizer.encode("one thread")
+    answers = []
+    for _ in range(3):  # each from a new thread, as the HTTP server calls it
+        out: list[list[int]] = []
+        thread = threading.Thread(target=lambda o=out: o.append(list(eng.stream(ids, 4, 0.0, None))))
+        thread.start()
+        thread.join(60)
+        answers.append(out[0])
+    assert answers[0] == answers[1] == answers[2] and len(answers[0]) == 4
+    assert len(seen) == 1 and next(iter(seen)).startswith("gpu")
+    eng.gpu_thread.shutdown()
+
+
 def test_bad_requests_get_openai_errors(tiny: str) -> None:
     r = httpx.post(tiny + "/v1/chat/completions", json={"model": "tiny", "messages": []})
     assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
@@ -107,6 +156,7 @@ def test_bad_requests_get_openai_errors(tiny: str) -> None:
 
 def test_sleep_and_wake_keep_the_weights(tiny: str) -> None:
     before = complete(tiny, "the same prompt", 12).json()["choices"][0]["text"]
+    cycles = httpx.get(tiny + "/stats").json()["cycles"]
     r = httpx.post(tiny + "/sleep", params={"level": 1}, timeout=60)
     assert r.status_code == 200 and r.json()["level"] == 1
     assert httpx.get(tiny + "/is_sleeping").json() == {"is_sleeping": True}
@@ -117,7 +167,7 @@ def test_sleep_and_wake_keep_the_weights(tiny: str) -> None:
     assert httpx.get(tiny + "/is_sleeping").json() == {"is_sleeping": False}
     assert complete(tiny, "the same prompt", 12).json()["choices"][0]["text"] == before
     stats = httpx.get(tiny + "/stats").json()
-    assert stats["cycles"] == 1 and stats["last_sleep"]["level"] == 1
+    assert stats["cycles"] == cycles + 1 and stats["last_sleep"]["level"] == 1
 
 
 def test_sleep_level_2_reloads_the_weights(tiny: str) -> None:

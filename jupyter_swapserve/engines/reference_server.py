@@ -32,12 +32,14 @@ decode step runs batch 1. It also runs on the CPU (``--device cpu``), which is h
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import json
 import logging
 import math
 import mmap
 import os
+import queue
 import sys
 import threading
 import time
@@ -272,7 +274,11 @@ class Engine:
         self._alloc_kv()
         self._compile()
         self._capture()
-        self._warmup()
+        # every forward pass runs on this one thread: a thread's first matmuls set up its own CUDA
+        # library state (~50 ms), which a server starting a thread per request paid on every
+        # first token; requests are served one at a time anyway
+        self.gpu_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gpu")
+        self.gpu_thread.submit(self._warmup).result()
 
     # ---- startup parts -------------------------------------------------------------------------
     def _saver_kind(self, wanted: str) -> str:
@@ -582,6 +588,37 @@ class Engine:
             logits = self._decode(token, position)
             position += 1
 
+    def stream(self, ids: list[int], max_tokens: int, temperature: float, seed: int | None) -> Iterator[int]:
+        """generate() on the engine's GPU thread, its tokens handed over one by one. Stopping early
+        (a stop string, a client gone) stops the generation after the token in progress."""
+        tokens: queue.Queue[Any] = queue.Queue()
+        stop, finished = threading.Event(), threading.Event()
+        end = object()
+
+        def produce() -> None:
+            try:
+                for token in self.generate(ids, max_tokens, temperature, seed):
+                    tokens.put(token)
+                    if stop.is_set():
+                        break
+            except BaseException as exc:  # raised again in the consumer's thread
+                tokens.put(exc)
+            finally:
+                finished.set()
+                tokens.put(end)
+
+        self.gpu_thread.submit(produce)
+        try:
+            while (item := tokens.get()) is not end:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            # the step in progress ends before the caller lets go of the engine's lock (a sleep
+            # must never release memory under a running forward pass)
+            finished.wait()
+
     # ---- sleep / wake ------------------------------------------------------------------------
     def sleep(self, level: int) -> dict[str, Any]:
         with self.lock:
@@ -664,22 +701,20 @@ class Engine:
                 return {"already": True}
             t0 = time.perf_counter()
             info: dict[str, Any] = {"memory_saver": self.saver.kind}
-            # the weights' copy is queued first and the KV pool mapped while it runs: pages another
-            # process has just freed (a victim's, in an overlapped eviction) cost the driver ~70 ms
-            # to hand out, which then hides behind the copy
+            # both mapped before the copy: pages another process has just freed (a victim's, in an
+            # overlapped eviction) take the driver ~70 ms to hand out, and doing that while the
+            # copy runs slowed the copy by more (measured on an H100)
             self.saver.remap("weights", self.flat, self.weights_bytes)
-            info["remap_weights_s"] = round(time.perf_counter() - t0, 4)
-            t = time.perf_counter()
-            copying = self.sleeping == 1 and self.staging is not None
-            if copying:
-                self.flat.copy_(self.staging, non_blocking=True)
-            else:  # level 2: the weights were discarded; load them again
-                self._reload_weights()
-            t_kv = time.perf_counter()
             self.saver.remap("kv", self.kv, self.kv_bytes)
             with torch.inference_mode():  # the pool is an inference tensor
                 self.kv.zero_()  # remapped pages hold garbage: see the KV pool allocation
-            info["remap_kv_s"] = round(time.perf_counter() - t_kv, 4)
+            self._sync()
+            info["remap_s"] = round(time.perf_counter() - t0, 4)
+            t = time.perf_counter()
+            if self.sleeping == 1 and self.staging is not None:
+                self.flat.copy_(self.staging, non_blocking=True)
+            else:  # level 2: the weights were discarded; load them again
+                self._reload_weights()
             self._sync()
             info["h2d_s"] = round(time.perf_counter() - t, 4)
             if self.graph is not None and self._ptrs() != self.graph_ptrs:
@@ -856,7 +891,7 @@ class Handler(BaseHTTPRequestHandler):
                     self._sse(self._chunk(rid, created, chat, {"role": "assistant", "content": ""}, None))
             text, n, finish = "", 0, "length"
             t_start = time.perf_counter()
-            for token in eng.generate(ids, max_tokens, temperature, seed):
+            for token in eng.stream(ids, max_tokens, temperature, seed):
                 n += 1
                 if n == 1 and eng.first_after_wake:
                     eng.first_after_wake = False
