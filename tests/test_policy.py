@@ -82,6 +82,16 @@ def test_a_model_with_waiting_requests_keeps_the_device_for_its_quantum() -> Non
     assert choose_victims([unserved], 0, 4, 0, "x").victims == ()  # never pushed out before serving one
 
 
+def test_a_batch_in_flight_is_work_too() -> None:
+    # concurrency 8: the whole batch is forwarded, nothing is queued, and it is still being served
+    batch = snap("batch", queued=0, in_flight=8, served_since_swap_in=True, resident_for=1.0, quantum=8.0)
+    assert choose_victims([batch], 0, 4, 0, "x").victims == ()
+    long = snap("long", queued=0, in_flight=8, served_since_swap_in=True, resident_for=9.0, quantum=8.0)
+    assert choose_victims([long], 0, 4, 0, "x").victims == ("long",)  # its quantum is over: drained, then out
+    first = snap("first", queued=0, in_flight=1, served_since_swap_in=False, resident_for=60.0, quantum=8.0)
+    assert choose_victims([first], 0, 4, 0, "x").victims == ()
+
+
 def test_residual_auto_keeps_while_there_is_room_and_lru_residuals_make_room_first() -> None:
     from jupyter_swapserve.service.policy import ResidualSnapshot, keeps_residual, movable_residuals
 

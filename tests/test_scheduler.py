@@ -5,6 +5,7 @@ reservation is released exactly when the engine leaves the device, and nothing i
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -129,7 +130,9 @@ async def test_cancelled_request_waiting_for_memory_leaves_no_reservation(tmp_pa
     try:
         await svc.swap_in("a")
         a = svc.backends["a"]
-        # a request on a is in flight, so b's swap-in has to wait for the drain
+        # a's residency quantum is over (within it, a request in flight keeps a on the device), so
+        # b's swap-in evicts a and has to wait for the drain of a's request
+        a.resident_since = time.monotonic() - 3600
         async with svc.admit("a") as ticket:
             assert ticket.backend is a
             waiting = asyncio.create_task(svc.swap_in("b"))
@@ -189,17 +192,21 @@ async def test_two_devices_are_reserved_and_swapped_independently(tmp_path: Path
         # each device has room for one: both run at once, one per device
         assert {b.name for b in svc.backends.values() if b.state == State.RUNNING} == {"a0", "a1"}
         assert (m0.granted_gib, m1.granted_gib) == (pytest.approx(0.6), pytest.approx(0.6))
-        # a request in flight on a0 holds up any swap on device 0 ...
+        # a request in flight on a0 holds up any swap on device 0 (a0 was just swapped in: its
+        # quantum protects the request's model, which stays running) ...
         async with svc.admit("a0"):
             stuck = asyncio.create_task(svc.swap_in("b0"))
             await asyncio.sleep(0.2)
-            assert not stuck.done() and svc.backends["a0"].state == State.SWAPPING_OUT
+            assert not stuck.done() and svc.backends["a0"].state == State.RUNNING
+            assert [owner for owner, _, _ in m0.waiting()] == ["b0"]
             # ... but never a swap on device 1
             await asyncio.wait_for(svc.swap_in("b1"), 5)
             assert svc.backends["b1"].state == State.RUNNING and svc.backends["a1"].state == State.SWAPPED_OUT
             assert [r.owner for r in m1.granted()] == ["b1"]
+        # the request's end notifies: b0's waiter plans again at once, a0 has nothing left to protect
         await asyncio.wait_for(stuck, 10)
         assert svc.backends["b0"].state == State.RUNNING and [r.owner for r in m0.granted()] == ["b0"]
+        assert svc.backends["a0"].state == State.SWAPPED_OUT
         assert m0.granted_gib <= m0.capacity_gib and m1.granted_gib <= m1.capacity_gib
     finally:
         await svc.close()
@@ -268,3 +275,44 @@ def test_models_file_accepts_a_device_list_and_checks_it() -> None:
     assert "model 'bad': field 'device': 2 does not exist" in loaded.errors[0]
     assert "model 'empty': field 'device'" in loaded.errors[1]
     assert "model 'keep': field 'residual': 'keep' is for single-device engines" in loaded.errors[2]
+
+
+async def test_a_waiter_for_memory_plans_again_when_the_protected_work_ends(tmp_path: Path) -> None:
+    svc = await started(service(tmp_path, "a", "b"))
+    try:
+        await svc.swap_in("a")
+        manager = svc.scheduler.reservations[0]
+        async with svc.admit("a"):
+            # a was just swapped in and serves a request: protected, so b can only queue
+            waiter = asyncio.create_task(svc.scheduler._wait_for_memory_or_victim(manager, "b", 0.6, replan_s=60))
+            await asyncio.sleep(0.3)
+            assert not waiter.done() and [o for o, _, _ in manager.waiting()] == ["b"]
+        # the request's end makes a a victim: the waiter returns at once (None: go and evict),
+        # long before its 60 s re-plan, and leaves nothing queued
+        assert await asyncio.wait_for(waiter, 5) is None
+        assert manager.waiting() == [] and [r.owner for r in manager.granted()] == ["a"]
+        # memory set free while it waits is granted to it, in its place in the queue
+        waiter = asyncio.create_task(svc.scheduler._wait_for_memory_or_victim(manager, "b", 0.6, replan_s=60))
+        await asyncio.sleep(0.1)
+        assert await svc.swap_out("a")
+        reservation = await asyncio.wait_for(waiter, 5)
+        assert reservation is not None and reservation.owner == "b" and manager.granted_gib == pytest.approx(0.6)
+        reservation.release()
+    finally:
+        await svc.close()
+
+
+async def test_a_waiter_cancelled_leaves_no_reservation_behind(tmp_path: Path) -> None:
+    svc = await started(service(tmp_path, "a", "b"))
+    try:
+        await svc.swap_in("a")
+        manager = svc.scheduler.reservations[0]
+        async with svc.admit("a"):
+            waiter = asyncio.create_task(svc.scheduler._wait_for_memory_or_victim(manager, "b", 0.6, replan_s=60))
+            await asyncio.sleep(0.2)
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+        assert manager.waiting() == [] and [r.owner for r in manager.granted()] == ["a"]
+    finally:
+        await svc.close()

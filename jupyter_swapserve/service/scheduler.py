@@ -226,10 +226,45 @@ class Scheduler:
                 if reservation is not None:
                     return reservation
             # nothing (enough) evictable now: queue for the memory, re-plan when things change
-            try:
-                return await asyncio.wait_for(manager.acquire(name, gib), timeout=1.0)
-            except asyncio.TimeoutError:
-                continue
+            reservation = await self._wait_for_memory_or_victim(manager, name, gib)
+            if reservation is not None:
+                return reservation
+
+    async def _wait_for_memory_or_victim(self, manager: ReservationManager, name: str, gib: float,
+                                         replan_s: float = 1.0) -> Reservation | None:
+        """Queue for the memory. The reservation once granted; None as soon as the policy has a victim
+        again (a protected tenant's work ended: every request's end notifies) or after ``replan_s``,
+        for the caller to plan again. The place in the queue is kept across notifications."""
+        acquire = asyncio.ensure_future(manager.acquire(name, gib))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + replan_s
+        def granted() -> Reservation | None:
+            if acquire.done() and not acquire.cancelled() and acquire.exception() is None:
+                return acquire.result()
+            return None
+
+        try:
+            while not acquire.done() and (remaining := deadline - loop.time()) > 0:
+                changed = asyncio.ensure_future(self.notifier.wait(timeout=remaining))
+                try:
+                    await asyncio.wait({acquire, changed}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    changed.cancel()
+                if acquire.done():
+                    break
+                plan = choose_victims(self.snapshots(), manager.device, gib, manager.free_gib, name)
+                if plan.sufficient and plan.victims:
+                    break
+        except BaseException:
+            reservation = granted()
+            if reservation is not None:
+                reservation.release()  # granted as the request went away: nothing leaks
+            raise
+        finally:
+            if not acquire.done():
+                acquire.cancel()  # a grant racing the cancellation is given back by acquire() itself
+                await asyncio.gather(acquire, return_exceptions=True)
+        return granted()
 
     async def _evict_until_granted(self, evict: Callable[[str], Awaitable[bool]], requester: str,
                                    manager: ReservationManager, gib: float) -> Reservation | None:
