@@ -9,8 +9,8 @@ For each `residual` option given (checkpoint, keep, auto) it starts a server wit
 - (b) a burst: `--burst` concurrent clients over the three models: swaps per served request,
   goodput (served requests per second), time to first token p50/p95;
 - (c) the always-on baseline: the same burst with three smaller engines that all fit (no swaps);
-- (d) free memory: each model requested after the others were swapped out (as by an idle timeout),
-  counted with (a)'s free-memory requests.
+- (d) free memory (after the burst): each model requested after the others were swapped out (as
+  by an idle timeout), counted with (a)'s free-memory requests.
 
 Usage (on the GPU machine; see bench/gpu_run.sh):
     python bench/contention.py --residual auto,checkpoint --out results_dir
@@ -43,10 +43,11 @@ NAMES = ("m0", "m1", "m2")
 
 
 def models_file(residual: str, util: float, memory_gib: float | None, shape: str = SHAPE,
-                pinned: bool = False, graphs: bool = False) -> dict[str, Any]:
+                pinned: bool = False, graphs: bool = False, copy_out: str = "changed") -> dict[str, Any]:
     models = []
     # --graphs: the decode step compiled and captured as a CUDA graph, as a production engine runs it
     fast = ["--compile", "--cuda-graphs"] if graphs else []
+    fast += ["--copy-out", copy_out]
     for i, name in enumerate(NAMES):
         m: dict[str, Any] = {"name": name, "engine": "reference", "model": shape, "api": "completion",
                              "args": ["--gpu-memory-utilization", str(util), "--max-model-len", "2048",
@@ -164,9 +165,10 @@ def run_variant(label: str, spec: dict[str, Any], rounds: int, clients: int, sta
         print(f"{label}: started in {result['startup_wall_s']:.1f} s, sizes {result['memory_gib']}", flush=True)
         if rounds:
             result["round_robin"] = round_robin(server, rounds)
-            result["round_robin"] += free_memory(server)
-        if clients:
+        if clients:  # from the round robin's end: two engines resident, the third's residual kept
             result["burst"] = burst(server, clients, tokens)
+        if rounds:
+            result["round_robin"] += free_memory(server)
         log = server.log()
         # every swap's steps and what was handed over during each sleep: where the time went
         result["swap_log"] = [line[-400:] for line in log.splitlines() if any(k in line for k in SWAP_LOG)][-80:]
@@ -215,18 +217,21 @@ def main() -> None:
     p.add_argument("--start-timeout", type=float, default=600)
     p.add_argument("--graphs", action="store_true", help="engines with --compile --cuda-graphs")
     p.add_argument("--tokens", type=int, default=16, help="tokens per burst request")
+    p.add_argument("--copy-out", default="changed", choices=["changed", "always"],
+                   help="the engines' level-1 sleep: skip the copy when the host copy is exact, or always copy")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
     results = []
     for residual in [r for r in args.residual.split(",") if r and not args.no_variants]:
         # keep needs sizes up front (an unmeasured start would reserve the device); auto and checkpoint measure
         memory = 31.1 if residual == "keep" else None
-        spec = models_file(residual, args.util, memory, args.shape, graphs=args.graphs)
+        spec = models_file(residual, args.util, memory, args.shape, graphs=args.graphs, copy_out=args.copy_out)
         results.append(run_variant(f"residual: {residual}", spec, args.rounds, args.burst, args.start_timeout,
                                    args.tokens))
     if not args.no_baseline:
         # always on: pinned (never swapped), sized up front (a pinned start cannot take the whole device)
-        spec = models_file("auto", args.baseline_util, args.baseline_gib, args.shape, pinned=True, graphs=args.graphs)
+        spec = models_file("auto", args.baseline_util, args.baseline_gib, args.shape, pinned=True, graphs=args.graphs,
+                           copy_out=args.copy_out)
         results.append(run_variant("always-on", spec, 0, args.burst, args.start_timeout, args.tokens))
     table = summarize(results)
     print(table)

@@ -146,6 +146,31 @@ def test_every_forward_pass_runs_on_one_thread() -> None:
     eng.gpu_thread.shutdown()
 
 
+def test_a_sleep_copies_the_weights_out_only_when_the_host_copy_is_stale() -> None:
+    from jupyter_swapserve.engines.reference_server import Engine, parse_args
+
+    eng = Engine(parse_args(["--model", "shape:tiny", "--device", "cpu", "--max-model-len", "64"]))
+    ids = eng.tokenizer.encode("same weights")
+    before = list(eng.stream(ids, 6, 0.0, None))
+    assert "d2h_skipped" not in eng.sleep(1)  # the first sleep copies
+    eng.wake()
+    assert eng.sleep(1).get("d2h_skipped") is True  # nothing wrote the weights since
+    eng.wake()
+    assert list(eng.stream(ids, 6, 0.0, None)) == before
+    eng.sleep(2)  # discards the weights: the host copy no longer stands for them
+    eng.wake()
+    assert "d2h_skipped" not in eng.sleep(1)
+    eng.wake()
+    assert list(eng.stream(ids, 6, 0.0, None)) == before
+    eng.gpu_thread.shutdown()
+    always = Engine(parse_args(["--model", "shape:tiny", "--device", "cpu", "--max-model-len", "64",
+                                "--copy-out", "always"]))
+    for _ in range(2):
+        assert "d2h_skipped" not in always.sleep(1)
+        always.wake()
+    always.gpu_thread.shutdown()
+
+
 def test_bad_requests_get_openai_errors(tiny: str) -> None:
     r = httpx.post(tiny + "/v1/chat/completions", json={"model": "tiny", "messages": []})
     assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
