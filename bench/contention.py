@@ -66,8 +66,12 @@ def pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
+def model_in(status: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(m for m in status["models"] if m["name"] == name)
+
+
 def needs_eviction(status: dict[str, Any], name: str) -> bool:
-    model = next(m for m in status["models"] if m["name"] == name)
+    model = model_in(status, name)
     if model["state"] == "running":
         return False
     device = status["devices"][model["device"]]
@@ -81,7 +85,7 @@ def round_robin(server: ServerHandle, rounds: int) -> list[dict[str, Any]]:
         name = NAMES[i % len(NAMES)]
         status = server.status()
         evict = needs_eviction(status, name)
-        state = next(m["state"] for m in status["models"] if m["name"] == name)
+        state = model_in(status, name)["state"]
         r = first_token(server, name)
         r.update({"model": name, "was": state, "eviction": evict})
         print("rr", json.dumps(r), flush=True)
@@ -100,13 +104,12 @@ def free_memory(server: ServerHandle, settle_s: float = 15.0) -> list[dict[str, 
                 httpx.post(server.url + f"swapserve/api/models/{m['name']}/swap-out", headers=server.headers(),
                            timeout=120).raise_for_status()
         deadline = time.monotonic() + settle_s
-        while time.monotonic() < deadline:
-            model = next(m for m in server.status()["models"] if m["name"] == name)
-            if model["residual_gib"] or model["residual"] != "auto":
+        while True:
+            status = server.status()
+            model = model_in(status, name)
+            if model["residual_gib"] or model["residual"] != "auto" or time.monotonic() >= deadline:
                 break
             time.sleep(0.25)
-        status = server.status()
-        model = next(m for m in status["models"] if m["name"] == name)
         r = first_token(server, name)
         r.update({"model": name, "was": model["state"], "eviction": needs_eviction(status, name),
                   "phase": "free", "residual_on_gpu": bool(model["residual_gib"])})
@@ -185,6 +188,9 @@ def summarize(results: list[dict[str, Any]]) -> str:
     def f(v: Any) -> str:
         return "-" if v is None else f"{v:.2f}"
 
+    def p50(values: list[float]) -> str:
+        return f(statistics.median(values)) if values else "-"
+
     for r in results:
         rr = r.get("round_robin", [])
         free = [x["ttft_s"] for x in rr if not x["eviction"] and x["was"] != "running" and x["ttft_s"]]
@@ -193,9 +199,6 @@ def summarize(results: list[dict[str, Any]]) -> str:
         b = r.get("burst", {})
         rps = b.get("goodput_rps")
         ratio = f" ({100 * rps / base_rps:.0f} %)" if rps and base_rps and r is not base else ""
-        def p50(values: list[float]) -> str:
-            return f(statistics.median(values)) if values else "-"
-
         lines.append(f"| {r['label']} | {p50(free)} | {p50(kept)} | {p50(evict)} | {f(b.get('swaps_per_request'))} | "
                      f"{f(rps)}{ratio} | {f(b.get('ttft_p50_s'))} / {f(b.get('ttft_p95_s'))} |")
         if r.get("startup_error"):

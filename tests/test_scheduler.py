@@ -277,6 +277,12 @@ def test_models_file_accepts_a_device_list_and_checks_it() -> None:
     assert "model 'keep': field 'residual': 'keep' is for single-device engines" in loaded.errors[2]
 
 
+def waiter_for_b(svc: SwapService) -> asyncio.Task:
+    """b queued for its memory on device 0, with a re-plan timer far beyond the test."""
+    manager = svc.scheduler.reservations[0]
+    return asyncio.create_task(svc.scheduler._wait_for_memory_or_victim(manager, "b", 0.6, replan_s=60))
+
+
 async def test_a_waiter_for_memory_plans_again_when_the_protected_work_ends(tmp_path: Path) -> None:
     svc = await started(service(tmp_path, "a", "b"))
     try:
@@ -284,7 +290,7 @@ async def test_a_waiter_for_memory_plans_again_when_the_protected_work_ends(tmp_
         manager = svc.scheduler.reservations[0]
         async with svc.admit("a"):
             # a was just swapped in and serves a request: protected, so b can only queue
-            waiter = asyncio.create_task(svc.scheduler._wait_for_memory_or_victim(manager, "b", 0.6, replan_s=60))
+            waiter = waiter_for_b(svc)
             await asyncio.sleep(0.3)
             assert not waiter.done() and [o for o, _, _ in manager.waiting()] == ["b"]
         # the request's end makes a a victim: the waiter returns at once (None: go and evict),
@@ -292,7 +298,7 @@ async def test_a_waiter_for_memory_plans_again_when_the_protected_work_ends(tmp_
         assert await asyncio.wait_for(waiter, 5) is None
         assert manager.waiting() == [] and [r.owner for r in manager.granted()] == ["a"]
         # memory set free while it waits is granted to it, in its place in the queue
-        waiter = asyncio.create_task(svc.scheduler._wait_for_memory_or_victim(manager, "b", 0.6, replan_s=60))
+        waiter = waiter_for_b(svc)
         await asyncio.sleep(0.1)
         assert await svc.swap_out("a")
         reservation = await asyncio.wait_for(waiter, 5)
@@ -308,7 +314,7 @@ async def test_a_waiter_cancelled_leaves_no_reservation_behind(tmp_path: Path) -
         await svc.swap_in("a")
         manager = svc.scheduler.reservations[0]
         async with svc.admit("a"):
-            waiter = asyncio.create_task(svc.scheduler._wait_for_memory_or_victim(manager, "b", 0.6, replan_s=60))
+            waiter = waiter_for_b(svc)
             await asyncio.sleep(0.2)
             waiter.cancel()
             with pytest.raises(asyncio.CancelledError):

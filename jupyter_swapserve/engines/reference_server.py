@@ -447,7 +447,6 @@ class Engine:
 
     def _compile(self) -> None:
         self.decode_layer = layer_forward
-        self.prefill_layer = layer_forward
         if not self.args.compile:
             self.timings["compile_s"] = 0.0
             return
@@ -462,8 +461,8 @@ class Engine:
         self._compile_prefill()
 
     def _compile_prefill(self) -> None:
-        """The prefill, compiled for any prompt length (dynamic): eager, its ~400 small kernels
-        cost ~70 ms of launches for a short prompt, most of a swapped-in model's first token."""
+        """The prefill, compiled for any prompt length (dynamic): eager, a short prompt's ~400 small
+        kernels took 20-105 ms on the H100, compiled 13-15 ms (bench/first_token_profile.py)."""
         t0 = time.perf_counter()
         # dynamic in the token count only (marked in _prefill): the head counts stay static ints
         self.prefill_layer = torch.compile(layer_forward, fullgraph=True)

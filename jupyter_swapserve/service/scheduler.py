@@ -238,6 +238,7 @@ class Scheduler:
         acquire = asyncio.ensure_future(manager.acquire(name, gib))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + replan_s
+
         def granted() -> Reservation | None:
             if acquire.done() and not acquire.cancelled() and acquire.exception() is None:
                 return acquire.result()
