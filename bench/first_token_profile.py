@@ -15,7 +15,9 @@ import time
 
 import torch
 
-from jupyter_swapserve.engines.reference_server import Engine, layer_forward, parse_args
+from jupyter_swapserve.reference.engine import Engine
+from jupyter_swapserve.reference.model import layer_forward
+from jupyter_swapserve.reference.server import parse_args
 
 
 def timed(eng: Engine, ids: list[int]) -> dict[str, float]:

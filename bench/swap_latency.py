@@ -69,7 +69,7 @@ def models_file(sizes: list[str], utils: dict[str, float], compile_: bool, graph
             models.append({"name": f"{size}-aware-torch", "engine": "reference", "model": SHAPES[size],
                            "api": "completion", "args": [*args, "--memory-saver", "torch"], "start_timeout": 900})
         if plain:
-            cmd = [sys.executable, "-m", "jupyter_swapserve.engines.reference_server", "--model", SHAPES[size],
+            cmd = [sys.executable, "-m", "jupyter_swapserve.reference", "--model", SHAPES[size],
                    "--served-model-name", f"{size}-plain", "--port", "{port}", *args]
             models.append({"name": f"{size}-plain", "engine": "command", "command": cmd, "api": "completion",
                            "start_timeout": 900})

@@ -18,6 +18,6 @@ def _jupyter_labextension_paths() -> list[dict]:
 
 def load_ipython_extension(ipython) -> None:
     """``%load_ext jupyter_swapserve`` registers the ``%%llm`` magic."""
-    from .magics import load_ipython_extension as _load
+    from .kernel.magics import load_ipython_extension as _load
 
     _load(ipython)

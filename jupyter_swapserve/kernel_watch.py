@@ -6,31 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from typing import Any
 
+from .runtime.procfs import descendants
 from .service.kernels import KernelFacts, KernelTenants
 
 log = logging.getLogger(__name__)
-
-
-def descendants(pid: int) -> tuple[int, ...]:
-    """``pid`` and every process below it (a kernel may run its GPU work in a child process)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            with open(f"/proc/{entry}/stat") as f:
-                # the command name may hold spaces and parentheses: the ppid follows the last ')'
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [pid], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return tuple(found)
 
 
 def kernel_pid(kernel: Any) -> int | None:
@@ -65,7 +46,7 @@ class KernelWatcher:
                     continue
                 last = getattr(kernel, "last_activity", None)
                 result.append(KernelFacts(
-                    kernel_id=kernel_id, user=self.user, path=paths.get(kernel_id, ""), pids=descendants(pid),
+                    kernel_id=kernel_id, user=self.user, path=paths.get(kernel_id, ""), pids=tuple(descendants(pid)),
                     busy=getattr(kernel, "execution_state", "") == "busy",
                     last_execution=last.timestamp() if last is not None else 0.0))
         return result

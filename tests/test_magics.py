@@ -23,8 +23,8 @@ import pytest
 from jupyter_client import BlockingKernelClient
 from jupyter_core.paths import jupyter_runtime_dir
 
-from jupyter_swapserve.client import ServerError, seconds, wait_line
-from jupyter_swapserve.magics import interpolate, strip_fences
+from jupyter_swapserve.kernel.client import ServerError, seconds, wait_line
+from jupyter_swapserve.kernel.magics import interpolate, strip_fences
 
 from .server import ServerHandle, free_port, run_server
 

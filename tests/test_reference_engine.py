@@ -33,7 +33,7 @@ TINY = ["--model", "shape:tiny", "--device", "cpu", "--max-model-len", "128"]
 @contextlib.contextmanager
 def engine(*extra: str) -> Iterator[str]:
     port = free_port()
-    argv = [sys.executable, "-m", "jupyter_swapserve.engines.reference_server", *TINY, "--port", str(port),
+    argv = [sys.executable, "-m", "jupyter_swapserve.reference", *TINY, "--port", str(port),
             "--served-model-name", "tiny", *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     # the engine's log goes to a file: a pipe nobody reads would fill up and block the engine
@@ -122,7 +122,8 @@ def test_a_client_leaving_mid_stream_does_not_stall_the_engine(tiny: str) -> Non
 
 
 def test_every_forward_pass_runs_on_one_thread() -> None:
-    from jupyter_swapserve.engines.reference_server import Engine, parse_args
+    from jupyter_swapserve.reference.engine import Engine
+    from jupyter_swapserve.reference.server import parse_args
 
     eng = Engine(parse_args(["--model", "shape:tiny", "--device", "cpu", "--max-model-len", "64"]))
     seen: set[str] = set()
@@ -147,7 +148,8 @@ def test_every_forward_pass_runs_on_one_thread() -> None:
 
 
 def test_a_sleep_copies_the_weights_out_only_when_the_host_copy_is_stale() -> None:
-    from jupyter_swapserve.engines.reference_server import Engine, parse_args
+    from jupyter_swapserve.reference.engine import Engine
+    from jupyter_swapserve.reference.server import parse_args
 
     eng = Engine(parse_args(["--model", "shape:tiny", "--device", "cpu", "--max-model-len", "64"]))
     ids = eng.tokenizer.encode("same weights")
@@ -212,7 +214,8 @@ def test_startup_timings_have_the_cold_start_parts(tiny: str) -> None:
 
 def test_forward_matches_transformers_llama(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    from jupyter_swapserve.engines.reference_server import Engine, parse_args
+    from jupyter_swapserve.reference.engine import Engine
+    from jupyter_swapserve.reference.server import parse_args
 
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=300, max_position_embeddings=64,
@@ -243,7 +246,7 @@ def test_adapter_launches_the_server() -> None:
     adapter = adapter_for(models.models[0])
     assert adapter.supports_sleep
     spec = adapter.launch_spec(4321)
-    assert spec.argv[1:3] == ["-m", "jupyter_swapserve.engines.reference_server"]
+    assert spec.argv[1:3] == ["-m", "jupyter_swapserve.reference"]
     assert spec.argv[spec.argv.index("--port") + 1] == "4321"
     assert spec.argv[spec.argv.index("--served-model-name") + 1] == "r"
     assert spec.argv[-2:] == ["--device", "cpu"]

@@ -45,7 +45,7 @@ def widget_updates(run: Run, model_id: str, key: str) -> list[object]:
 def test_panel_shows_the_models_and_follows_swaps(kernel: ServerKernel, demo_server: ServerHandle) -> None:
     assert kernel.run("%llm swap-out gemma").ok
     run = kernel.run("""
-        from jupyter_swapserve.widgets import ModelPanel
+        from jupyter_swapserve.kernel.widgets import ModelPanel
         p = ModelPanel()
         display(p)
         print(sorted(p.rows), p.rows["gemma"].state, p.rows["gemma"].memory_label.value)
@@ -81,7 +81,7 @@ def test_panel_shows_the_models_and_follows_swaps(kernel: ServerKernel, demo_ser
 
 def test_panel_without_a_server_says_so_in_one_line(kernel: ServerKernel) -> None:
     run = kernel.run(f"""
-        from jupyter_swapserve.client import Connection, SwapServeClient
+        from jupyter_swapserve.kernel.client import Connection, SwapServeClient
         dead = SwapServeClient(Connection("http://127.0.0.1:{free_port()}/", "x", "a test"))
         q = ModelPanel(client=dead, live=False)
         print(q.message.value)
@@ -93,7 +93,7 @@ def test_panel_without_a_server_says_so_in_one_line(kernel: ServerKernel) -> Non
 
 def test_chat_box_streams_and_remembers(kernel: ServerKernel) -> None:
     run = kernel.run("""
-        from jupyter_swapserve.widgets import ChatBox
+        from jupyter_swapserve.kernel.widgets import ChatBox
         c = ChatBox("smollm2", max_tokens=24, temperature=0, seed=1)
         display(c)
         print(c.transcript.model_id)

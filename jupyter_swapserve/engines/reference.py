@@ -20,7 +20,7 @@ class ReferenceAdapter(VllmStyleSleepMixin, EngineAdapter):
 
     def launch_spec(self, port: int) -> LaunchSpec:
         argv = [
-            sys.executable, "-m", "jupyter_swapserve.engines.reference_server",
+            sys.executable, "-m", "jupyter_swapserve.reference",
             "--model", self.model.model or "",
             "--served-model-name", self.upstream_model_name(),
             "--host", self.bind_host,

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 from ..config import ModelConfig
 from ..engines.base import LaunchSpec
+from . import procfs
 from .process import RuntimeStepError, _die_with_parent
 
 log = logging.getLogger(__name__)
@@ -51,43 +52,21 @@ class PodmanUnavailable(RuntimeStepError):
     """podman is not installed, or its service cannot be reached or started."""
 
 
-def _process_start_time(pid: int) -> str | None:
-    """The kernel's start time of a process (clock ticks since boot): with the PID, it names one
-    process for good, so a reused PID is not mistaken for a live owner."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 def owner_token(pid: int | None = None) -> str:
     pid = os.getpid() if pid is None else pid
-    return f"{pid}:{_process_start_time(pid) or '0'}"
+    return f"{pid}:{procfs.start_ticks(pid) or '0'}"
 
 
 def owner_alive(token: str) -> bool:
     pid_text, _, start = token.partition(":")
     if not pid_text.isdigit():
         return False
-    return _process_start_time(int(pid_text)) == start
+    return procfs.start_ticks(int(pid_text)) == start
 
 
-def descendants(root: int, proc: Path = Path("/proc")) -> list[int]:
-    """``root`` and every process below it (by parent PID), from one walk over /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return sorted(found)
+def descendants(root: int) -> list[int]:
+    """``root`` and every process below it, by PID."""
+    return sorted(procfs.descendants(root))
 
 
 def cdi_gpus_available() -> bool:
@@ -339,7 +318,7 @@ class PodmanRuntime:
     def running(self) -> bool:
         if self._pid is None or self._exit_code is not None:
             return False
-        return Path(f"/proc/{self._pid}").exists()
+        return procfs.exists(self._pid)
 
     async def wait(self) -> int:
         """Until the container's init process is gone; then its exit code from podman."""

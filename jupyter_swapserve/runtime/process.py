@@ -17,6 +17,7 @@ import weakref
 from pathlib import Path
 
 from ..engines.base import LaunchSpec
+from . import procfs
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def _remove_stale_cgroups(base: Path) -> None:
     rmdir only succeeds on an empty cgroup, so nothing that still runs is touched."""
     for stale in base.glob("swapserve-*"):
         pid = stale.name.removeprefix("swapserve-")
-        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+        if not pid.isdigit() or procfs.exists(int(pid)):
             continue
         for child in stale.iterdir():
             if child.is_dir():
@@ -171,15 +172,7 @@ class ProcessRuntime:
             return [int(p) for p in self._cgroup_procs()]
         if self.pid is None:
             return []
-        members = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                with contextlib.suppress(OSError, ValueError, IndexError):
-                    stat = (entry / "stat").read_text()
-                    fields = stat.rsplit(")", 1)[1].split()
-                    if int(fields[2]) == self.pid:  # pgrp
-                        members.append(int(entry.name))
-        return members
+        return procfs.group_members(self.pid)
 
     def log_tail(self, lines: int = 20) -> str:
         if not self.log_path or not self.log_path.exists():

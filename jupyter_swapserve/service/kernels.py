@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..runtime.procfs import rss_bytes
 from .backend import StepTiming, SwapStepError, SwapSteps
 from .kernel_policy import KernelView, due_for_swap_out, kernel_snapshot, may_pin, over_user_limit
 from .policy import BackendSnapshot
@@ -153,9 +154,7 @@ class KernelTenants:
             device = max(per_device, key=lambda d: per_device[d])
             return device, per_device[device]
         if self.virtual and self.monitor.devices[0].virtual:
-            from .scheduler import _rss_gib  # the measure of an engine on a virtual device, too
-
-            return 0, _rss_gib(list(pids))
+            return 0, rss_bytes(pids) / 1024**3  # the measure of an engine on a virtual device, too
         return 0, 0.0
 
     async def observe(self, facts: list[KernelFacts]) -> None:

@@ -22,6 +22,7 @@ from ..gpu.checkpoint import CheckpointError, run_guarded
 from ..gpu.monitor import GpuMonitor
 from ..runtime import make_runtime
 from ..runtime.process import RuntimeStepError
+from ..runtime.procfs import rss_bytes
 from .backend import Backend, DrainTimeout, State, SwapStepError, SwapSteps
 from .events import Notifier
 from .handover import run_handing_over
@@ -62,16 +63,6 @@ class EngineUnavailable(RuntimeError):
     def __init__(self, message: str, retry_after: float = 5.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
-
-
-def _rss_gib(pids: list[int]) -> float:
-    """Resident host memory of processes: the measured size of an engine on a virtual device."""
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            with open(f"/proc/{pid}/statm") as f:
-                total += int(f.read().split()[1]) * 4096
-    return total / 1024**3
 
 
 class Scheduler:
@@ -411,7 +402,7 @@ class Scheduler:
     def _measure(self, backend: Backend) -> None:
         pids = backend.runtime.pids()
         if self.is_virtual(backend):
-            size = _rss_gib(pids)
+            size = rss_bytes(pids) / 1024**3  # resident host memory: the measure on a virtual device
         else:
             # an engine spanning devices reserves the same on each: its largest share
             per_device = self.monitor.process_memory_gib(pids)

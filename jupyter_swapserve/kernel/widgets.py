@@ -1,6 +1,6 @@
 """ipywidgets for front ends without the JupyterLab sidebar (classic Notebook, VS Code, Colab-likes).
 
-    from jupyter_swapserve.widgets import ModelPanel, ChatBox
+    from jupyter_swapserve.kernel.widgets import ModelPanel, ChatBox
     ModelPanel()          # live: state, memory bars, swap buttons
     ChatBox("smollm2")    # a small chat, streamed
 

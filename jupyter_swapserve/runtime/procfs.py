@@ -1,0 +1,87 @@
+"""What the service reads from /proc, in one place: process stat fields, process trees and
+resident memory. Every reader tolerates a process that vanishes mid-read (it is skipped or
+reported as unknown): processes come and go between listing /proc and opening their files.
+
+Stdlib only, so the reference engine (a separate program) can use it too."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+PROC = Path("/proc")
+PAGE_SIZE = 4096
+
+
+def stat_fields(pid: int | str, proc: Path = PROC) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name, or None when the process is gone.
+
+    The command name may hold spaces and parentheses, so the fields follow its last ')'. Index 0
+    is stat(5)'s field 3 (state): ppid is [1], pgrp [2], starttime [19]."""
+    try:
+        return (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def start_ticks(pid: int | str, proc: Path = PROC) -> str | None:
+    """The kernel's start time of a process (clock ticks since boot): with the PID, it names one
+    process for good, so a reused PID is not mistaken for a live one."""
+    fields = stat_fields(pid, proc)
+    return fields[19] if fields and len(fields) > 19 else None
+
+
+def exists(pid: int, proc: Path = PROC) -> bool:
+    return (proc / str(pid)).exists()
+
+
+def pids(proc: Path = PROC) -> list[int]:
+    """Every process ID listed in /proc."""
+    return [int(entry.name) for entry in proc.iterdir() if entry.name.isdigit()]
+
+
+def _field(pid: int, index: int, proc: Path) -> int | None:
+    fields = stat_fields(pid, proc)
+    with contextlib.suppress(TypeError, ValueError, IndexError):
+        return int(fields[index])  # type: ignore[index]
+    return None
+
+
+def descendants(root: int, proc: Path = PROC) -> list[int]:
+    """``root`` first, then every process below it (by parent PID), from one walk over /proc."""
+    children: dict[int, list[int]] = {}
+    for pid in pids(proc):
+        ppid = _field(pid, 1, proc)
+        if ppid is not None:
+            children.setdefault(ppid, []).append(pid)
+    found, todo = [root], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def group_members(pgid: int, proc: Path = PROC) -> list[int]:
+    """The processes of process group ``pgid``."""
+    return [pid for pid in pids(proc) if _field(pid, 2, proc) == pgid]
+
+
+def rss_bytes(processes: list[int] | tuple[int, ...], proc: Path = PROC) -> int:
+    """Resident host memory of processes (those gone meanwhile count nothing)."""
+    total = 0
+    for pid in processes:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int((proc / str(pid) / "statm").read_text().split()[1]) * PAGE_SIZE
+    return total
+
+
+def process_age(pid: int | str = "self", proc: Path = PROC) -> float:
+    """Seconds since a process was created (for this one, the interpreter's start included)."""
+    try:
+        ticks = int(start_ticks(pid, proc) or "")
+        uptime = float((proc / "uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
