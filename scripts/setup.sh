@@ -21,6 +21,9 @@ if [ "$what" = test ] && ! command -v podman >/dev/null; then
     echo "note: podman is missing (apt-get install podman runc); the podman tests will skip" >&2
   fi
 fi
+if [ "$what" = test ]; then  # PostgreSQL for the shared-quota tests (tests/test_postgres.py, test_nodes.py)
+  bash scripts/setup-postgres.sh
+fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi

@@ -14,6 +14,7 @@ from jupyter_swapserve.service.quotas import (
     decide,
     effective_limits,
     next_utc_midnight,
+    usage_of,
     validate_row,
 )
 from jupyter_swapserve.service.storage import SCHEMA_VERSION, QuotaStore, StorageError
@@ -82,6 +83,17 @@ def test_decide_checks_each_limit_with_code_and_reset() -> None:
     r = decide(limits, UsageNow(tokens_today=100), "gemma", None, NOW)
     assert r and (r.status, r.code) == (429, "insufficient_quota")
     assert r.retry_after == pytest.approx(next_utc_midnight(NOW) - NOW) and "midnight UTC" in r.message
+
+
+def test_usage_of_counts_what_every_node_recorded() -> None:
+    usage = usage_of("gemma", {"gemma": 2, "qwen": 1},
+                     [("gemma", NOW - 70), ("qwen", NOW - 30), ("gemma", NOW - 5), ("gemma", NOW + 0.2)],
+                     {"gemma": 40, "qwen": 2}, NOW)
+    assert (usage.concurrent, usage.concurrent_model) == (3, 2)
+    # older than the minute: out; later than now (another node's, made while this one waited): in
+    assert usage.recent == (NOW - 30, NOW - 5, NOW + 0.2) and usage.recent_model == (NOW - 5, NOW + 0.2)
+    assert (usage.tokens_today, usage.tokens_today_model) == (42, 40)
+    assert usage_of("x", {}, [], {}, NOW) == UsageNow()
 
 
 # ---- accounting on a real SQLite database ----------------------------------------------------

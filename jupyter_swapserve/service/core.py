@@ -136,7 +136,7 @@ class SwapService:
         await self.scheduler.close()
         await self.upstream.close()
         if self.accounting is not None:
-            self.accounting.store.close()
+            self.accounting.close()  # gives back its leases in a shared database
 
     # ---- requests --------------------------------------------------------------------------
     def backend(self, name: Any) -> Backend:

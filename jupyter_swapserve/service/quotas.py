@@ -11,7 +11,7 @@ both the user's overall limits (counted over all models) and the model's limits 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -172,6 +172,34 @@ class UsageNow:
     recent_model: tuple[float, ...] = ()
     tokens_today: int = 0
     tokens_today_model: int = 0
+
+
+def usage_of(model: str, leases: Mapping[str, int], admissions: Sequence[tuple[str, float]],
+             tokens: Mapping[str, int], now: float) -> UsageNow:
+    """The user's use as the admission sees it, from what every node recorded: ``leases`` their
+    requests queued or running per model, ``admissions`` (model, time) oldest first, ``tokens``
+    today's per model. Only admissions within the last minute count (and any later than ``now``:
+    another service's, made while this admission waited for its turn)."""
+    since = now - WINDOW_SECONDS
+    recent = [(m, at) for m, at in admissions if at > since]
+    return UsageNow(
+        concurrent=sum(leases.values()),
+        concurrent_model=leases.get(model, 0),
+        recent=tuple(at for _, at in recent),
+        recent_model=tuple(at for m, at in recent if m == model),
+        tokens_today=sum(tokens.values()),
+        tokens_today_model=tokens.get(model, 0),
+    )
+
+
+def counts_minutes(limits: Limits) -> bool:
+    """Whether the decision needs the user's admissions of the last minute."""
+    return limits.requests_per_minute is not None or limits.model_requests_per_minute is not None
+
+
+def counts_tokens(limits: Limits) -> bool:
+    """Whether the decision needs the user's tokens of today."""
+    return limits.tokens_per_day is not None or limits.model_tokens_per_day is not None
 
 
 @dataclass(frozen=True)
