@@ -98,6 +98,14 @@ static void serve_connection(int fd) {
     socklen_t len = sizeof peer;
     swi_buf b = {0};
     if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &peer, &len) != 0 || peer.uid != geteuid()) {
+        /* take the request off the wire first (a second at most), so the refusal reaches a client
+         * that writes before it reads; nothing of it is looked at */
+        struct timeval brief = {1, 0};
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &brief, sizeof brief);
+        char discard[SWI_MAX_LINE];
+        ssize_t got;
+        while ((got = recv(fd, discard, sizeof discard, 0)) > 0 && !memchr(discard, '\n', (size_t)got)) {
+        }
         swi_buf_printf(&b, "{\"ok\":false,\"error\":\"permission denied: only uid %d may control this engine\"}",
                        (int)geteuid());
         answer(fd, &b);

@@ -1,0 +1,447 @@
+"""The allocation interposer (interposer/, issue 23) on the CPU: the real library, loaded with
+LD_PRELOAD into test engines that allocate device memory every way real engines do, over a
+stand-in CUDA driver (interposer/test/fake_cuda.c: reserve = PROT_NONE mmap, create = memfd,
+map = MAP_FIXED mmap, so released memory is really gone and a released range really faults),
+driven through the real control socket by the package's client.
+
+What is checked: bytes and addresses survive sleep/wake cycles; the device memory is released
+while asleep (the stand-in's backed bytes); the pinned staging is chunked (at most 2 GiB a chunk)
+and kept across cycles; a failure at any step of a sleep or wake is undone (awake after a failed
+sleep, asleep and nothing mapped after a failed wake) or reported as broken; uncapturable memory
+is reported; the runtime is caught through dlsym + cuGetProcAddress whether it is linked
+dynamically or statically; RTLD_NEXT keeps working; only the engine's uid may use the socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jupyter_swapserve.gpu.interposer import (
+    SOCKET_ENV,
+    InterposerClient,
+    InterposerError,
+    InterposerUnavailable,
+    library_path,
+    prepare_socket_dir,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+BUILD = REPO / "interposer" / "build"
+KIT = BUILD / "test"
+MIB = 1 << 20
+GRAN = 2 * MIB  # the stand-in's granularity (as an H100's)
+
+
+@pytest.fixture(scope="module")
+def built() -> Path:
+    if shutil.which("make") is None or shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no make or C compiler: the interposer cannot be built here")
+    subprocess.run(["bash", str(REPO / "scripts" / "build-interposer.sh")], check=True, capture_output=True)
+    return library_path()
+
+
+def roundup(n: int) -> int:
+    return (n + GRAN - 1) // GRAN * GRAN
+
+
+class Engine:
+    """A test engine (interposer/test/fake_engine.c) under the interposer, talked to on stdin."""
+
+    def __init__(self, library: Path, sock: Path, specs: list[str], *, program: str = "fake_engine",
+                 env: dict[str, str] | None = None, user: int | None = None, preload: bool = True) -> None:
+        full = {k: v for k, v in os.environ.items() if not k.startswith(("SWAPSERVE_", "FAKECUDA_"))}
+        full.update({"SWAPSERVE_INTERPOSER_CHUNK_BYTES": str(4 * MIB), SOCKET_ENV: str(sock)})
+        if preload:
+            full["LD_PRELOAD"] = str(library)
+        full.update(env or {})
+        self.proc = subprocess.Popen([str(KIT / program), *specs], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=full, user=user)
+        self.ready = self._line(30)
+        assert self.ready.get("ready"), self.ready
+        self.client = InterposerClient(sock, timeout=60)
+
+    def _line(self, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+            raise AssertionError(f"the test engine did not answer; stderr:\n{err}")
+        return json.loads(line)
+
+    def cmd(self, line: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return self._line(60)
+
+    def stats(self) -> dict[str, Any]:
+        return self.cmd("stats")
+
+    def stderr(self) -> str:
+        self.close()
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.flush()
+                self.proc.wait(10)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def sockdir(tmp_path: Path) -> Path:
+    return prepare_socket_dir(tmp_path / "control").parent
+
+
+@pytest.fixture
+def engines(built: Path, sockdir: Path) -> Iterator[list[Engine]]:
+    started: list[Engine] = []
+    yield started
+    for e in started:
+        e.close()
+
+
+def start(engines: list[Engine], library: Path, sockdir: Path, specs: list[str], **kw: Any) -> Engine:
+    e = Engine(library, sockdir / "interposer.sock", specs, **kw)
+    engines.append(e)
+    return e
+
+
+# every way an engine allocates, at sizes that are not multiples of the granularity
+EVERY_WAY = ["runtime:10000000", "driver:4194304", "proc:3000000", "entry:2097152", "pool:16777216", "small:1000"]
+CAPTURED = roundup(10000000) + 4194304 + roundup(3000000) + 2097152 + 16777216
+
+
+async def test_sleep_and_wake_keep_bytes_and_addresses(built: Path, sockdir: Path, engines: list[Engine]) -> None:
+    e = start(engines, built, sockdir, EVERY_WAY)
+    addresses = [a["ptr"] for a in e.ready["allocations"]]
+    st = await e.client.status()
+    assert st.state == "awake" and st.capturable and st.capture_problem() is None
+    # runtime, driver, proc, entry: one each; the pool: 4 cuMemCreate steps; small stays with the driver
+    assert (st.captured_count, st.captured_bytes, st.resident_bytes) == (8, CAPTURED, 1000)
+    assert st.hooks["dlsym"] >= 1 and st.hooks["proc_address"] >= 3
+    assert e.stats()["backed"] == CAPTURED + 1000
+
+    for cycle, seed in enumerate([1, 7, 42]):
+        if cycle:
+            e.cmd(f"write {seed}")  # what the engine wrote since the last wake is what comes back
+        slept = await e.client.sleep()
+        assert (slept.state, slept.bytes, slept.allocations) == ("asleep", CAPTURED, 8)
+        assert [s.step for s in slept.steps] == ["sync", "stage", "copy_out", "release"]
+        stats = e.stats()
+        assert stats["backed"] == 1000  # only the small allocation is still on the device
+        assert stats["accessible"] == [False] * 5 + [True]  # released ranges fault
+        assert e.cmd("verify") == {"verify": False, "inaccessible": 5}
+        st = await e.client.status()
+        assert (st.state, st.released_bytes) == ("asleep", CAPTURED)
+
+        woke = await e.client.wake()
+        assert (woke.state, woke.bytes) == ("awake", CAPTURED)
+        assert [s.step for s in woke.steps] == ["create", "map", "access", "copy_in"]
+        v = e.cmd("verify")
+        assert v["verify"] and v["mismatches"] == 0
+        assert [a["ptr"] for a in v["allocations"]] == addresses
+        assert e.stats()["backed"] == CAPTURED + 1000
+
+    st = await e.client.status()
+    # the staging: chunks of 4 MiB (the configured size), pinned once, reused by every later cycle
+    assert st.chunk_bytes == 4 * MIB and st.staging_bytes >= CAPTURED
+    assert st.chunk_allocations == st.staging_chunks == -(-CAPTURED // (4 * MIB))
+    stats = e.stats()
+    assert stats["host_allocs"] == st.chunk_allocations and stats["max_host_alloc"] == 4 * MIB
+    assert (st.sleeps, st.wakes, st.failures) == (3, 3, 0)
+
+
+async def test_repeated_requests_are_no_ops(built: Path, sockdir: Path, engines: list[Engine]) -> None:
+    e = start(engines, built, sockdir, ["runtime:4194304"])
+    assert (await e.client.wake()).noop
+    assert not (await e.client.sleep()).noop
+    again = await e.client.sleep()
+    assert again.noop and again.state == "asleep"
+    assert not (await e.client.wake()).noop
+    assert e.cmd("verify")["verify"]
+
+
+@pytest.mark.parametrize(("program", "env"), [
+    ("fake_engine_static_runtime", {}),  # the runtime linked in, as libcudart_static.a is
+    ("fake_engine", {"FAKECUDA_PROC_POINTERS": "internal"}),  # a driver handing out internal pointers
+])
+async def test_runtime_is_caught_however_it_reaches_the_driver(built: Path, sockdir: Path, engines: list[Engine],
+                                                               program: str, env: dict[str, str]) -> None:
+    e = start(engines, built, sockdir, EVERY_WAY, program=program, env=env)
+    st = await e.client.status()
+    assert (st.captured_count, st.captured_bytes) == (8, CAPTURED)
+    await e.client.sleep()
+    assert e.stats()["backed"] == 1000
+    await e.client.wake()
+    assert e.cmd("verify")["verify"]
+
+
+def test_rtld_next_keeps_its_meaning(built: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "LD_PRELOAD": str(built), SOCKET_ENV: str(tmp_path / "s" / "sock")}
+    out = subprocess.run([str(KIT / "rtld_next_probe")], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "2"  # the next object's probe_value, not the caller's own
+
+
+async def test_without_the_socket_variable_everything_passes_through(built: Path, sockdir: Path,
+                                                                     engines: list[Engine]) -> None:
+    e = start(engines, built, sockdir, ["runtime:3000000", "pool:8388608"], env={SOCKET_ENV: ""})
+    assert e.stats()["backed"] == 3000000 + 8388608  # the driver's own cuMemAlloc: not rounded up
+    with pytest.raises(InterposerUnavailable):
+        await InterposerClient(sockdir / "interposer.sock").status()
+    assert e.cmd("verify")["verify"]
+
+
+async def test_a_second_process_of_the_engine_passes_through(built: Path, sockdir: Path,
+                                                             engines: list[Engine]) -> None:
+    first = start(engines, built, sockdir, ["runtime:4194304"])
+    second = start(engines, built, sockdir, ["runtime:4194304"])
+    assert (await first.client.status()).pid == first.proc.pid
+    assert second.stats()["backed"] == 4194304
+    await first.client.sleep()
+    assert second.cmd("verify")["verify"]  # untouched by the first one's sleep
+    await first.client.wake()
+    assert "served by another process" in second.stderr()
+
+
+async def test_staging_chunks_are_at_most_2_gib(built: Path, sockdir: Path, engines: list[Engine]) -> None:
+    e = start(engines, built, sockdir, ["runtime:4194304"], env={"SWAPSERVE_INTERPOSER_CHUNK_BYTES": str(3 << 30)})
+    assert (await e.client.status()).chunk_bytes == 2 << 30
+
+
+async def test_a_sleep_that_cannot_pin_its_staging_leaves_the_engine_awake(built: Path, sockdir: Path,
+                                                                           engines: list[Engine]) -> None:
+    # the kernel refuses pinned allocations above 1 MiB here; the staging wants 4 MiB chunks
+    e = start(engines, built, sockdir, ["runtime:4194304"], env={"FAKECUDA_MAX_PINNED_BYTES": str(MIB)})
+    with pytest.raises(InterposerError) as failed:
+        await e.client.sleep()
+    assert (failed.value.failed_step, failed.value.undone, failed.value.state) == ("stage", True, "awake")
+    assert "cuMemHostAlloc" in str(failed.value)
+    assert e.cmd("verify")["verify"] and e.stats()["backed"] == 4194304
+
+
+async def test_prepare_pins_the_staging_before_the_first_sleep(built: Path, sockdir: Path,
+                                                               engines: list[Engine]) -> None:
+    e = start(engines, built, sockdir, ["runtime:10000000"])
+    prepared = await e.client.prepare()
+    assert prepared.bytes == roundup(10000000) and [s.step for s in prepared.steps] == ["stage"]
+    pinned = (await e.client.status()).chunk_allocations
+    assert pinned == 3
+    slept = await e.client.sleep()
+    assert (await e.client.status()).chunk_allocations == pinned
+    assert slept.step_seconds("stage") < 1.0
+    await e.client.wake()
+    released = await e.client.release_staging()
+    assert released.allocations == 3 and e.stats()["pinned"] == 0
+
+
+async def test_a_wake_without_free_memory_stays_asleep_and_can_be_retried(built: Path, sockdir: Path,
+                                                                          engines: list[Engine]) -> None:
+    e = start(engines, built, sockdir, EVERY_WAY, env={"FAKECUDA_TOTAL_BYTES": str(64 * MIB)})
+    await e.client.sleep()
+    e.cmd(f"hog {60 * MIB}")  # another tenant took the memory meanwhile
+    with pytest.raises(InterposerError) as failed:
+        await e.client.wake()
+    assert (failed.value.failed_step, failed.value.undone, failed.value.state) == ("create", True, "asleep")
+    assert "CUDA_ERROR_OUT_OF_MEMORY" in str(failed.value)
+    assert e.stats()["backed"] == 1000  # nothing half-created, nothing mapped
+    st = await e.client.status()
+    assert (st.state, st.released_bytes, st.failures) == ("asleep", CAPTURED, 1)
+    e.cmd("hog 0")
+    await e.client.wake()
+    assert e.cmd("verify")["verify"]
+
+
+def write_faults(path: Path, rules: str) -> None:
+    tmp = path.with_suffix(".new")
+    tmp.write_text(rules)
+    tmp.replace(path)  # a new inode: the stand-in notices the change
+
+
+@pytest.mark.parametrize(("rule", "step"), [
+    ("cuCtxSynchronize 0", "sync"),
+    ("cuMemcpyDtoH 3", "copy_out"),
+    ("cuMemUnmap 4", "release"),  # halfway through: four segments already unmapped
+    ("cuMemRelease 2", "release"),
+])
+async def test_a_failed_sleep_is_undone(built: Path, sockdir: Path, engines: list[Engine], tmp_path: Path,
+                                        rule: str, step: str) -> None:
+    faults = tmp_path / "faults"
+    e = start(engines, built, sockdir, EVERY_WAY, env={"FAKECUDA_FAULTS": str(faults)})
+    write_faults(faults, rule + "\n")
+    with pytest.raises(InterposerError) as failed:
+        await e.client.sleep()
+    assert (failed.value.failed_step, failed.value.undone, failed.value.state) == (step, True, "awake")
+    v = e.cmd("verify")
+    assert v["verify"] and [a["ptr"] for a in v["allocations"]] == [a["ptr"] for a in e.ready["allocations"]]
+    assert e.stats()["backed"] == CAPTURED + 1000
+    # and the next sleep works
+    await e.client.sleep()
+    await e.client.wake()
+    assert e.cmd("verify")["verify"]
+
+
+@pytest.mark.parametrize(("rule", "step"), [
+    ("cuMemCreate 5", "create"),
+    ("cuMemMap 3", "map"),
+    ("cuMemSetAccess 2", "access"),
+    ("cuMemcpyHtoD 4", "copy_in"),
+])
+async def test_a_failed_wake_leaves_nothing_mapped(built: Path, sockdir: Path, engines: list[Engine],
+                                                   tmp_path: Path, rule: str, step: str) -> None:
+    faults = tmp_path / "faults"
+    e = start(engines, built, sockdir, EVERY_WAY, env={"FAKECUDA_FAULTS": str(faults)})
+    await e.client.sleep()
+    write_faults(faults, rule + "\n")
+    with pytest.raises(InterposerError) as failed:
+        await e.client.wake()
+    assert (failed.value.failed_step, failed.value.undone, failed.value.state) == (step, True, "asleep")
+    stats = e.stats()
+    assert stats["backed"] == 1000 and stats["accessible"] == [False] * 5 + [True]
+    await e.client.wake()
+    assert e.cmd("verify")["verify"]
+
+
+async def test_an_undo_that_fails_is_reported_broken(built: Path, sockdir: Path, engines: list[Engine],
+                                                     tmp_path: Path) -> None:
+    faults = tmp_path / "faults"
+    e = start(engines, built, sockdir, ["runtime:4194304", "driver:4194304"], env={"FAKECUDA_FAULTS": str(faults)})
+    await e.client.sleep()
+    # the second mapping's access fails, then the undo's unmap of the first one fails too
+    write_faults(faults, "cuMemSetAccess 1\ncuMemUnmap 0\n")
+    with pytest.raises(InterposerError) as failed:
+        await e.client.wake()
+    assert (failed.value.failed_step, failed.value.undone) == ("access", False)
+    assert "NOT undone" in str(failed.value)
+    st = await e.client.status()
+    assert st.state == "broken" and "could not be undone" in (st.capture_problem() or "")
+    with pytest.raises(InterposerError, match=r"could not be undone"):
+        await e.client.sleep()
+
+
+async def test_uncapturable_memory_is_reported(built: Path, sockdir: Path, engines: list[Engine]) -> None:
+    e = start(engines, built, sockdir, ["runtime:4194304", "managed:4194304", "exported:4194304"])
+    st = await e.client.status()
+    assert not st.capturable
+    [managed] = st.problems
+    assert (managed.kind, managed.live, managed.count, managed.bytes) == ("managed", True, 1, 4194304)
+    assert "managed memory" in (st.capture_problem() or "")
+    # an exported allocation is another process's too: never released, counted as resident
+    assert st.raw["resident"]["exported"] == {"count": 1, "bytes": 4194304}
+    await e.client.sleep()
+    assert e.stats()["backed"] == 2 * 4194304  # the managed and the exported ones stay
+    await e.client.wake()
+    assert e.cmd("verify")["verify"]
+    e.cmd("free")
+    st = await e.client.status()
+    assert st.capturable and st.problems[0].seen == 1 and not st.problems[0].live
+
+
+async def test_memory_pools_are_reported(built: Path, sockdir: Path, engines: list[Engine]) -> None:
+    e = start(engines, built, sockdir, ["runtime:4194304", "async:4194304"])
+    st = await e.client.status()
+    assert [p.kind for p in st.problems if p.live] == ["stream_ordered"]
+    assert "stream-ordered" in (st.capture_problem() or "")
+
+
+async def test_an_engine_that_captured_nothing_is_no_candidate(built: Path, sockdir: Path,
+                                                               engines: list[Engine]) -> None:
+    e = start(engines, built, sockdir, ["small:1000", "small:5000"])
+    st = await e.client.status()
+    assert st.capturable and st.captured_count == 0
+    assert "captured no device allocation" in (st.capture_problem() or "")
+
+
+def test_protocol_errors_are_answered(built: Path, sockdir: Path, engines: list[Engine]) -> None:
+    start(engines, built, sockdir, ["runtime:4194304"])
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(sockdir / "interposer.sock"))
+        f = s.makefile("rw")
+        for line, expected in [("hello", "bad request"), ('{"op": "explode"}', "unknown op 'explode'"),
+                               ('{"op": 3}', "bad request")]:
+            f.write(line + "\n")
+            f.flush()
+            answer = json.loads(f.readline())
+            assert answer["ok"] is False and expected in answer["error"]
+        f.write('{"op": "status"}\n')  # the connection survives bad lines
+        f.flush()
+        assert json.loads(f.readline())["ok"] is True
+        f.write("x" * 5000)
+        f.flush()
+        answer = json.loads(f.readline())
+        assert "longer than 4096" in answer["error"]
+
+
+def test_socket_and_directory_are_owner_only(built: Path, sockdir: Path, engines: list[Engine]) -> None:
+    start(engines, built, sockdir, ["runtime:4194304"])
+    assert stat.S_IMODE(sockdir.stat().st_mode) == 0o700
+    sock = sockdir / "interposer.sock"
+    assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
+
+
+async def test_a_directory_others_can_enter_is_refused(built: Path, tmp_path: Path, engines: list[Engine]) -> None:
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o755)
+    e = Engine(built, open_dir / "interposer.sock", ["runtime:4194304"])
+    engines.append(e)
+    assert e.stats()["backed"] == 4194304  # passed through: nothing is captured
+    assert not (open_dir / "interposer.sock").exists()
+    assert "must be a directory owned by uid" in e.stderr()
+
+
+NOBODY, STRANGER = 65534, 65533
+
+
+@pytest.fixture
+def nobody_dir() -> Iterator[Path]:
+    """A directory another user can reach (pytest's tmp_path is root's, 0700)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to run the engine and the stranger as other users")
+    base = Path(tempfile.mkdtemp(prefix="swapserve-interposer-"))
+    base.chmod(0o711)
+    control = base / "control"
+    control.mkdir(mode=0o700)
+    os.chown(control, NOBODY, NOBODY)
+    yield control
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def client_as(uid: int | None, sock: Path) -> dict[str, Any]:
+    out = subprocess.run([str(KIT / "control_client"), str(sock)], user=uid, capture_output=True, text=True,
+                         timeout=30, check=True)
+    return json.loads(out.stdout)
+
+
+async def test_only_the_engines_user_may_connect(built: Path, nobody_dir: Path, engines: list[Engine]) -> None:
+    e = Engine(built, nobody_dir / "interposer.sock", ["runtime:4194304"], user=NOBODY)
+    engines.append(e)
+    sock = nobody_dir / "interposer.sock"
+    assert client_as(NOBODY, sock)["ok"] is True  # the engine's own user
+    # another user cannot even reach the socket (the 0700 directory)...
+    assert client_as(STRANGER, sock) == {"connect_error": 13}
+    # ...and one who can (root passes directory permissions) is refused by its uid
+    refused = client_as(None, sock)
+    assert refused["ok"] is False and f"only uid {NOBODY}" in refused["error"]
+    with pytest.raises(InterposerError, match="failed: permission denied"):
+        await InterposerClient(sock).status()
+    assert "refused a connection from uid 0" in e.stderr()
