@@ -138,7 +138,9 @@ async def test_sleep_and_wake_keep_bytes_and_addresses(built: Path, sockdir: Pat
     assert st.state == "awake" and st.capturable and st.capture_problem() is None
     # runtime, driver, proc, entry: one each; the pool: 4 cuMemCreate steps; small stays with the driver
     assert (st.captured_count, st.captured_bytes, st.resident_bytes) == (8, CAPTURED, 1000)
-    assert st.hooks["dlsym"] >= 1 and st.hooks["proc_address"] >= 3
+    # cudaMalloc at the runtime's entry point; the runtime's own lookup through dlsym; cuMemAlloc
+    # from cuGetProcAddress and from cudaGetDriverEntryPoint
+    assert st.hooks["runtime"] == 1 and st.hooks["dlsym"] >= 1 and st.hooks["proc_address"] >= 3
     assert e.stats()["backed"] == CAPTURED + 1000
 
     for cycle, seed in enumerate([1, 7, 42]):
@@ -183,13 +185,16 @@ async def test_repeated_requests_are_no_ops(built: Path, sockdir: Path, engines:
 
 @pytest.mark.parametrize(("program", "env"), [
     ("fake_engine_static_runtime", {}),  # the runtime linked in, as libcudart_static.a is
-    ("fake_engine", {"FAKECUDA_PROC_POINTERS": "internal"}),  # a driver handing out internal pointers
+    ("fake_engine", {"SWAPSERVE_INTERPOSER_RUNTIME_HOOKS": "0"}),  # cudaMalloc left to the runtime
+    # a driver whose cuGetProcAddress hands out internal pointers (not its exported functions)
+    ("fake_engine", {"FAKECUDA_PROC_POINTERS": "internal", "SWAPSERVE_INTERPOSER_RUNTIME_HOOKS": "0"}),
 ])
 async def test_runtime_is_caught_however_it_reaches_the_driver(built: Path, sockdir: Path, engines: list[Engine],
                                                                program: str, env: dict[str, str]) -> None:
     e = start(engines, built, sockdir, EVERY_WAY, program=program, env=env)
     st = await e.client.status()
     assert (st.captured_count, st.captured_bytes) == (8, CAPTURED)
+    assert st.hooks["runtime"] == 0  # all of it came through the driver's entry points
     await e.client.sleep()
     assert e.stats()["backed"] == 1000
     await e.client.wake()
@@ -239,13 +244,16 @@ async def test_a_sleep_that_cannot_pin_its_staging_leaves_the_engine_awake(built
     assert e.cmd("verify")["verify"] and e.stats()["backed"] == 4194304
 
 
-async def test_prepare_pins_the_staging_before_the_first_sleep(built: Path, sockdir: Path,
-                                                               engines: list[Engine]) -> None:
-    e = start(engines, built, sockdir, ["runtime:10000000"])
+@pytest.mark.parametrize("staging", ["hugepages", "pinned"])
+async def test_prepare_pins_the_staging_before_the_first_sleep(built: Path, sockdir: Path, engines: list[Engine],
+                                                               staging: str) -> None:
+    env = {} if staging == "hugepages" else {"SWAPSERVE_INTERPOSER_STAGING": staging}
+    e = start(engines, built, sockdir, ["runtime:10000000"], env=env)
     prepared = await e.client.prepare()
     assert prepared.bytes == roundup(10000000) and [s.step for s in prepared.steps] == ["stage"]
-    pinned = (await e.client.status()).chunk_allocations
-    assert pinned == 3
+    st = await e.client.status()
+    pinned = st.chunk_allocations
+    assert pinned == 3 and st.raw["staging"]["kind"] == staging and e.stats()["pinned"] == 3 * 4 * MIB
     slept = await e.client.sleep()
     assert (await e.client.status()).chunk_allocations == pinned
     assert slept.step_seconds("stage") < 1.0

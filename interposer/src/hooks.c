@@ -9,13 +9,19 @@
  *    handle searches that library only, so we interpose dlsym() itself and answer the hooked names
  *    with our functions, and our cuGetProcAddress answers the hooked names the same way;
  *  - cuGetProcAddress called directly (torch's driver API shim, cudaGetDriverEntryPoint): same.
+ * And a fourth, for the dynamically linked runtime: cudaMalloc/cudaFree themselves are exported here
+ * too (as torch-memory-saver's preload mode does), so an engine's cudaMalloc is backed at the
+ * runtime's own entry point whichever private way the runtime would take to the driver
+ * (SWAPSERVE_INTERPOSER_RUNTIME_HOOKS=0 leaves them to the runtime, for diagnosis).
  * Everything else goes to the driver untouched. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <link.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdint.h>
 #include <unistd.h>
 
 #include "swi.h"
@@ -121,6 +127,8 @@ static void resolve_driver_once(void) {
     RESOLVE(cuMemHostAlloc);
     RESOLVE(cuMemFreeHost);
     RESOLVE(cuGetErrorName);
+    RESOLVE(cuMemHostRegister_v2);
+    RESOLVE(cuMemHostUnregister);
     /* what sleep and wake cannot do without */
     const void *needed[] = {swi_real.cuMemAlloc_v2, swi_real.cuMemFree_v2, swi_real.cuMemCreate,
                             swi_real.cuMemRelease, swi_real.cuMemMap, swi_real.cuMemUnmap,
@@ -253,6 +261,73 @@ SWI_EXPORT CUresult cuMemGetAllocationPropertiesFromHandle(CUmemAllocationProp *
 SWI_EXPORT CUresult cuMemExportToShareableHandle(void *out, CUmemGenericAllocationHandle handle, int type,
                                                  unsigned long long flags) {
     BOOKS_OR_REAL(cuMemExportToShareableHandle, swi_vmm_export, out, handle, type, flags)
+}
+
+/* ---------------------------------------------------------------- the runtime's cudaMalloc */
+typedef int cudaError_t;
+enum { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2, cudaErrorUnknown = 999 };
+
+static int find_runtime(struct dl_phdr_info *info, size_t size, void *data) {
+    (void)size;
+    if (info->dlpi_name && strstr(info->dlpi_name, "libcudart.so")) {
+        snprintf((char *)data, 4096, "%s", info->dlpi_name);
+        return 1;
+    }
+    return 0;
+}
+
+/* the runtime's own function: the next definition after ours, or the loaded libcudart's (a runtime
+ * dlopen()ed with RTLD_LOCAL is not in the global scope RTLD_NEXT searches) */
+static void *runtime_fn(const char *name) {
+    void *fn = resolve_real_dlsym()(RTLD_NEXT, name);
+    if (fn) return fn;
+    char path[4096] = "";
+    if (dl_iterate_phdr(find_runtime, path) && path[0]) {
+        void *h = dlopen(path, RTLD_LAZY | RTLD_NOLOAD);
+        if (h) fn = resolve_real_dlsym()(h, name);
+    }
+    return fn;
+}
+
+static int runtime_hooks(void) {
+    static int on = -1;
+    if (on < 0) {
+        const char *v = getenv("SWAPSERVE_INTERPOSER_RUNTIME_HOOKS");
+        on = !(v && !strcmp(v, "0"));
+    }
+    return on;
+}
+
+SWI_EXPORT cudaError_t cudaMalloc(void **ptr, size_t bytes) {
+    static cudaError_t (*real_malloc)(void **, size_t);
+    static cudaError_t (*real_free)(void *);
+    if (!real_malloc) real_malloc = (cudaError_t(*)(void **, size_t))runtime_fn("cudaMalloc");
+    if (!real_free) real_free = (cudaError_t(*)(void *))runtime_fn("cudaFree");
+    if (!real_malloc || !real_free) return cudaErrorUnknown;
+    if (!ptr) return cudaErrorInvalidValue;
+    if (!runtime_hooks() || !capture() || bytes < swi_min_bytes()) return real_malloc(ptr, bytes);
+    /* cudaFree(NULL): the runtime's idiom to make the current device's context current */
+    cudaError_t e = real_free(NULL);
+    if (e != cudaSuccess) return e;
+    CUdeviceptr d = 0;
+    CUresult r = swi_mem_alloc(&d, bytes);
+    if (r == CUDA_ERROR_OUT_OF_MEMORY) return cudaErrorMemoryAllocation;
+    if (r != CUDA_SUCCESS) return real_malloc(ptr, bytes); /* the driver's way, still booked by cuMemAlloc */
+    __atomic_add_fetch(&swi_hooks.runtime_allocations, 1, __ATOMIC_RELAXED);
+    *ptr = (void *)(uintptr_t)d;
+    return cudaSuccess;
+}
+
+SWI_EXPORT cudaError_t cudaFree(void *ptr) {
+    static cudaError_t (*real_free)(void *);
+    if (!real_free) real_free = (cudaError_t(*)(void *))runtime_fn("cudaFree");
+    if (!real_free) return cudaErrorUnknown;
+    if (ptr && swi_enabled() && swi_resolve_driver() == 0) {
+        int owned = 0;
+        CUresult r = swi_mem_free_owned((CUdeviceptr)(uintptr_t)ptr, &owned);
+        if (owned) return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorUnknown;
+    }
+    return real_free(ptr);
 }
 
 /* ---------------------------------------------------------------- the lookup table */

@@ -23,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -166,8 +167,14 @@ static size_t min_bytes = SWI_DEFAULT_MIN_BYTES;
 
 /* the staging: pinned host chunks of chunk_bytes, kept across cycles (pinning is the slow part) */
 static pthread_mutex_t staging = PTHREAD_MUTEX_INITIALIZER;
-static void **chunks;
+typedef struct {
+    void *host;
+    int registered; /* 1: an mmap of transparent huge pages, cuMemHostRegister'ed; 0: cuMemHostAlloc */
+} swi_chunk;
+static swi_chunk *chunks;
 static size_t nchunks, capchunks;
+static int staging_hugepages = 1;   /* SWAPSERVE_INTERPOSER_STAGING=hugepages (default) | pinned */
+static unsigned long hugepage_fallbacks; /* chunks that fell back to cuMemHostAlloc */
 static size_t chunk_bytes = SWI_DEFAULT_CHUNK;
 static unsigned long chunk_allocations; /* cuMemHostAlloc calls ever made */
 static double pin_seconds;              /* time they took */
@@ -205,6 +212,8 @@ static void start_capturing(void) {
         chunk_bytes = SWI_MAX_CHUNK;
     }
     if (chunk_bytes < (1u << 20)) chunk_bytes = 1u << 20;
+    const char *kind = getenv("SWAPSERVE_INTERPOSER_STAGING");
+    staging_hugepages = !(kind && !strcmp(kind, "pinned"));
     pthread_atfork(NULL, NULL, after_fork_in_child);
     serving = swi_control_start();
 }
@@ -421,7 +430,16 @@ free_va:
     return r;
 }
 
+size_t swi_min_bytes(void) { return min_bytes; }
+
 CUresult swi_mem_free(CUdeviceptr dptr) {
+    int owned = 0;
+    CUresult r = swi_mem_free_owned(dptr, &owned);
+    return owned ? r : swi_real.cuMemFree_v2(dptr);
+}
+
+CUresult swi_mem_free_owned(CUdeviceptr dptr, int *owned) {
+    *owned = 0;
     pthread_mutex_lock(&books);
     swi_segment *s = NULL;
     for (size_t i = 0; i < nsegs; i++)
@@ -436,8 +454,9 @@ CUresult swi_mem_free(CUdeviceptr dptr) {
                 break;
             }
         pthread_mutex_unlock(&books);
-        return swi_real.cuMemFree_v2(dptr);
+        return CUDA_SUCCESS;
     }
+    *owned = 1;
     /* cuMemFree waits for the device; an unmap does not, so wait first as cudaFree would */
     CUresult r = swi_real.cuCtxSynchronize();
     if (r != CUDA_SUCCESS && r != CUDA_ERROR_INVALID_CONTEXT) {
@@ -631,23 +650,57 @@ CUresult swi_vmm_export(void *out, CUmemGenericAllocationHandle handle, int type
 }
 
 /* ---------------------------------------------------------------- staging */
+/* One chunk of pinned host memory. Huge pages (the reference engine's --staging hugepages, measured
+ * on the H100: 16 GB pinned in 5.9 s instead of 13 s, and 512x fewer pages for a checkpoint of the
+ * residual to re-map) unless they are not to be had; then cuMemHostAlloc. */
+static CUresult pin_chunk(swi_chunk *c) {
+    if (staging_hugepages && swi_real.cuMemHostRegister_v2 && swi_real.cuMemHostUnregister) {
+        void *p = mmap(NULL, chunk_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p != MAP_FAILED) {
+            madvise(p, chunk_bytes, MADV_HUGEPAGE);
+            if (swi_real.cuMemHostRegister_v2(p, chunk_bytes, CU_MEMHOSTREGISTER_PORTABLE) == CUDA_SUCCESS) {
+                c->host = p;
+                c->registered = 1;
+                return CUDA_SUCCESS;
+            }
+            munmap(p, chunk_bytes);
+        }
+        hugepage_fallbacks++;
+    }
+    c->registered = 0;
+    c->host = NULL;
+    CUresult r = swi_real.cuMemHostAlloc(&c->host, chunk_bytes, CU_MEMHOSTALLOC_PORTABLE);
+    if (r == CUDA_SUCCESS && !c->host) r = CUDA_ERROR_OUT_OF_MEMORY;
+    return r;
+}
+
+static void unpin_chunk(swi_chunk *c) {
+    if (c->registered) {
+        swi_real.cuMemHostUnregister(c->host);
+        munmap(c->host, chunk_bytes);
+    } else {
+        swi_real.cuMemFreeHost(c->host);
+    }
+    c->host = NULL;
+}
+
 /* makes the staging hold at least `need` bytes; 0 or the failing call's result */
 static CUresult ensure_staging(size_t need, char *err, size_t errlen) {
     /* grows without holding the books: pinning 16 GB takes seconds, the engine may allocate meanwhile */
     pthread_mutex_lock(&staging);
     while (nchunks * chunk_bytes < need) {
-        void *p = NULL;
+        swi_chunk c;
         double t = swi_now();
-        CUresult r = swi_real.cuMemHostAlloc(&p, chunk_bytes, CU_MEMHOSTALLOC_PORTABLE);
+        CUresult r = pin_chunk(&c);
         pin_seconds += swi_now() - t;
-        if (r != CUDA_SUCCESS || !p) {
-            snprintf(err, errlen, "cuMemHostAlloc(%zu bytes) for chunk %zu of the pinned staging: %s", chunk_bytes,
-                     nchunks, swi_error_name(r != CUDA_SUCCESS ? r : CUDA_ERROR_OUT_OF_MEMORY));
+        if (r != CUDA_SUCCESS) {
+            snprintf(err, errlen, "pinning chunk %zu of the staging (%zu bytes, cuMemHostAlloc): %s", nchunks,
+                     chunk_bytes, swi_error_name(r));
             pthread_mutex_unlock(&staging);
-            return r != CUDA_SUCCESS ? r : CUDA_ERROR_OUT_OF_MEMORY;
+            return r;
         }
         chunk_allocations++;
-        PUSH(chunks, nchunks, capchunks, p);
+        PUSH(chunks, nchunks, capchunks, c);
     }
     pthread_mutex_unlock(&staging);
     return CUDA_SUCCESS;
@@ -689,7 +742,7 @@ static CUresult copy_segment(swi_segment *s, int to_host, char *err, size_t errl
         size_t ci = g / chunk_bytes, within = g % chunk_bytes;
         size_t n = s->size - done;
         if (n > chunk_bytes - within) n = chunk_bytes - within;
-        char *host = (char *)chunks[ci] + within;
+        char *host = (char *)chunks[ci].host + within;
         r = to_host ? swi_real.cuMemcpyDtoHAsync_v2(host, m->va + done, n, stream)
                     : swi_real.cuMemcpyHtoDAsync_v2(m->va + done, host, n, stream);
         if (r != CUDA_SUCCESS) {
@@ -1071,7 +1124,7 @@ void swi_op_release_staging(swi_buf *out) {
     }
     pthread_mutex_lock(&staging);
     size_t freed = nchunks * chunk_bytes, count = nchunks;
-    for (size_t i = 0; i < nchunks; i++) swi_real.cuMemFreeHost(chunks[i]);
+    for (size_t i = 0; i < nchunks; i++) unpin_chunk(&chunks[i]);
     nchunks = 0;
     pthread_mutex_unlock(&staging);
     step_done(&st, "free");
@@ -1160,15 +1213,17 @@ void swi_op_status(swi_buf *out) {
     pthread_mutex_lock(&staging);
     swi_buf_printf(out,
                    "\"staging\":{\"chunks\":%zu,\"chunk_bytes\":%zu,\"bytes\":%zu,\"chunk_allocations\":%lu,"
-                   "\"pin_seconds\":%.6f},",
-                   nchunks, chunk_bytes, nchunks * chunk_bytes, chunk_allocations, pin_seconds);
+                   "\"pin_seconds\":%.6f,\"kind\":\"%s\",\"hugepage_fallbacks\":%lu},",
+                   nchunks, chunk_bytes, nchunks * chunk_bytes, chunk_allocations, pin_seconds,
+                   staging_hugepages ? "hugepages" : "pinned", hugepage_fallbacks);
     pthread_mutex_unlock(&staging);
     swi_buf_printf(out,
-                   "\"hooks\":{\"dlsym\":%lu,\"proc_address\":%lu,\"proc_address_passed\":%lu},"
+                   "\"hooks\":{\"dlsym\":%lu,\"proc_address\":%lu,\"proc_address_passed\":%lu,\"runtime\":%lu},"
                    "\"cycles\":{\"sleeps\":%lu,\"wakes\":%lu,\"failures\":%lu},",
                    __atomic_load_n(&swi_hooks.dlsym_redirects, __ATOMIC_RELAXED),
                    __atomic_load_n(&swi_hooks.proc_address_redirects, __ATOMIC_RELAXED),
-                   __atomic_load_n(&swi_hooks.proc_address_passed, __ATOMIC_RELAXED), sleeps, wakes, failures);
+                   __atomic_load_n(&swi_hooks.proc_address_passed, __ATOMIC_RELAXED),
+                   __atomic_load_n(&swi_hooks.runtime_allocations, __ATOMIC_RELAXED), sleeps, wakes, failures);
     swi_buf_printf(out, "\"last_sleep\":%.*s,\"last_wake\":%.*s,\"socket\":",
                    last_sleep.len ? (int)last_sleep.len : 4, last_sleep.len ? last_sleep.data : "null",
                    last_wake.len ? (int)last_wake.len : 4, last_wake.len ? last_wake.data : "null");

@@ -52,6 +52,8 @@ typedef struct {
     CUresult (*cuMemcpyHtoDAsync_v2)(CUdeviceptr, const void *, size_t, CUstream);
     CUresult (*cuMemHostAlloc)(void **, size_t, unsigned int);
     CUresult (*cuMemFreeHost)(void *);
+    CUresult (*cuMemHostRegister_v2)(void *, size_t, unsigned int);
+    CUresult (*cuMemHostUnregister)(void *);
     CUresult (*cuGetErrorName)(CUresult, const char **);
 } swi_driver;
 
@@ -67,6 +69,7 @@ typedef struct {
     unsigned long dlsym_redirects;      /* dlsym() of a hooked name answered with our entry point */
     unsigned long proc_address_redirects; /* cuGetProcAddress() answered with our entry point */
     unsigned long proc_address_passed;  /* cuGetProcAddress() of a hooked name left to the driver */
+    unsigned long runtime_allocations;  /* cudaMalloc() calls backed at the runtime's own entry point */
 } swi_hook_counters;
 extern swi_hook_counters swi_hooks;
 
@@ -77,6 +80,9 @@ int swi_capturing(void);
 
 CUresult swi_mem_alloc(CUdeviceptr *dptr, size_t bytes);
 CUresult swi_mem_free(CUdeviceptr dptr);
+/* frees dptr if the library backs it (*owned = 1); leaves it alone otherwise (*owned = 0) */
+CUresult swi_mem_free_owned(CUdeviceptr dptr, int *owned);
+size_t swi_min_bytes(void);
 CUresult swi_note_passthrough(CUdeviceptr ptr, size_t bytes, int kind);
 CUresult swi_vmm_create(CUmemGenericAllocationHandle *handle, size_t size, const CUmemAllocationProp *prop,
                         unsigned long long flags);

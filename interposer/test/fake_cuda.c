@@ -633,6 +633,44 @@ EXPORT CUresult cuMemFreeHost(void *p) {
     return CUDA_SUCCESS;
 }
 
+static struct {
+    void *p;
+    size_t size;
+} registered[256];
+
+EXPORT CUresult cuMemHostRegister_v2(void *p, size_t size, unsigned int flags) {
+    (void)flags;
+    configure();
+    if (!p || size == 0) return CUDA_ERROR_INVALID_VALUE;
+    pthread_mutex_lock(&mu);
+    int e = fault("cuMemHostRegister", CUDA_ERROR_OUT_OF_MEMORY);
+    if (!e && size > max_pinned) e = CUDA_ERROR_OUT_OF_MEMORY;
+    int i = 0;
+    while (!e && i < 256 && registered[i].p) i++;
+    if (!e && i == 256) e = CUDA_ERROR_OUT_OF_MEMORY;
+    if (!e) {
+        registered[i].p = p;
+        registered[i].size = size;
+        pinned_bytes += size;
+        host_allocs++;
+        if (size > max_host_alloc) max_host_alloc = size;
+    }
+    pthread_mutex_unlock(&mu);
+    return e ? e : CUDA_SUCCESS;
+}
+EXPORT CUresult cuMemHostUnregister(void *p) {
+    pthread_mutex_lock(&mu);
+    for (int i = 0; i < 256; i++)
+        if (registered[i].p == p) {
+            pinned_bytes -= registered[i].size;
+            registered[i].p = NULL;
+            pthread_mutex_unlock(&mu);
+            return CUDA_SUCCESS;
+        }
+    pthread_mutex_unlock(&mu);
+    return CUDA_ERROR_INVALID_VALUE;
+}
+
 /* ------------------------------------------------------------------ errors */
 EXPORT CUresult cuGetErrorName(CUresult r, const char **name) {
     if (!name) return CUDA_ERROR_INVALID_VALUE;
@@ -724,6 +762,8 @@ static const proc_t procs[] = {
     {"cuMemHostAlloc", (void *)cuMemHostAlloc, NULL, 2020, NULL},
     {"cuMemAllocHost", (void *)cuMemAllocHost_v2, NULL, 3020, NULL},
     {"cuMemFreeHost", (void *)cuMemFreeHost, NULL, 2000, NULL},
+    {"cuMemHostRegister", (void *)cuMemHostRegister_v2, NULL, 6050, NULL},
+    {"cuMemHostUnregister", (void *)cuMemHostUnregister, NULL, 4000, NULL},
     {"cuGetErrorName", (void *)cuGetErrorName, NULL, 6000, NULL},
     {"cuGetErrorString", (void *)cuGetErrorString, NULL, 6000, NULL},
 };
