@@ -59,7 +59,8 @@ class Engine:
     """A test engine (interposer/test/fake_engine.c) under the interposer, talked to on stdin."""
 
     def __init__(self, library: Path, sock: Path, specs: list[str], *, program: str = "fake_engine",
-                 env: dict[str, str] | None = None, user: int | None = None, preload: bool = True) -> None:
+                 env: dict[str, str] | None = None, user: int | None = None, preload: bool = True,
+                 expect_ready: bool = True) -> None:
         full = {k: v for k, v in os.environ.items() if not k.startswith(("SWAPSERVE_", "FAKECUDA_"))}
         full.update({"SWAPSERVE_INTERPOSER_CHUNK_BYTES": str(4 * MIB), SOCKET_ENV: str(sock)})
         if preload:
@@ -68,7 +69,7 @@ class Engine:
         self.proc = subprocess.Popen([str(KIT / program), *specs], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, env=full, user=user)
         self.ready = self._line(30)
-        assert self.ready.get("ready"), self.ready
+        assert self.ready.get("ready") or not expect_ready, self.ready
         self.client = InterposerClient(sock, timeout=60)
 
     def _line(self, timeout: float) -> dict[str, Any]:
@@ -283,6 +284,28 @@ def write_faults(path: Path, rules: str) -> None:
     tmp = path.with_suffix(".new")
     tmp.write_text(rules)
     tmp.replace(path)  # a new inode: the stand-in notices the change
+
+
+async def test_an_allocation_the_driver_refuses_to_back_stays_with_the_driver(built: Path, sockdir: Path,
+                                                                           engines: list[Engine],
+                                                                           tmp_path: Path) -> None:
+    faults = tmp_path / "faults"
+    write_faults(faults, "cuMemMap 0 900\n")  # as during a stream capture, which forbids it
+    e = start(engines, built, sockdir, ["runtime:4194304", "driver:4194304"], env={"FAKECUDA_FAULTS": str(faults)})
+    st = await e.client.status()
+    assert st.captured_bytes == 4194304 and st.raw["resident"]["fallback"] == {"count": 1, "bytes": 4194304}
+    assert e.stats()["backed"] == 2 * 4194304  # nothing of the failed attempt is left behind
+    await e.client.sleep()
+    assert e.stats()["backed"] == 4194304
+    await e.client.wake()
+    assert e.cmd("verify")["verify"]
+
+
+def test_out_of_memory_reaches_the_engine(built: Path, sockdir: Path) -> None:
+    e = Engine(built, sockdir / "interposer.sock", ["runtime:4194304"], env={"FAKECUDA_TOTAL_BYTES": str(3 * MIB)},
+               expect_ready=False)
+    # the engine's cudaMalloc sees cudaErrorMemoryAllocation (2), as without the library
+    assert e.ready == {"error": "runtime", "code": 2} and e.proc.wait(10) == 1
 
 
 @pytest.mark.parametrize(("rule", "step"), [

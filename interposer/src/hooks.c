@@ -312,7 +312,7 @@ SWI_EXPORT cudaError_t cudaMalloc(void **ptr, size_t bytes) {
     CUdeviceptr d = 0;
     CUresult r = swi_mem_alloc(&d, bytes);
     if (r == CUDA_ERROR_OUT_OF_MEMORY) return cudaErrorMemoryAllocation;
-    if (r != CUDA_SUCCESS) return real_malloc(ptr, bytes); /* the driver's way, still booked by cuMemAlloc */
+    if (r != CUDA_SUCCESS) return cudaErrorUnknown;
     __atomic_add_fetch(&swi_hooks.runtime_allocations, 1, __ATOMIC_RELAXED);
     *ptr = (void *)(uintptr_t)d;
     return cudaSuccess;

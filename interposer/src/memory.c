@@ -427,6 +427,11 @@ release:
     swi_real.cuMemRelease(h);
 free_va:
     swi_real.cuMemAddressFree(va, size);
+    if (r == CUDA_ERROR_OUT_OF_MEMORY) return r; /* the engine's allocator frees its cache and retries */
+    /* anything else (e.g. a call not allowed during a stream capture): the driver's own way, resident */
+    swi_log(1, "backing %zu bytes with releasable memory failed (%s): left to the driver", bytes, swi_error_name(r));
+    r = swi_real.cuMemAlloc_v2(dptr, bytes);
+    if (r == CUDA_SUCCESS) swi_note_passthrough(*dptr, bytes, SWI_PASS_FALLBACK);
     return r;
 }
 
@@ -1155,11 +1160,13 @@ void swi_op_status(swi_buf *out) {
             rel_bytes += s->size;
         }
     }
+    size_t fallback_n = 0, fallback_bytes = 0;
     size_t small_n = 0, small_bytes = 0, managed_n = 0, managed_bytes = 0, pitch_n = 0, pitch_bytes = 0;
     for (size_t i = 0; i < npasses; i++) {
         if (passes[i].kind == SWI_PASS_SMALL) small_n++, small_bytes += passes[i].size;
         if (passes[i].kind == SWI_PASS_MANAGED) managed_n++, managed_bytes += passes[i].size;
         if (passes[i].kind == SWI_PASS_PITCH) pitch_n++, pitch_bytes += passes[i].size;
+        if (passes[i].kind == SWI_PASS_FALLBACK) fallback_n++, fallback_bytes += passes[i].size;
     }
     size_t foreign_n = 0, foreign_bytes = 0;
     for (size_t i = 0; i < nmaps; i++)
@@ -1204,11 +1211,12 @@ void swi_op_status(swi_buf *out) {
                    cap_n, cap_bytes, own_n, vmm_n, rel_n, rel_bytes, cap_bytes - rel_bytes);
     swi_buf_printf(out,
                    "\"resident\":{\"bytes\":%zu,\"small\":{\"count\":%zu,\"bytes\":%zu},"
+                   "\"fallback\":{\"count\":%zu,\"bytes\":%zu},"
                    "\"exported\":{\"count\":%zu,\"bytes\":%zu},\"partly_mapped\":{\"count\":%zu,\"bytes\":%zu},"
                    "\"unmapped\":{\"count\":%zu,\"bytes\":%zu},\"min_bytes\":%zu},",
-                   small_bytes + managed_bytes + pitch_bytes + foreign_bytes + res_bytes[0] + res_bytes[1] +
-                       res_bytes[2],
-                   small_n, small_bytes, res_counts[0], res_bytes[0], res_counts[1], res_bytes[1], res_counts[2],
+                   small_bytes + fallback_bytes + managed_bytes + pitch_bytes + foreign_bytes + res_bytes[0] +
+                       res_bytes[1] + res_bytes[2],
+                   small_n, small_bytes, fallback_n, fallback_bytes, res_counts[0], res_bytes[0], res_counts[1], res_bytes[1], res_counts[2],
                    res_bytes[2], min_bytes);
     pthread_mutex_lock(&staging);
     swi_buf_printf(out,

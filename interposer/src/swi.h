@@ -107,7 +107,7 @@ enum swi_problem_kind {
 };
 void swi_note_problem(int kind, size_t bytes);
 /* passthrough kinds (allocations left to the driver, tracked to keep the books) */
-enum { SWI_PASS_SMALL = 0, SWI_PASS_MANAGED = 1, SWI_PASS_PITCH = 2 };
+enum { SWI_PASS_SMALL = 0, SWI_PASS_MANAGED = 1, SWI_PASS_PITCH = 2, SWI_PASS_FALLBACK = 3 };
 
 /* ---- operations the control channel asks for (memory.c); each writes one JSON object ---- */
 typedef struct swi_buf {
