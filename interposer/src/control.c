@@ -13,6 +13,7 @@
  * peer uid (SO_PEERCRED) must be the engine's own uid; anyone else gets one refusal line. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -163,21 +164,23 @@ __attribute__((destructor)) static void remove_socket(void) {
     if (listen_fd >= 0 && owner_pid == getpid()) unlink(socket_path);
 }
 
-/* the directory must keep everyone else out: a directory, ours, no group/other permissions */
+/* the directory must keep everyone else out: a directory, ours, no group/other permissions
+ * (statx: lstat got a new symbol version in glibc 2.33, statx exists since 2.28) */
 static int directory_is_private(const char *dir) {
-    struct stat st;
-    if (lstat(dir, &st) != 0) {
-        if (errno != ENOENT || mkdir(dir, 0700) != 0 || lstat(dir, &st) != 0) {
+    struct statx st;
+    if (statx(AT_FDCWD, dir, AT_SYMLINK_NOFOLLOW, STATX_TYPE | STATX_MODE | STATX_UID, &st) != 0) {
+        if (errno != ENOENT || mkdir(dir, 0700) != 0 ||
+            statx(AT_FDCWD, dir, AT_SYMLINK_NOFOLLOW, STATX_TYPE | STATX_MODE | STATX_UID, &st) != 0) {
             swi_log(0, "control socket directory %s: %s: not serving", dir, strerror(errno));
             return 0;
         }
     }
-    if (!S_ISDIR(st.st_mode) || st.st_uid != geteuid() || (st.st_mode & 077)) {
+    if (!S_ISDIR(st.stx_mode) || st.stx_uid != geteuid() || (st.stx_mode & 077)) {
         swi_log(0,
                 "control socket directory %s must be a directory owned by uid %d with mode 0700 "
                 "(it is %s, uid %d, mode %03o): not serving",
-                dir, (int)geteuid(), S_ISDIR(st.st_mode) ? "a directory" : "not a directory", (int)st.st_uid,
-                (unsigned)(st.st_mode & 0777));
+                dir, (int)geteuid(), S_ISDIR(st.stx_mode) ? "a directory" : "not a directory", (int)st.stx_uid,
+                (unsigned)(st.stx_mode & 0777));
         return 0;
     }
     return 1;

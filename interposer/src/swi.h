@@ -15,6 +15,22 @@
 #include "cuda_abi.h"
 
 #define SWI_EXPORT __attribute__((visibility("default")))
+
+/* Bind the few glibc functions that got new symbol versions in glibc 2.32-2.34 to their old
+ * versions, so the library built on a new system loads into engines (and container images) with
+ * glibc 2.28 or later; the Makefile keeps libdl and libpthread as dependencies for the systems
+ * where these functions still live there. `objdump -T` of the library shows nothing above 2.28. */
+#if defined(__x86_64__)
+__asm__(".symver dlopen,dlopen@GLIBC_2.2.5");
+__asm__(".symver dlerror,dlerror@GLIBC_2.2.5");
+__asm__(".symver dlvsym,dlvsym@GLIBC_2.2.5");
+__asm__(".symver dl_iterate_phdr,dl_iterate_phdr@GLIBC_2.2.5");
+__asm__(".symver pthread_create,pthread_create@GLIBC_2.2.5");
+__asm__(".symver pthread_once,pthread_once@GLIBC_2.2.5");
+__asm__(".symver pthread_sigmask,pthread_sigmask@GLIBC_2.2.5");
+__asm__(".symver pthread_atfork,pthread_atfork@GLIBC_2.2.5");
+__asm__(".symver pthread_attr_setdetachstate,pthread_attr_setdetachstate@GLIBC_2.2.5");
+#endif
 #define SWI_LOG_PREFIX "[swapserve-interposer] "
 
 /* ---- the real driver (resolved from libcuda.so.1, never through our own exported names) ---- */
