@@ -81,6 +81,39 @@ class Hub:
         """The shared service through the hub's proxy."""
         return f"{self.url}services/swapserve/"
 
+    def service_direct_url(self) -> str:
+        """The shared service on its own port, as a local process could reach it past the proxy."""
+        return f"http://127.0.0.1:{self.service_port}/services/swapserve/"
+
+    def service_environ(self) -> dict[str, str]:
+        """The environment of the running service's process (its hub token is there)."""
+        url = f"http://127.0.0.1:{self.service_port}"
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                raw = (entry / "environ").read_bytes()
+            except OSError:
+                continue
+            env = dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+            if env.get("JUPYTERHUB_SERVICE_NAME") == "swapserve" and env.get("JUPYTERHUB_SERVICE_URL") == url:
+                return env
+        raise LookupError(f"no process of the service at {url}")
+
+    def browser(self, name: str) -> httpx.Client:
+        """A browser session: logged in to the hub as ``name`` (the demo's dummy authenticator), then
+        to the user's own server and to the service through the hub's OAuth, cookies kept."""
+        client = httpx.Client(follow_redirects=True, timeout=60)
+        client.get(f"{self.url}hub/login").raise_for_status()
+        r = client.post(f"{self.url}hub/login", data={"username": name, "password": "any",
+                                                       "_xsrf": client.cookies.get("_xsrf", path="/hub/")})
+        assert r.status_code == 200 and "jupyterhub-hub-login" in {c.name for c in client.cookies.jar}, r.text[:300]
+        for page in (self.user_url(name) + "lab", self.service_url()):
+            # a page of each server starts its OAuth: hub authorize, the server's callback, its cookie
+            r = client.get(page)
+            assert r.status_code == 200, (page, r.status_code, r.text[:300])
+        return client
+
 
 @contextlib.contextmanager
 def run_hub(models_file: Path | str = DEMO_MODELS, admins: str = "teacher") -> Iterator[Hub]:

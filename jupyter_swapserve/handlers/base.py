@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
 from asyncio import Future
@@ -24,6 +25,19 @@ ERROR_TYPES = {
     429: "rate_limit_error",
     503: "service_unavailable",
 }
+
+
+INVALID_CREDENTIALS = ("Missing or invalid credentials: pass the Jupyter token as the API key "
+                       "(Authorization: Bearer <token>).")
+
+
+def presented_token(authorization: str, query_token: str) -> str | None:
+    """The token a request presents, "" for credentials that cannot be a token (an ``Authorization``
+    header of another scheme), None when it presents none (it may still carry a login cookie)."""
+    if authorization.strip():
+        scheme, _, value = authorization.strip().partition(" ")
+        return value.strip() if scheme.lower() in ("token", "bearer") else ""
+    return query_token or None
 
 
 class OpenAIError(web.HTTPError):
@@ -68,19 +82,32 @@ class SwapServeHandler(APIHandler):
         return identity
 
     async def prepare(self) -> None:  # type: ignore[override]
+        # judged before jupyter_server resolves the user: every identity provider (jupyter_server's,
+        # JupyterHub's) falls back to the login cookie when a presented token is wrong, and checks
+        # XSRF on that cookie, which would turn the refusal into a 403 about a missing cookie
+        if await self._presents_a_wrong_token():
+            raise OpenAIError(401, INVALID_CREDENTIALS, code="invalid_api_key")
         await super().prepare()
-        if self._presents_a_wrong_token():
-            # jupyter_server falls back to the login cookie when the token is wrong; an API client
-            # that sends credentials must get exactly those checked, so the cookie is ignored here
-            self._jupyter_current_user = None  # type: ignore[assignment]
-            self.current_user = None  # type: ignore[assignment]
 
-    def _presents_a_wrong_token(self) -> bool:
+    async def _presents_a_wrong_token(self) -> bool:
+        """Whether the request presents a token (an ``Authorization`` header, ``?token=``) that does
+        not authenticate it. A request that presents credentials is judged by them alone."""
+        presented = presented_token(self.request.headers.get("Authorization", ""),
+                                    self.get_query_argument("token", ""))
+        if presented is None:
+            return False
         provider = self.identity_provider
-        if type(provider) not in (IdentityProvider, PasswordIdentityProvider):
-            return False  # a provider with its own token logic (JupyterHub's) decides itself
-        presented, token = provider.get_token(self), getattr(provider, "token", "")
-        return bool(presented) and bool(token) and presented != token
+        hub_auth = getattr(provider, "hub_auth", None)
+        if hub_auth is not None:  # JupyterHub's identity provider: users' servers, the shared service
+            from ..hub import token_is_valid  # only under a hub: it imports JupyterHub's service auth
+
+            return not await token_is_valid(hub_auth, presented, self)
+        if type(provider) in (IdentityProvider, PasswordIdentityProvider):
+            if not provider.auth_enabled:
+                return False  # a server without authentication (token and password off) takes anything
+            token = getattr(provider, "token", "") or ""
+            return not (presented and token and hmac.compare_digest(presented, token))
+        return False  # another identity provider: its own token logic decides
 
     def check_xsrf_cookie(self) -> None:
         # without a user the request is refused with 401 by require_user(); checking XSRF first
@@ -91,8 +118,7 @@ class SwapServeHandler(APIHandler):
 
     def require_user(self, action: str = "read") -> None:
         if not self.current_user:
-            raise OpenAIError(401, "Missing or invalid credentials: pass the Jupyter token as the API key "
-                                   "(Authorization: Bearer <token>).", code="invalid_api_key")
+            raise OpenAIError(401, INVALID_CREDENTIALS, code="invalid_api_key")
         if not self.authorizer.is_authorized(self, self.current_user, action, self.auth_resource):
             raise OpenAIError(403, f"User '{self.user_name}' may not {action} swapserve.", code="forbidden")
 
