@@ -65,6 +65,7 @@ class ModelConfig:
     warmup: bool = True
     sleep_level: int = 1
     residual: str = "auto"
+    swap: str = "auto"
     residency_quantum: float = 2.0
     residency_multiple: float = 4.0
 

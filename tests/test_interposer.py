@@ -13,6 +13,7 @@ dynamically or statically; RTLD_NEXT keeps working; only the engine's uid may us
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import select
@@ -25,8 +26,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from jupyter_swapserve.config import ModelConfig, parse_models
+from jupyter_swapserve.engines import EngineError, adapter_for, interposer
+from jupyter_swapserve.engines.base import free_port
+from jupyter_swapserve.engines.interposer import InterposerSleep
 from jupyter_swapserve.gpu.interposer import (
     SOCKET_ENV,
     InterposerClient,
@@ -35,6 +41,7 @@ from jupyter_swapserve.gpu.interposer import (
     library_path,
     prepare_socket_dir,
 )
+from jupyter_swapserve.runtime import ProcessRuntime
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD = REPO / "interposer" / "build"
@@ -476,3 +483,105 @@ async def test_only_the_engines_user_may_connect(built: Path, nobody_dir: Path, 
     with pytest.raises(InterposerError, match="failed: permission denied"):
         await InterposerClient(sock).status()
     assert "refused a connection from uid 0" in e.stderr()
+
+
+# ---- swap: interposer: the adapter, on a real engine process ------------------------------------
+CUDA_ENGINE = REPO / "tests" / "engines_fake" / "cuda_engine.py"
+
+
+def interposer_model(name: str = "ip", runtime: str = "process", extra: list[str] | None = None) -> ModelConfig:
+    entry: dict[str, Any] = {"name": name, "engine": "command", "swap": "interposer", "api": "completion",
+                             "command": ["{python}", str(CUDA_ENGINE), "--port", "{port}", *(extra or [])],
+                             "env": {"LD_LIBRARY_PATH": str(KIT)}}
+    if runtime == "podman":
+        entry.update(runtime="podman", image="localhost/engine:latest")
+    parsed = parse_models({"models": [entry]})
+    assert not parsed.errors, parsed.errors
+    return parsed.models[0]
+
+
+def test_swap_field_is_validated() -> None:
+    parsed = parse_models({"models": [{"name": "m", "engine": "command", "command": "x", "swap": "magic"}]})
+    assert not parsed.models
+    assert len(parsed.errors) == 1 and "field 'swap'" in parsed.errors[0] and "\n" not in parsed.errors[0]
+
+
+@pytest.mark.parametrize("runtime", ["process", "podman"])
+def test_the_launch_loads_the_library_and_names_a_private_socket(built: Path, tmp_path: Path, runtime: str) -> None:
+    adapter = adapter_for(interposer_model(runtime=runtime))
+    assert isinstance(adapter, InterposerSleep) and adapter.name == "command" and adapter.supports_sleep
+    adapter._root = tmp_path
+    spec = adapter.launch_spec(8123)
+    sock = Path(spec.env[SOCKET_ENV])
+    assert spec.env["LD_PRELOAD"].split(":")[0] == str(built)
+    assert sock.parent.parent == tmp_path and stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+    assert spec.argv[-2:] == ["--port", "8123"] and spec.env["LD_LIBRARY_PATH"] == str(KIT)
+    if runtime == "podman":  # the same paths inside the container; only the socket's directory writable
+        assert spec.mounts == [str(built), f"{sock.parent}:{sock.parent}:rw"]
+    else:
+        assert spec.mounts == []
+
+
+async def start_through_adapter(adapter: InterposerSleep, tmp_path: Path) -> tuple[ProcessRuntime, str]:
+    adapter._root = tmp_path
+    port = free_port()
+    runtime = ProcessRuntime(adapter.model.name)
+    await runtime.start(adapter.launch_spec(port))
+    url = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient() as client:
+        for _ in range(300):
+            if await adapter.is_ready(client, url):
+                return runtime, url
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"the engine did not get ready: {runtime.log_tail()}")
+
+
+async def completion(url: str) -> tuple[int, str]:
+    async with httpx.AsyncClient() as client:
+        r = await client.post(url + "/v1/completions", json={"model": "m", "prompt": "The capital of France"})
+    return r.status_code, r.json()["choices"][0]["text"] if r.status_code == 200 else r.text
+
+
+async def test_the_adapter_swaps_a_real_engine_with_identical_answers(built: Path, tmp_path: Path) -> None:
+    adapter = adapter_for(interposer_model(extra=["--weights-mib", "8"]))
+    runtime, url = await start_through_adapter(adapter, tmp_path)
+    try:
+        assert adapter.supports_sleep and adapter.swap_note is None
+        status = await adapter.client.status()
+        assert status.captured_bytes == 8 * MIB and status.staging_bytes >= 8 * MIB  # prepared once ready
+        before = await completion(url)
+        assert before[0] == 200
+        async with httpx.AsyncClient() as client:
+            for _ in range(2):  # the swap sequence: sleep → freeze ... thaw → wake
+                await adapter.sleep(client, url)
+                assert adapter.last_result["bytes"] == 8 * MIB
+                await runtime.freeze()
+                await runtime.thaw()
+                # asleep, the weights are gone from the device: the engine cannot read them
+                code, text = await completion(url)
+                assert code == 500 and "CUDA error 700" in text
+                await adapter.wake(client, url)
+                assert await completion(url) == before
+    finally:
+        await runtime.stop()
+
+
+@pytest.mark.parametrize(("extra", "note"), [
+    (["--managed-mib", "2"], "managed memory"),
+    (["--no-cuda"], "does not serve the interposer's socket"),
+])
+async def test_an_engine_the_interposer_cannot_swap_falls_back(built: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               extra: list[str], note: str) -> None:
+    monkeypatch.setattr(interposer, "SERVING_TIMEOUT", 1.0)
+    adapter = adapter_for(interposer_model(extra=extra))
+    runtime, url = await start_through_adapter(adapter, tmp_path)
+    try:
+        # a command engine has no hook of its own: the checkpoint path, and the reason
+        assert adapter.supports_sleep is False
+        assert adapter.swap_note.startswith("the checkpoint path: ") and note in adapter.swap_note
+        async with httpx.AsyncClient() as client:
+            with pytest.raises(EngineError, match="checkpoint path"):
+                await adapter.sleep(client, url)
+    finally:
+        await runtime.stop()

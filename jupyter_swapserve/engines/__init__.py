@@ -26,7 +26,12 @@ def adapter_for(model: ModelConfig) -> EngineAdapter:
         raise EngineError(
             f"engine '{model.engine}' has no adapter yet (available: {', '.join(sorted(ADAPTERS))})"
         ) from None
-    return cls(model)
+    adapter = cls(model)
+    if model.swap == "interposer":
+        from .interposer import InterposerSleep
+
+        return InterposerSleep(adapter)
+    return adapter
 
 
 __all__ = ["ADAPTERS", "EngineAdapter", "EngineError", "LaunchSpec", "adapter_for", "free_port"]
