@@ -169,13 +169,15 @@ static size_t min_bytes = SWI_DEFAULT_MIN_BYTES;
 static pthread_mutex_t staging = PTHREAD_MUTEX_INITIALIZER;
 typedef struct {
     void *host;
+    size_t size; /* chunk_bytes, or less for the last one a growth needed */
     int registered; /* 1: an mmap of transparent huge pages, cuMemHostRegister'ed; 0: cuMemHostAlloc */
 } swi_chunk;
 static swi_chunk *chunks;
 static size_t nchunks, capchunks;
 static int staging_hugepages = 1;   /* SWAPSERVE_INTERPOSER_STAGING=hugepages (default) | pinned */
 static unsigned long hugepage_fallbacks; /* chunks that fell back to cuMemHostAlloc */
-static size_t chunk_bytes = SWI_DEFAULT_CHUNK;
+static size_t chunk_bytes = SWI_DEFAULT_CHUNK; /* the largest chunk */
+static size_t staging_total;                   /* bytes of all chunks */
 static unsigned long chunk_allocations; /* cuMemHostAlloc calls ever made */
 static double pin_seconds;              /* time they took */
 
@@ -658,23 +660,33 @@ CUresult swi_vmm_export(void *out, CUmemGenericAllocationHandle handle, int type
 /* One chunk of pinned host memory. Huge pages (the reference engine's --staging hugepages, measured
  * on the H100: 16 GB pinned in 5.9 s instead of 13 s, and 512x fewer pages for a checkpoint of the
  * residual to re-map) unless they are not to be had; then cuMemHostAlloc. */
-static CUresult pin_chunk(swi_chunk *c) {
+static CUresult pin_chunk(swi_chunk *c, size_t size) {
+    c->size = size;
     if (staging_hugepages && swi_real.cuMemHostRegister_v2 && swi_real.cuMemHostUnregister) {
-        void *p = mmap(NULL, chunk_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        /* 2 MiB aligned, so that every page of it can be a huge page */
+        const size_t huge = 2u << 20;
+        char *raw = mmap(NULL, size + huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        void *p = MAP_FAILED;
+        if (raw != MAP_FAILED) {
+            char *aligned = (char *)(((uintptr_t)raw + huge - 1) & ~(uintptr_t)(huge - 1));
+            if (aligned > raw) munmap(raw, (size_t)(aligned - raw));
+            if (aligned + size < raw + size + huge) munmap(aligned + size, (size_t)(raw + size + huge - aligned - size));
+            p = aligned;
+        }
         if (p != MAP_FAILED) {
-            madvise(p, chunk_bytes, MADV_HUGEPAGE);
-            if (swi_real.cuMemHostRegister_v2(p, chunk_bytes, CU_MEMHOSTREGISTER_PORTABLE) == CUDA_SUCCESS) {
+            madvise(p, size, MADV_HUGEPAGE);
+            if (swi_real.cuMemHostRegister_v2(p, size, CU_MEMHOSTREGISTER_PORTABLE) == CUDA_SUCCESS) {
                 c->host = p;
                 c->registered = 1;
                 return CUDA_SUCCESS;
             }
-            munmap(p, chunk_bytes);
+            munmap(p, size);
         }
         hugepage_fallbacks++;
     }
     c->registered = 0;
     c->host = NULL;
-    CUresult r = swi_real.cuMemHostAlloc(&c->host, chunk_bytes, CU_MEMHOSTALLOC_PORTABLE);
+    CUresult r = swi_real.cuMemHostAlloc(&c->host, size, CU_MEMHOSTALLOC_PORTABLE);
     if (r == CUDA_SUCCESS && !c->host) r = CUDA_ERROR_OUT_OF_MEMORY;
     return r;
 }
@@ -682,29 +694,34 @@ static CUresult pin_chunk(swi_chunk *c) {
 static void unpin_chunk(swi_chunk *c) {
     if (c->registered) {
         swi_real.cuMemHostUnregister(c->host);
-        munmap(c->host, chunk_bytes);
+        munmap(c->host, c->size);
     } else {
         swi_real.cuMemFreeHost(c->host);
     }
     c->host = NULL;
 }
 
-/* makes the staging hold at least `need` bytes; 0 or the failing call's result */
+/* makes the staging hold at least `need` bytes (chunks of chunk_bytes, the last one only as large
+ * as needed, in 2 MiB steps); 0 or the failing call's result */
 static CUresult ensure_staging(size_t need, char *err, size_t errlen) {
     /* grows without holding the books: pinning 16 GB takes seconds, the engine may allocate meanwhile */
     pthread_mutex_lock(&staging);
-    while (nchunks * chunk_bytes < need) {
+    while (staging_total < need) {
+        size_t size = need - staging_total;
+        size = (size + (2u << 20) - 1) / (2u << 20) * (2u << 20);
+        if (size > chunk_bytes) size = chunk_bytes;
         swi_chunk c;
         double t = swi_now();
-        CUresult r = pin_chunk(&c);
+        CUresult r = pin_chunk(&c, size);
         pin_seconds += swi_now() - t;
         if (r != CUDA_SUCCESS) {
-            snprintf(err, errlen, "pinning chunk %zu of the staging (%zu bytes, cuMemHostAlloc): %s", nchunks,
-                     chunk_bytes, swi_error_name(r));
+            snprintf(err, errlen, "pinning chunk %zu of the staging (%zu bytes, cuMemHostAlloc): %s", nchunks, size,
+                     swi_error_name(r));
             pthread_mutex_unlock(&staging);
             return r;
         }
         chunk_allocations++;
+        staging_total += size;
         PUSH(chunks, nchunks, capchunks, c);
     }
     pthread_mutex_unlock(&staging);
@@ -742,11 +759,17 @@ static CUresult copy_segment(swi_segment *s, int to_host, char *err, size_t errl
         snprintf(err, errlen, "cuStreamCreate: %s", swi_error_name(r));
         return r;
     }
+    size_t ci = 0, chunk_start = 0; /* the chunk that holds stage_offset + done */
     for (size_t done = 0; done < s->size;) {
         size_t g = s->stage_offset + done;
-        size_t ci = g / chunk_bytes, within = g % chunk_bytes;
+        while (ci < nchunks && chunk_start + chunks[ci].size <= g) chunk_start += chunks[ci++].size;
+        if (ci == nchunks) {
+            snprintf(err, errlen, "the staging is smaller than the books (%zu bytes)", staging_total);
+            return CUDA_ERROR_ILLEGAL_STATE;
+        }
+        size_t within = g - chunk_start;
         size_t n = s->size - done;
-        if (n > chunk_bytes - within) n = chunk_bytes - within;
+        if (n > chunks[ci].size - within) n = chunks[ci].size - within;
         char *host = (char *)chunks[ci].host + within;
         r = to_host ? swi_real.cuMemcpyDtoHAsync_v2(host, m->va + done, n, stream)
                     : swi_real.cuMemcpyHtoDAsync_v2(m->va + done, host, n, stream);
@@ -1128,9 +1151,10 @@ void swi_op_release_staging(swi_buf *out) {
         return;
     }
     pthread_mutex_lock(&staging);
-    size_t freed = nchunks * chunk_bytes, count = nchunks;
+    size_t freed = staging_total, count = nchunks;
     for (size_t i = 0; i < nchunks; i++) unpin_chunk(&chunks[i]);
     nchunks = 0;
+    staging_total = 0;
     pthread_mutex_unlock(&staging);
     step_done(&st, "free");
     write_result(out, "release_staging", 1, &st, freed, count, NULL, NULL, 0, 0);
@@ -1222,7 +1246,7 @@ void swi_op_status(swi_buf *out) {
     swi_buf_printf(out,
                    "\"staging\":{\"chunks\":%zu,\"chunk_bytes\":%zu,\"bytes\":%zu,\"chunk_allocations\":%lu,"
                    "\"pin_seconds\":%.6f,\"kind\":\"%s\",\"hugepage_fallbacks\":%lu},",
-                   nchunks, chunk_bytes, nchunks * chunk_bytes, chunk_allocations, pin_seconds,
+                   nchunks, chunk_bytes, staging_total, chunk_allocations, pin_seconds,
                    staging_hugepages ? "hugepages" : "pinned", hugepage_fallbacks);
     pthread_mutex_unlock(&staging);
     swi_buf_printf(out,
