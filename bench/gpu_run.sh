@@ -5,6 +5,8 @@
 #   bash bench/gpu_run.sh bench [ARGS...]       # bench/swap_latency.py ARGS
 #   bash bench/gpu_run.sh all [ARGS...]         # both
 #   bash bench/gpu_run.sh contention [ARGS...]  # bench/pcie_duplex.py, then bench/contention.py ARGS
+#   bash bench/gpu_run.sh interposer ARGS...     # tests/gpu/test_gpu_interposer.py, then bench/interposer_gpu.py ARGS
+#                                               # (--llama-server BIN --gguf FILE); carry interposer/build too
 # Wheels: `bash ../shared/device/make-wheels.sh` here first, then carry [".whl"].
 # Every step has its own `timeout`: a device call must never hang.
 set -uo pipefail
@@ -39,6 +41,16 @@ fi
 if [ "$what" = contention ]; then
   timeout 120 python3 bench/pcie_duplex.py 2>&1 | tee "$OUT/pcie-duplex.log"
   timeout "$BENCH_TIMEOUT" python3 bench/contention.py --out "$OUT" "$@" 2>&1 | tee "$OUT/contention.log"
+  rc=$((rc | ${PIPESTATUS[0]}))
+fi
+if [ "$what" = interposer ]; then
+  # the library as carried (interposer/build, built on the CPU machine), or built here
+  [ -f interposer/build/libswapserve_interposer.so ] || bash scripts/build-interposer.sh
+  timeout 120 python3 -m pytest -q -s -rA -p no:cacheprovider -o addopts="" tests/gpu/test_gpu_interposer.py 2>&1 \
+    | tee "$OUT/interposer-gpu-tests.log"
+  rc=$((rc | ${PIPESTATUS[0]}))
+  timeout "${INTERPOSER_TIMEOUT:-420}" python3 bench/interposer_gpu.py --out "$OUT" --budget 400 "$@" 2>&1 \
+    | tee "$OUT/interposer.log"
   rc=$((rc | ${PIPESTATUS[0]}))
 fi
 # the engines' own logs (startup breakdown, sleep/wake timings, errors), as one file
