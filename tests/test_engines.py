@@ -1,12 +1,13 @@
 """Engine adapters: every engine the schema accepts has one; command lines for a process and for a
-container; and the sleep/wake/preload/readiness protocols of engines that cannot run on this
-machine (vLLM, SGLang, Ollama, TensorRT-LLM, llama-server), against an in-test HTTP server that
-implements the documented routes."""
+container; the sleep/wake/preload/readiness protocols of engines or modes that cannot run on this
+machine (vLLM with sleep mode, SGLang, Ollama, TensorRT-LLM), against an in-test HTTP server that
+implements their routes; and llama.cpp's llama-server for real (real vLLM: tests/test_vllm.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -73,9 +74,13 @@ def test_command_lines(runtime: str) -> None:
     extra = {"runtime": runtime, "image": "img"} if runtime == "podman" else {"runtime": runtime}
 
     spec = adapter_for(model("vllm", args=["--max-model-len", "8192"], **extra)).launch_spec(8001)
-    assert spec.argv == ["vllm", "serve", "org/Model-8B", "--host", host, "--port", "8001", "--served-model-name",
-                         "m", "--enable-sleep-mode", "--max-model-len", "8192"]
+    assert spec.argv == ["vllm", "serve", "--model", "org/Model-8B", "--host", host, "--port", "8001",
+                         "--served-model-name", "m", "--enable-sleep-mode", "--max-model-len", "8192"]
     assert spec.env["VLLM_SERVER_DEV_MODE"] == "1"
+    # vLLM in an environment of its own: the models file names its interpreter and the server module
+    engine = ["/opt/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    spec = adapter_for(model("vllm", command=engine, **extra)).launch_spec(8001)
+    assert spec.argv[:5] == [*engine, "--model", "org/Model-8B"]
     assert spec.base_url == "http://127.0.0.1:8001"  # where the router reaches it, container or not
 
     spec = adapter_for(model("sglang", **extra)).launch_spec(8002)
@@ -88,11 +93,12 @@ def test_command_lines(runtime: str) -> None:
     assert spec.env["OLLAMA_NUM_PARALLEL"] == "4"
 
     spec = adapter_for(model("trtllm", **extra)).launch_spec(8004)
-    assert spec.argv == ["trtllm-serve", "org/Model-8B", "--host", host, "--port", "8004", "--backend", "pytorch"]
+    assert spec.argv == ["trtllm-serve", "serve", "org/Model-8B", "--host", host, "--port", "8004", "--backend",
+                         "pytorch"]
 
     spec = adapter_for(model("llama-server", model="/models/q.gguf", **extra)).launch_spec(8005)
     assert spec.argv == ["llama-server", "-m", "/models/q.gguf", "--alias", "m", "--host", host, "--port", "8005",
-                         "--parallel", "1"]
+                         "--parallel", "1", "--metrics"]
 
 
 def test_llamacpp_in_a_container_binds_the_host_gguf_and_uses_the_image_python(tmp_path: Path) -> None:
@@ -128,6 +134,7 @@ class FakeEngine:
         self.known = {"llama3.1:8b"}
         self.health = 503
         self.refuse_sleep = False
+        self.sleep_mode = True
 
     async def record(self, request: web.Request) -> Any:
         body = None
@@ -137,18 +144,29 @@ class FakeEngine:
         self.calls.append((request.method, request.path_qs, body))
         return body
 
-    # vLLM (dev mode): POST /sleep?level=N, POST /wake_up, GET /is_sleeping
+    # vLLM (dev mode): POST /sleep?level=N, POST /wake_up[?tags=], GET /is_sleeping, /collective_rpc,
+    # /reset_prefix_cache, GET /server_info (the sleep mode the server runs with); a GPU build with
+    # --enable-sleep-mode, which cannot run here (the CPU build's answers are tested in test_vllm.py)
     async def vllm_sleep(self, request: web.Request) -> web.Response:
         await self.record(request)
         if self.refuse_sleep:
             return web.json_response({"error": "sleep mode is not enabled"}, status=400)
         self.sleeping = True
-        return web.Response(status=200)
+        return web.json_response({"status": "sleeping", "level": int(request.query["level"])})
 
     async def vllm_wake(self, request: web.Request) -> web.Response:
         await self.record(request)
-        self.sleeping = False
-        return web.Response(status=200)
+        tags = request.query.getall("tags", [])
+        self.sleeping = bool(tags) and "kv_cache" not in tags
+        return web.Response(status=200)  # some builds answer with an empty body
+
+    async def vllm_other(self, request: web.Request) -> web.Response:
+        await self.record(request)
+        if request.path == "/is_sleeping":
+            return web.json_response({"is_sleeping": self.sleeping})
+        if request.path == "/server_info":
+            return web.json_response({"vllm_config": {"model_config": {"enable_sleep_mode": self.sleep_mode}}})
+        return web.json_response({"success": True} if request.path == "/reset_prefix_cache" else {"results": [None]})
 
     # SGLang: a JSON body is required (FastAPI answers 422 without one)
     async def sglang_memory(self, request: web.Request) -> web.Response:
@@ -186,6 +204,8 @@ class FakeEngine:
         app = web.Application()
         app.add_routes([
             web.post("/sleep", self.vllm_sleep), web.post("/wake_up", self.vllm_wake),
+            web.get("/is_sleeping", self.vllm_other), web.get("/server_info", self.vllm_other),
+            web.post("/collective_rpc", self.vllm_other), web.post("/reset_prefix_cache", self.vllm_other),
             web.post("/release_memory_occupation", self.sglang_memory),
             web.post("/resume_memory_occupation", self.sglang_memory),
             web.get("/api/version", self.ollama_version), web.post("/api/generate", self.ollama_generate),
@@ -208,17 +228,41 @@ async def engine() -> AsyncIterator[tuple[FakeEngine, str, httpx.AsyncClient]]:
     await runner.cleanup()
 
 
-async def test_vllm_sleep_and_wake(engine: tuple[FakeEngine, str, httpx.AsyncClient]) -> None:
+async def test_vllm_sleep_levels_and_the_sleep_mode_the_server_reports(
+        engine: tuple[FakeEngine, str, httpx.AsyncClient]) -> None:
     fake, url, client = engine
     adapter = adapter_for(model("vllm", sleep_level=1))
-    assert adapter.supports_sleep
+    assert adapter.supports_sleep  # the command line asks for sleep mode
     await adapter.sleep(client, url)
-    assert fake.sleeping and fake.calls[-1][:2] == ("POST", "/sleep?level=1")
+    assert fake.sleeping and [c[1] for c in fake.calls] == ["/sleep?level=1&mode=wait", "/is_sleeping"]
+    fake.calls.clear()
     await adapter.wake(client, url)
-    assert not fake.sleeping and fake.calls[-1][:2] == ("POST", "/wake_up")
+    assert not fake.sleeping and [c[1] for c in fake.calls] == ["/wake_up", "/is_sleeping"]
+    # level 2: the weights are gone, so the wake maps them, reloads them, then the KV cache
+    deep = adapter_for(model("vllm", sleep_level=2))
+    await deep.sleep(client, url)
+    fake.calls.clear()
+    await deep.wake(client, url)
+    assert [(c[1], c[2]) for c in fake.calls] == [
+        ("/wake_up?tags=weights", None), ("/collective_rpc", {"method": "reload_weights"}),
+        ("/wake_up?tags=kv_cache", None), ("/reset_prefix_cache", None), ("/is_sleeping", None)]
+    assert not fake.sleeping
     fake.refuse_sleep = True
     with pytest.raises(EngineError, match="sleep refused: HTTP 400"):
         await adapter.sleep(client, url)
+    # a server without sleep mode (a platform without it): the adapter learns it at readiness and
+    # then has no sleep hook, so the scheduler swaps it by checkpoint; /sleep is never sent
+    fake.refuse_sleep, fake.sleep_mode = False, False
+    quiet = adapter_for(model("vllm", args=["--no-enable-sleep-mode"]))
+    assert not quiet.supports_sleep  # the last of the two flags wins, as in argparse
+    fake.health = 200
+    loud = adapter_for(model("vllm"))  # asked for sleep mode, but the server runs without it
+    assert await loud.is_ready(client, url)
+    assert not loud.supports_sleep
+    fake.calls.clear()
+    with pytest.raises(EngineError, match="free nothing"):
+        await loud.sleep(client, url)
+    assert fake.calls == [] and not fake.sleeping
 
 
 async def test_sglang_release_and_resume_send_a_body(engine: tuple[FakeEngine, str, httpx.AsyncClient]) -> None:
@@ -233,7 +277,7 @@ async def test_sglang_release_and_resume_send_a_body(engine: tuple[FakeEngine, s
 async def test_ollama_preloads_with_keep_alive_forever(engine: tuple[FakeEngine, str, httpx.AsyncClient]) -> None:
     fake, url, client = engine
     adapter = adapter_for(model("ollama", model="llama3.1:8b"))
-    assert not adapter.supports_sleep  # no sleep route: the runner process is checkpointed instead
+    assert not adapter.supports_sleep  # no sleep route: the model's subprocess is checkpointed instead
     assert await adapter.is_ready(client, url)
     assert fake.calls == [("POST", "/api/generate", {"model": "llama3.1:8b", "keep_alive": -1})]
     assert await adapter.is_ready(client, url)
@@ -276,7 +320,7 @@ def read_cmdline(pid: int) -> bytes:
 
 
 async def test_a_runner_subprocess_is_among_the_engine_pids() -> None:
-    """Like Ollama's `ollama runner` below `ollama serve`: a child the engine starts is one of its
+    """Like Ollama's llama-server (once `ollama runner`) below `ollama serve`: a child the engine starts is one of its
     processes, so the checkpoint finds it (the scheduler keeps those that NVML sees on the GPU)."""
     runtime = ProcessRuntime("runner-test")
     from jupyter_swapserve.engines.base import LaunchSpec
@@ -310,7 +354,7 @@ def ollama_service(runtime: dict[str, Any], *tags: str) -> Any:
 
 
 async def drive_ollama(svc: Any) -> None:
-    """Start (preload), swap in, answer through the OpenAI route under /v1, swap out; the runner
+    """Start (preload), swap in, answer through the OpenAI route under /v1, swap out; the model's
     subprocess is one of the engine's processes."""
     from jupyter_swapserve.service.backend import State
 
@@ -324,16 +368,16 @@ async def drive_ollama(svc: Any) -> None:
         r = await client.post(f"{ok.base_url}/v1/chat/completions", json=body, timeout=10)
         assert r.json()["choices"][0]["message"]["content"] == "Paris."
         ps = (await client.get(f"{ok.base_url}/api/ps", timeout=10)).json()["models"]
-        assert ps == [{"name": "llama3.1:8b", "model": "llama3.1:8b", "keep_alive": -1}]
-    assert any(b"runner" in read_cmdline(p) for p in ok.runtime.pids())
+        assert [(m["name"], m["model"]) for m in ps] == [("llama3.1:8b", "llama3.1:8b")]
+        assert int(ps[0]["expires_at"][:4]) > 2200  # keep_alive -1: Ollama never unloads it
+    # Ollama 0.33 runs the model in a llama-server subprocess: one of the engine's processes
+    assert any(b"llama-server" in read_cmdline(p) for p in ok.runtime.pids())
     assert await svc.swap_out("llama3.1-8b")
     missing = svc.backends["missing-1b"]
     assert missing.state == State.FAILED and "ollama pull missing:1b" in (missing.error or "")
 
 
 async def test_ollama_engine_through_the_scheduler() -> None:
-    import os
-
     svc = ollama_service({"env": {"PATH": f"{FAKE_BIN}:{os.environ['PATH']}"}}, "llama3.1:8b", "missing:1b")
     try:
         await drive_ollama(svc)
@@ -344,17 +388,16 @@ async def test_ollama_engine_through_the_scheduler() -> None:
 # ---- llama-server for real, where the binary exists ---------------------------------------------------
 
 def llama_server_binary() -> str | None:
-    import os
     import shutil
 
     return os.environ.get("SWAPSERVE_LLAMA_SERVER") or shutil.which("llama-server")
 
 
 @pytest.mark.engines
-@pytest.mark.skipif(llama_server_binary() is None,
-                    reason="no llama-server binary (build llama.cpp's llama-server target; put it on PATH or "
-                           "set SWAPSERVE_LLAMA_SERVER): the adapter is protocol-tested only here")
 async def test_llama_server_for_real() -> None:
+    if llama_server_binary() is None:
+        message = "no llama-server binary (scripts/setup.sh test builds one into .venv/bin; or SWAPSERVE_LLAMA_SERVER)"
+        pytest.skip(message)
     await drive_llama_server({})
 
 
@@ -385,6 +428,16 @@ async def drive_llama_server(runtime: dict[str, Any]) -> None:
                 events = [json.loads(line[6:]) async for line in s.aiter_lines()
                           if line.startswith("data: {")]
             assert events[-1]["usage"]["completion_tokens"] > 0
+            # today's server: /v1/models by the alias, /props for the loaded model and its slots (and
+            # llama.cpp's own idle sleep, off), /metrics (--metrics) counting what was served
+            assert [m["id"] for m in (await client.get(f"{backend.base_url}/v1/models")).json()["data"]] == ["ls"]
+            props = (await client.get(f"{backend.base_url}/props")).json()
+            assert props["model_path"] == models[0]["model"] and props["total_slots"] == 1
+            assert props["is_sleeping"] is False  # llama.cpp's own idle sleep: not asked for
+            metrics = (await client.get(f"{backend.base_url}/metrics")).text
+            predicted = [float(line.split()[-1]) for line in metrics.splitlines()
+                         if line.startswith("llamacpp:tokens_predicted_total")]
+            assert predicted and predicted[0] >= events[-1]["usage"]["completion_tokens"]
         assert await svc.swap_out("ls") and backend.state == State.SWAPPED_OUT
     finally:
         await svc.close()

@@ -9,8 +9,9 @@ from .llama_server import LlamaServerAdapter
 from .llamacpp import LlamaCppAdapter
 from .ollama import OllamaAdapter
 from .reference import ReferenceAdapter, TransformersAdapter
+from .sglang import SglangAdapter
 from .trtllm import TrtllmAdapter
-from .vllm import SglangAdapter, VllmAdapter
+from .vllm import VllmAdapter
 
 ADAPTERS: dict[str, type[EngineAdapter]] = {
     cls.name: cls

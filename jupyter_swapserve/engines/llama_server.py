@@ -1,4 +1,18 @@
-"""llama.cpp's own server binary (``llama-server``), beside llama-cpp-python's Python server."""
+"""llama.cpp's own server binary (``llama-server``), beside llama-cpp-python's Python server.
+
+tools/server/README.md (b11434): ``llama-server -m FILE --alias NAME --host --port --parallel N``;
+``GET /health`` is 503 while the model loads and 200 once it can serve; ``GET /props`` reports the
+model path, the slots (``total_slots``), the build and ``is_sleeping``; ``GET /metrics`` (Prometheus,
+``llamacpp:*``) exists with ``--metrics``, which the adapter passes; ``POST /tokenize {"content"}``.
+
+llama.cpp has a sleep of its own, ``--sleep-idle-seconds N``: after N idle seconds the server unloads
+the model and its KV cache, and the next request loads it again from the GGUF file (``is_sleeping``
+in ``/props``). It is not a sleep hook for the swap service: it cannot be asked for, it frees memory
+behind the scheduler's back (the engine's reservation stays held), and its wake is a cold load where
+a swap-in restores the loaded engine. So the adapter has no sleep hook, a swap-out checkpoints and
+freezes the whole engine, and a models file should leave ``--sleep-idle-seconds`` out (the service's
+``idle_timeout`` is the idle swap-out instead).
+"""
 
 from __future__ import annotations
 
@@ -9,18 +23,15 @@ from .base import EngineAdapter, LaunchSpec
 
 class LlamaServerAdapter(EngineAdapter):
     name = "llama-server"
-    # tools/server/README.md: `llama-server -m FILE --host --port --alias NAME`; GET /health is 503
-    # while the model loads and 200 once it can serve; POST /tokenize {"content"} → {"tokens": [...]}
-    follows = "llama.cpp b11434 (llama-server -m FILE --alias NAME; /health, /tokenize, include_usage)"
-    # tools/server/server-task.cpp sends a usage chunk for stream_options.include_usage (older
-    # builds did not: the route then counts the stream, and the prompt through /tokenize)
+    follows = "llama.cpp b11434 (llama-server -m FILE --alias NAME --metrics; /health, /props, /metrics, /tokenize)"
+    # tools/server/server-task.cpp sends a usage chunk for stream_options.include_usage
     supports_stream_usage = True
 
     def launch_spec(self, port: int) -> LaunchSpec:
         binary = self.model.command if isinstance(self.model.command, str) and self.model.command else "llama-server"
         argv = [binary, "-m", self.model.model or "", "--alias", self.upstream_model_name(),
                 "--host", self.bind_host, "--port", str(port), "--parallel", str(self.model.concurrency),
-                *self.model.args]
+                "--metrics", *self.model.args]
         return LaunchSpec(argv=argv, port=port, env=dict(self.model.env))
 
     async def is_ready(self, client: httpx.AsyncClient, base_url: str) -> bool:

@@ -1,10 +1,15 @@
 """Ollama (``ollama serve``): one model per engine, preloaded through the native API with
 ``keep_alive: -1`` so that Ollama itself never unloads it (the swap service decides instead).
 
-Ollama runs each loaded model in a runner subprocess (``ollama runner``), which is the process
-holding GPU memory. Both runtimes report every process of the engine (the process group or cgroup,
-or a container's process tree), and the scheduler checkpoints those that NVML shows on the GPU:
-so the runner is the one checkpointed, the ``serve`` process has no CUDA context to move.
+Ollama runs each loaded model in a subprocess, which is the process holding GPU memory: since 0.33
+llama.cpp's own ``llama-server`` (llm/llama_server.go: ``lib/ollama/llama-server --model BLOB --port N
+--host 127.0.0.1 --no-webui --offline``), before that ``ollama runner``. Both runtimes report every
+process of the engine (the process group or cgroup, or a container's process tree), and the scheduler
+checkpoints those that NVML shows on the GPU: so the model's subprocess is the one checkpointed, the
+``serve`` process has no CUDA context to move.
+
+Not run here: no package ships a working Ollama server for this machine (the one that does, an Intel
+build, aborts without an Intel GPU); tests drive the adapter against tests/engines_fake/ollama.
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ from .base import EngineAdapter, EngineError, LaunchSpec
 
 class OllamaAdapter(EngineAdapter):
     name = "ollama"
-    # docs/api.md: POST /api/generate without a prompt loads the model; keep_alive -1 keeps it
-    # loaded; GET /api/ps lists loaded models; OpenAI routes under /v1; OLLAMA_HOST sets the bind
-    follows = "Ollama 0.12 (ollama serve; /api/generate load with keep_alive -1, /api/ps, OpenAI /v1)"
-    # Ollama's OpenAI route sends a usage chunk when asked with stream_options.include_usage
+    # docs/api.md, server/routes.go: POST /api/generate without a prompt loads the model; keep_alive
+    # -1 keeps it loaded; GET /api/ps lists loaded models (name, model, expires_at, size_vram, ...);
+    # OpenAI routes under /v1; envconfig: OLLAMA_HOST, OLLAMA_KEEP_ALIVE, OLLAMA_NUM_PARALLEL, ...
+    follows = "Ollama 0.33 (ollama serve; /api/generate load with keep_alive -1, /api/ps, OpenAI /v1)"
+    # openai/openai.go: a usage chunk when asked with stream_options.include_usage
     supports_stream_usage = True
 
     def upstream_model_name(self) -> str:
