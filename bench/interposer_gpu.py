@@ -53,7 +53,7 @@ GIB = 1024**3
 
 # ---------------------------------------------------------------- the models
 def models_file(a: argparse.Namespace) -> dict[str, Any]:
-    llama_args = ["-ngl", "999", "-c", str(a.ctx), "--no-webui"] if not a.cpu_dry_run else ["-c", "512"]
+    llama_args = ["-ngl", "999", "-c", str(a.ctx)] if not a.cpu_dry_run else ["-c", "512"]
     ref_args = ["--max-model-len", "2048", "--kv-cache-gib", str(a.ref_kv_gib)]
     if not a.cpu_dry_run:
         ref_args.append("--cuda-graphs")

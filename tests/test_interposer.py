@@ -586,3 +586,47 @@ async def test_an_engine_the_interposer_cannot_swap_falls_back(built: Path, tmp_
                 await adapter.sleep(client, url)
     finally:
         await runtime.stop()
+
+
+async def test_the_adapter_swaps_an_engine_in_a_podman_container(built: Path, tmp_path: Path) -> None:
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed (scripts/setup.sh test installs it as root)")
+    pytest.importorskip("podman", reason="podman-py is not installed")
+    from jupyter_swapserve.runtime.podman import PodmanRuntime, PodmanService
+
+    from .podman.image import IMAGE, build_image, host_volumes, use_test_containers_conf
+
+    use_test_containers_conf()
+    build_image()
+    entry = interposer_model(runtime="podman", extra=["--host", "{host}"])
+    # the interpreter, the venv, and this checkout (the engine script, the stand-in driver) read-only
+    entry.image, entry.volumes = IMAGE, [*host_volumes(), f"{REPO}:{REPO}:ro"]
+    adapter = adapter_for(entry)
+    assert isinstance(adapter, InterposerSleep)
+    adapter._root = tmp_path
+    spec = adapter.launch_spec(free_port())
+    service = PodmanService()
+    runtime = PodmanRuntime(entry.name, entry, service)
+    try:
+        await runtime.start(spec)
+        url = spec.base_url
+        async with httpx.AsyncClient() as client:
+            for _ in range(300):
+                if await adapter.is_ready(client, url):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail(f"the container did not get ready: {runtime.log_tail()}")
+            # the library inside the container serves the socket the service sees outside
+            assert adapter.swap_note is None and (await adapter.client.status()).captured_bytes == 8 * MIB
+            before = await completion(url)
+            await adapter.sleep(client, url)
+            await runtime.freeze()  # podman pause
+            await runtime.thaw()
+            assert (await completion(url))[0] == 500  # the weights are off the device
+            await adapter.wake(client, url)
+            assert await completion(url) == before
+    finally:
+        await runtime.stop(timeout=2)
+        runtime.kill()
+        service.close()
