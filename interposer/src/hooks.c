@@ -120,6 +120,7 @@ static void resolve_driver_once(void) {
     RESOLVE(cuCtxSetCurrent);
     RESOLVE(cuCtxGetDevice);
     RESOLVE(cuCtxSynchronize);
+    RESOLVE(cuDevicePrimaryCtxRetain);
     RESOLVE(cuStreamCreate);
     RESOLVE(cuStreamSynchronize);
     RESOLVE(cuMemcpyDtoHAsync_v2);

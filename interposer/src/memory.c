@@ -464,8 +464,13 @@ CUresult swi_mem_free_owned(CUdeviceptr dptr, int *owned) {
         return CUDA_SUCCESS;
     }
     *owned = 1;
-    /* cuMemFree waits for the device; an unmap does not, so wait first as cudaFree would */
+    /* cuMemFree waits for the device; an unmap does not, so wait first as cudaFree would, in the
+     * allocation's context (a cudaFree caller's thread may have none current yet) */
+    CUcontext caller = NULL;
+    swi_real.cuCtxGetCurrent(&caller);
+    if (s->ctx && s->ctx != caller) swi_real.cuCtxSetCurrent(s->ctx);
     CUresult r = swi_real.cuCtxSynchronize();
+    if (s->ctx && s->ctx != caller) swi_real.cuCtxSetCurrent(caller);
     if (r != CUDA_SUCCESS && r != CUDA_ERROR_INVALID_CONTEXT) {
         pthread_mutex_unlock(&books);
         return r;
@@ -742,6 +747,19 @@ static CUstream stream_for(CUcontext ctx, CUresult *r) {
     return s;
 }
 
+/* a context to copy a segment in: its creator's, else another segment's on the same device, else
+ * the device's primary context (cuMemCreate needs no current context) */
+static CUcontext context_of(swi_segment *s) {
+    if (s->ctx) return s->ctx;
+    for (size_t i = 0; i < nsegs; i++)
+        if (segs[i]->ctx && segs[i]->prop.location.id == s->prop.location.id) return s->ctx = segs[i]->ctx;
+    CUcontext primary = NULL;
+    if (swi_real.cuDevicePrimaryCtxRetain &&
+        swi_real.cuDevicePrimaryCtxRetain(&primary, s->prop.location.id) == CUDA_SUCCESS)
+        s->ctx = primary;
+    return s->ctx;
+}
+
 /* queues the copies of one segment between its covering mapping and its staging range */
 static CUresult copy_segment(swi_segment *s, int to_host, char *err, size_t errlen) {
     swi_mapping *m = covering_mapping(s);
@@ -749,12 +767,17 @@ static CUresult copy_segment(swi_segment *s, int to_host, char *err, size_t errl
         snprintf(err, errlen, "segment 0x%llx has no mapping that covers it", s->vhandle);
         return CUDA_ERROR_ILLEGAL_STATE;
     }
-    CUresult r = swi_real.cuCtxSetCurrent(s->ctx);
+    CUcontext ctx = context_of(s);
+    if (!ctx) {
+        snprintf(err, errlen, "no context to copy segment 0x%llx in", s->vhandle);
+        return CUDA_ERROR_INVALID_CONTEXT;
+    }
+    CUresult r = swi_real.cuCtxSetCurrent(ctx);
     if (r != CUDA_SUCCESS) {
         snprintf(err, errlen, "cuCtxSetCurrent: %s", swi_error_name(r));
         return r;
     }
-    CUstream stream = stream_for(s->ctx, &r);
+    CUstream stream = stream_for(ctx, &r);
     if (!stream) {
         snprintf(err, errlen, "cuStreamCreate: %s", swi_error_name(r));
         return r;
@@ -972,6 +995,7 @@ void swi_op_sleep(swi_buf *out) {
     int undone = 1;
 
     /* sync: every context the books know has finished its work */
+    for (size_t i = 0; i < nsegs; i++) context_of(segs[i]);
     for (size_t i = 0; i < nsegs && r == CUDA_SUCCESS; i++) {
         int seen = 0;
         for (size_t k = 0; k < i && !seen; k++) seen = segs[k]->ctx == segs[i]->ctx;
