@@ -547,7 +547,7 @@ async def test_the_adapter_swaps_a_real_engine_with_identical_answers(built: Pat
     adapter = adapter_for(interposer_model(extra=["--weights-mib", "8"]))
     runtime, url = await start_through_adapter(adapter, tmp_path)
     try:
-        assert adapter.supports_sleep and adapter.swap_note is None
+        assert adapter.supports_sleep and adapter.swap_note is None and adapter.swap_path == "interposer"
         status = await adapter.client.status()
         assert status.captured_bytes == 8 * MIB and status.staging_bytes >= 8 * MIB  # prepared once ready
         before = await completion(url)
@@ -581,6 +581,7 @@ async def test_an_engine_the_interposer_cannot_swap_falls_back(built: Path, tmp_
         # a command engine has no hook of its own: the checkpoint path, and the reason
         assert adapter.supports_sleep is False
         assert adapter.swap_note.startswith("the checkpoint path: ") and note in adapter.swap_note
+        assert adapter.swap_path == f"interposer (fallback to {adapter.swap_note})"
         async with httpx.AsyncClient() as client:
             with pytest.raises(EngineError, match="checkpoint path"):
                 await adapter.sleep(client, url)

@@ -91,6 +91,11 @@ class EngineAdapter:
         """Tokens of ``text`` by the engine's own tokenizer; None when the engine cannot say."""
         return None
 
+    @property
+    def swap_path(self) -> str:
+        """How a swap-out moves the engine's GPU memory, in words, for the status."""
+        return "sleep hook" if self.supports_sleep else "checkpoint"
+
     async def sleep(self, client: httpx.AsyncClient, base_url: str) -> None:
         raise EngineError(f"engine '{self.name}' has no sleep hook")
 

@@ -152,6 +152,10 @@ class InterposerSleep(EngineAdapter):
         self.swap_note = f"{path}: {reason}"
         log.warning("%s: swap: interposer falls back to %s: %s", self.model.name, path, reason)
 
+    @property
+    def swap_path(self) -> str:
+        return f"interposer (fallback to {self.swap_note})" if self.swap_note else "interposer"
+
     # ---- the sleep hook ------------------------------------------------------------------------
     async def sleep(self, client: httpx.AsyncClient, base_url: str) -> None:
         self._http, self._url = client, base_url
