@@ -4,6 +4,7 @@
 # client mode and forwards /swapserve/ to it with the user's hub token. tests/test_hub.py runs this
 # file as it is, with the SWAPSERVE_* variables below pointing at its own ports and files.
 # For a real site, replace the authenticator and the spawner, and the demo models file.
+import json
 import os
 import sys
 
@@ -29,32 +30,43 @@ c.Spawner.http_timeout = 120
 if os.geteuid() == 0:
     c.Spawner.args = ["--allow-root"]  # the demo spawner runs every server as the hub's own user
 
-# ---- the shared swap service -------------------------------------------------------------------
-service_port = env("SWAPSERVE_SERVICE_PORT", "10101")
-models_file = env("SWAPSERVE_MODELS_FILE", os.path.join(here, "demo.yaml"))
-service_args = [f"--SwapServe.models_file={models_file}"]
-if env("SWAPSERVE_QUOTA_DB_URL"):
+# ---- the shared swap services: one per GPU node ---------------------------------------------------
+# One node by default: the service "swapserve". Several (tests/test_nodes.py; on Kubernetes see
+# deploy/kubernetes/): SWAPSERVE_NODES, a JSON list of {"name", "models_file", "port"}, makes one
+# service "swapserve-<name>" per node; users' servers find them all by the name prefix "swapserve"
+# and send each request to the node that serves its model.
+service_args = []
+if env("SWAPSERVE_QUOTA_DB_URL"):  # one database for every node: one budget per user (PostgreSQL)
     service_args.append(f"--SwapServe.quota_db_url={env('SWAPSERVE_QUOTA_DB_URL')}")
+nodes = json.loads(env("SWAPSERVE_NODES") or "[]") or [
+    {"name": "", "models_file": env("SWAPSERVE_MODELS_FILE", os.path.join(here, "demo.yaml")),
+     "port": int(env("SWAPSERVE_SERVICE_PORT", "10101"))},
+]
 c.JupyterHub.services = [
     {
-        "name": "swapserve",
-        "url": f"http://127.0.0.1:{service_port}",
-        "command": [sys.executable, "-m", "jupyter_swapserve.hub", *service_args],
+        "name": "swapserve-" + node["name"] if node["name"] else "swapserve",
+        "url": f"http://127.0.0.1:{node['port']}",
+        "command": [sys.executable, "-m", "jupyter_swapserve.hub", f"--SwapServe.models_file={node['models_file']}",
+                    *service_args],
         "oauth_no_confirm": True,  # the sidebar's browser login goes straight through
         "environment": {"HF_HUB_OFFLINE": "1"},
-    },
+    }
+    for node in nodes
 ]
+swapserve_services = [service["name"] for service in c.JupyterHub.services]
 
-# ---- who may use it ----------------------------------------------------------------------------
-# Users may call the service; their servers' tokens may too (client mode forwards with them) and may
-# look the service up (upstream discovery). Holders of custom:swapserve:admin administer quotas.
+# ---- who may use them --------------------------------------------------------------------------
+# Users may call the services; their servers' tokens may too (client mode forwards with them), may
+# list the hub's services and read the swap services' URLs (discovery). Holders of
+# custom:swapserve:admin administer quotas.
+use_services = [f"{scope}!service={name}" for name in swapserve_services
+                for scope in ("access:services", "read:services")]
 c.JupyterHub.custom_scopes = {
     "custom:swapserve:admin": {"description": "Set quotas and read everyone's usage on the shared swap service."},
 }
 c.JupyterHub.load_roles = [
-    {"name": "user", "scopes": ["self", "access:services!service=swapserve", "read:services!service=swapserve"]},
-    {"name": "server", "scopes": ["users:activity!user", "access:servers!server",
-                                  "access:services!service=swapserve", "read:services!service=swapserve",
+    {"name": "user", "scopes": ["self", *use_services]},
+    {"name": "server", "scopes": ["users:activity!user", "access:servers!server", "list:services", *use_services,
                                   "custom:swapserve:admin"]},
     {"name": "swapserve-admin", "scopes": ["custom:swapserve:admin"],
      "users": [u for u in env("SWAPSERVE_ADMINS", "teacher").split(",") if u]},
