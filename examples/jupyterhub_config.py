@@ -65,7 +65,8 @@ c.JupyterHub.custom_scopes = {
     "custom:swapserve:admin": {"description": "Set quotas and read everyone's usage on the shared swap service."},
 }
 c.JupyterHub.load_roles = [
-    {"name": "user", "scopes": ["self", *use_services]},
+    # a server's token holds only what its user holds too: list:services in both
+    {"name": "user", "scopes": ["self", "list:services", *use_services]},
     {"name": "server", "scopes": ["users:activity!user", "access:servers!server", "list:services", *use_services,
                                   "custom:swapserve:admin"]},
     {"name": "swapserve-admin", "scopes": ["custom:swapserve:admin"],

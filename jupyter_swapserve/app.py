@@ -14,10 +14,11 @@ from traitlets import Bool, Enum, Float, List, Unicode
 from .config import ConfigError, ModelsFile, load_models_file
 from .handlers import handlers
 from .handlers.fallback import fallback_handlers
-from .handlers.proxy import UpstreamClient, proxy_handlers
+from .handlers.proxy import proxy_handlers
 from .service import SwapService
 from .service.accounting import QuotaAccounting
 from .service.identity import AdminRule
+from .service.nodes import NodeDirectory, node_name_of
 from .service.storage import QuotaStore, StorageError
 
 
@@ -63,15 +64,29 @@ class SwapServe(ExtensionApp):
         ["auto", "standalone", "service", "client"], "auto", config=True,
         help="standalone: this server runs the engines for its one user. service: the shared service of a "
              "JupyterHub (set by `jupyter swapserve`). client: a user's server under a hub whose /swapserve/ "
-             "routes forward to the shared service (upstream_url). auto: client when an upstream is configured "
-             "or the hub has a service named hub_service_name, else standalone.",
+             "routes forward to the shared services of the hub's nodes. auto: client when an upstream is "
+             "configured or the hub has a service named by hub_service_prefix, else standalone.",
     )
     upstream_url = Unicode(
         "", config=True,
         help="Client mode: the shared swap service's URL, e.g. http://127.0.0.1:10101/services/swapserve/. "
-             "Empty: $SWAPSERVE_UPSTREAM_URL, else asked from the hub (GET /hub/api/services/<hub_service_name>).",
+             "Empty: $SWAPSERVE_UPSTREAM_URL, else the services found at the hub (hub_service_prefix).",
     )
-    hub_service_name = Unicode("swapserve", config=True, help="The JupyterHub service that runs the shared service.")
+    upstream_urls = List(
+        Unicode(), config=True,
+        help="Client mode: the swap services of several nodes, one URL each (as upstream_url); requests go "
+             "to the node that serves their model. Empty: upstream_url, else the hub's services.",
+    )
+    hub_service_prefix = Unicode(
+        "swapserve", config=True,
+        help="Client mode: every hub service named so, or so followed by '-' (swapserve, swapserve-gpu1, ...), "
+             "is a node's swap service (GET /hub/api/services with the server's token).",
+    )
+    hub_service_name = Unicode(
+        "swapserve", config=True,
+        help="The hub service asked for when the server's token may not list the hub's services "
+             "(GET /hub/api/services/<name>).",
+    )
     kernel_tenants = Bool(
         True, config=True,
         help="Standalone mode: this server's notebook kernels that hold GPU memory are tenants of the GPUs "
@@ -95,20 +110,26 @@ class SwapServe(ExtensionApp):
              "<Jupyter data dir>/swapserve/events.jsonl. 'none': no event log.",
     )
 
-    def _resolve_mode(self) -> tuple[str, str | None]:
+    def _resolve_mode(self) -> tuple[str, list[tuple[str, str]]]:
+        """The mode, and in client mode the nodes' services as (name, URL)."""
         if self.mode in ("standalone", "service"):
-            return self.mode, None
-        upstream = self.upstream_url
-        if not upstream and (os.environ.get("SWAPSERVE_UPSTREAM_URL") or os.environ.get("JUPYTERHUB_API_URL")):
-            from .hub import discover_upstream  # only under a hub: it imports JupyterHub's auth
-
-            upstream = discover_upstream(self.hub_service_name)
-        if upstream:
-            return "client", upstream.rstrip("/") + "/"
+            return self.mode, []
+        urls = list(self.upstream_urls) or [u for u in (self.upstream_url, os.environ.get("SWAPSERVE_UPSTREAM_URL"))
+                                            if u][:1]
+        nodes = [(node_name_of(u), u) for u in urls]
+        if not nodes and os.environ.get("JUPYTERHUB_API_URL"):
+            nodes = self._discover_nodes()
+        if nodes:
+            return "client", nodes
         if self.mode == "client":
-            raise SystemExit("jupyter-swapserve: SwapServe.mode is 'client' but no upstream was found: set "
-                             "SwapServe.upstream_url or $SWAPSERVE_UPSTREAM_URL")
-        return "standalone", None
+            raise SystemExit("jupyter-swapserve: SwapServe.mode is 'client' but no swap service was found: set "
+                             "SwapServe.upstream_urls or $SWAPSERVE_UPSTREAM_URL, or register one with the hub")
+        return "standalone", []
+
+    def _discover_nodes(self) -> list[tuple[str, str]]:
+        from .hub import discover_upstreams  # only under a hub: it imports JupyterHub's auth
+
+        return discover_upstreams(self.hub_service_prefix, self.hub_service_name)
 
     def _make_accounting(self) -> QuotaAccounting | None:
         url = self.quota_db_url
@@ -139,20 +160,21 @@ class SwapServe(ExtensionApp):
 
     def initialize_settings(self) -> None:
         self._route_core_logs()
-        self.resolved_mode, upstream = self._resolve_mode()
+        self.resolved_mode, nodes = self._resolve_mode()
         self.settings["swapserve_mode"] = self.resolved_mode
         self.settings["swapserve_local_user"] = self.local_user or getpass.getuser()
         self.settings["swapserve_admin_rule"] = AdminRule.of(self.admin_users, self.admin_groups,
                                                              self.hub_admins_are_admins)
         self.service: SwapService | None = None
-        self.upstream: UpstreamClient | None = None
-        if upstream is not None:
-            # the hub's token for this server, owned by its user: the shared service sees that user
+        self.nodes: NodeDirectory | None = None
+        if nodes:
+            # the hub's token for this server, owned by its user: the services see that user
             token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
-            self.upstream = UpstreamClient(upstream, token)
-            self.settings["swapserve_upstream"] = self.upstream
-            self.log.info("jupyter-swapserve: client mode, forwarding /swapserve/ to the shared service at %s",
-                          upstream)
+            discovered = not (self.upstream_urls or self.upstream_url or os.environ.get("SWAPSERVE_UPSTREAM_URL"))
+            self.nodes = NodeDirectory(nodes, token, discover=self._discover_nodes if discovered else None)
+            self.settings["swapserve_nodes"] = self.nodes
+            self.log.info("jupyter-swapserve: client mode, /swapserve/ forwarded to %s",
+                          ", ".join(f"{name} ({url})" for name, url in nodes))
             return
         if self.podman_url:
             from .runtime.podman import configure  # container models only: podman-py loads lazily
@@ -223,11 +245,13 @@ class SwapServe(ExtensionApp):
 
     def initialize_handlers(self) -> None:
         # client mode: everything under /swapserve/ goes to the shared service; the rest is a JSON 404
-        self.handlers.extend([*proxy_handlers(), *fallback_handlers()] if self.upstream is not None else handlers())
+        self.handlers.extend([*proxy_handlers(), *fallback_handlers()] if self.nodes is not None else handlers())
 
     async def _start_jupyter_server_extension(self, serverapp) -> None:  # type: ignore[override]
         if self.service is not None:
             self.service.start()
+        if self.nodes is not None:
+            self.nodes.start()
         if getattr(self, "kernel_watcher", None) is not None:
             self.kernel_watcher.start()
         if self.export_env and self.resolved_mode != "service":
@@ -247,5 +271,5 @@ class SwapServe(ExtensionApp):
             await self.kernel_watcher.close()
         if self.service is not None:
             await self.service.close()
-        if self.upstream is not None:
-            await self.upstream.close()
+        if self.nodes is not None:
+            await self.nodes.close()

@@ -9,7 +9,7 @@ scope ``access:services!service=<name>``, which a hub role grants. The service's
 JupyterLab, no kernels, contents or files of the service's system user, and no page that could
 carry the service's own hub token.
 
-Each user's single-user server runs the extension in *client mode* (see :func:`discover_upstream`
+Each user's single-user server runs the extension in *client mode* (see :func:`discover_upstreams`
 and ``handlers/proxy.py``): its ``/swapserve/*`` routes forward to this service with the server's
 hub token, which JupyterHub owns on the user's behalf, so every request is the user's.
 """
@@ -189,39 +189,47 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # ---- client mode ---------------------------------------------------------------------------
-def discover_upstream(service_name: str = SERVICE_NAME, environ: dict[str, str] | None = None,
-                      timeout: float = 5.0) -> str | None:
-    """The shared service's URL (ending in '/') for a user's server spawned by JupyterHub: from
-    ``SWAPSERVE_UPSTREAM_URL`` if the spawner sets it, else from the hub's API
-    (``GET /hub/api/services/<name>``, with the server's own token). None without a hub, or when
-    the hub has no such service (the server then runs its own engines, as a standalone one)."""
+def discover_upstreams(prefix: str = SERVICE_NAME, service_name: str = SERVICE_NAME,
+                       environ: dict[str, str] | None = None, timeout: float = 5.0) -> list[tuple[str, str]]:
+    """The swap services of the hub's nodes, as (name, URL ending in '/'), for a user's server
+    spawned by JupyterHub: every service the hub lists (``GET /hub/api/services``, with the
+    server's own token) named ``prefix`` or ``prefix-…`` whose URL the token may read. Where the
+    token may not list services, the one service ``service_name`` (``GET /hub/api/services/<name>``).
+    Empty without a hub, or when it has none (the server then runs its own engines, as a standalone one)."""
     env = os.environ if environ is None else environ
-    explicit = env.get("SWAPSERVE_UPSTREAM_URL")
-    if explicit:
-        return explicit.rstrip("/") + "/"
     api_url, token = env.get("JUPYTERHUB_API_URL"), env.get("JUPYTERHUB_API_TOKEN")
     if not api_url or not token:
-        return None
+        return []
     import httpx
 
+    headers = {"Authorization": f"token {token}"}
     try:
-        r = httpx.get(f"{api_url.rstrip('/')}/services/{service_name}",
-                      headers={"Authorization": f"token {token}"}, timeout=timeout)
-    except httpx.HTTPError as exc:
+        r = httpx.get(f"{api_url.rstrip('/')}/services", headers=headers, timeout=timeout)
+        if r.status_code == 403:  # a server role without list:services: the one service by name
+            r = httpx.get(f"{api_url.rstrip('/')}/services/{service_name}", headers=headers, timeout=timeout)
+            listed = {service_name: r.json()} if r.status_code == 200 else {}
+        else:
+            listed = r.json() if r.status_code == 200 else {}
+    except (httpx.HTTPError, ValueError) as exc:
         log.warning("jupyter-swapserve: the hub at %s did not answer (%s); no shared service", api_url, exc)
-        return None
-    if r.status_code != 200:
-        if r.status_code == 403:
-            log.warning("jupyter-swapserve: this server's token may not read the hub service '%s' (grant the "
-                        "server role read:services!service=%s), or set SWAPSERVE_UPSTREAM_URL",
-                        service_name, service_name)
-        return None
-    info = r.json()
-    url, prefix = info.get("url"), info.get("prefix") or f"/services/{service_name}/"
-    if not url:
-        return None
-    # the service's own address (what the proxy forwards to), with the prefix it serves under
-    return url.rstrip("/") + "/" + prefix.strip("/") + "/"
+        return []
+    if r.status_code == 403:
+        log.warning("jupyter-swapserve: this server's token may neither list the hub's services nor read '%s' "
+                    "(grant the server role list:services and read:services!service=<each node's service>), or "
+                    "set SWAPSERVE_UPSTREAM_URL", service_name)
+    found = []
+    for name in sorted(listed):
+        if name != prefix and not name.startswith(prefix + "-"):
+            continue
+        info = listed[name] if isinstance(listed[name], dict) else {}
+        url, path = info.get("url"), info.get("prefix") or f"/services/{name}/"
+        if not url:
+            log.warning("jupyter-swapserve: the hub lists the service '%s' but this server's token may not read "
+                        "its URL (grant the server role read:services!service=%s)", name, name)
+            continue
+        # the service's own address (what the proxy forwards to), with the prefix it serves under
+        found.append((name, url.rstrip("/") + "/" + path.strip("/") + "/"))
+    return found
 
 
 if __name__ == "__main__":  # python -m jupyter_swapserve.hub: the same as `jupyter swapserve`

@@ -323,7 +323,11 @@ class LLMMagics(Magics):
         if not rows:
             print("No models are served; check the models file (--SwapServe.models_file).")
             return
-        display(_table(["model", "api", "state", "memory", "queue", "in flight", "last swap-in"], rows), raw=True)
+        head = ["model", "api", "state", "memory", "queue", "in flight", "last swap-in"]
+        if status.get("nodes"):  # client mode: a model of several nodes has a row per node
+            head, rows = ["node", *head], [[m.get("node", "?"), *row] for m, row in
+                                           zip(status.get("models", []), rows, strict=True)]
+        display(_table(head, rows), raw=True)
 
     def _status(self) -> None:
         status = self.client.status()
@@ -341,9 +345,19 @@ class LLMMagics(Magics):
                 _ago(m.get("last_used")), (m.get("error") or "")[:80],
             ])
         print(f"server: {self.client.connection.describe()}")
-        display(_table(["device", "name", "kind", "capacity", "reserved", "free", "used"], devices), raw=True)
-        display(_table(["model", "engine/api", "state", "device", "memory", "queue", "in flight", "swaps in/out",
-                        "last swap-in", "last swap-out", "last used", "error"], models), raw=True)
+        device_head = ["device", "name", "kind", "capacity", "reserved", "free", "used"]
+        model_head = ["model", "engine/api", "state", "device", "memory", "queue", "in flight", "swaps in/out",
+                      "last swap-in", "last swap-out", "last used", "error"]
+        nodes = status.get("nodes")
+        if nodes:  # client mode: the services of the hub's nodes, as one
+            display(_table(["node", "up", "models", "since", "error"],
+                           [[n["name"], "yes" if n["up"] else "no", ", ".join(n.get("models") or []) or "—",
+                             _ago(n.get("since")), (n.get("error") or "")[:80]] for n in nodes]), raw=True)
+            device_head, model_head = ["node", *device_head], ["node", *model_head]
+            devices = [[d.get("node", "?"), *row] for d, row in zip(status.get("devices", []), devices, strict=True)]
+            models = [[m.get("node", "?"), *row] for m, row in zip(status.get("models", []), models, strict=True)]
+        display(_table(device_head, devices), raw=True)
+        display(_table(model_head, models), raw=True)
         for err in status.get("config_errors") or []:
             print(f"models file: {err}")
 
