@@ -29,6 +29,8 @@ SOCKET_ENV = "SWAPSERVE_INTERPOSER_SOCKET"
 LIBRARY_ENV = "SWAPSERVE_INTERPOSER_LIBRARY"
 LIBRARY_NAME = "libswapserve_interposer.so"
 _REPO_LIBRARY = Path(__file__).resolve().parents[2] / "interposer" / "build" / LIBRARY_NAME
+#: the longest path a Unix socket address holds (sun_path, less its terminating NUL)
+MAX_SOCKET_PATH = 107
 #: one answer may be long (the status of an engine with thousands of allocations)
 _LINE_LIMIT = 1 << 22
 
@@ -167,6 +169,8 @@ class InterposerClient:
             raise InterposerError(f"permission denied on {self.socket_path}", op=op) from None
         except TimeoutError:
             raise InterposerUnavailable(f"connecting to {self.socket_path} timed out", op=op) from None
+        except OSError as e:  # e.g. a path longer than a socket address holds
+            raise InterposerError(f"cannot connect to {self.socket_path}: {e}", op=op) from None
         try:
             writer.write((json.dumps({"op": op}) + "\n").encode())
             try:
@@ -262,6 +266,9 @@ def prepare_socket_dir(directory: str | os.PathLike[str]) -> Path:
         raise InterposerError(f"{d} is not a directory of uid {os.geteuid()}: refusing to put a control socket there")
     os.chmod(d, 0o700)  # mkdir's mode goes through the umask; exist_ok keeps an old mode
     sock = d / "interposer.sock"
+    if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
+        raise InterposerError(f"the control socket's path {sock} is longer than {MAX_SOCKET_PATH} bytes "
+                              "(a Unix socket's limit): use a shorter directory (XDG_RUNTIME_DIR)")
     if sock.is_socket():
         sock.unlink()
     return sock
