@@ -631,3 +631,43 @@ async def test_the_adapter_swaps_an_engine_in_a_podman_container(built: Path, tm
         await runtime.stop(timeout=2)
         runtime.kill()
         service.close()
+
+
+def test_the_status_says_which_path_each_model_swaps_by(built: Path, tmp_path: Path) -> None:
+    from .server import run_server
+
+    def engine(name: str, *extra: str, swap: str = "interposer") -> dict[str, Any]:
+        return {"name": name, "engine": "command", "swap": swap, "api": "completion", "memory_gib": 1,
+                "command": ["{python}", str(CUDA_ENGINE), "--port", "{port}", *extra],
+                "env": {"LD_LIBRARY_PATH": str(KIT)}}
+
+    models = {"devices": [{"virtual": True, "memory_gib": 8}],
+              "models": [engine("ip"), engine("ip-managed", "--managed-mib", "2"), engine("plain", swap="auto")]}
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps(models))
+    runtime_dir = Path(tempfile.mkdtemp(prefix="ss-"))  # short: a socket's path holds 107 bytes
+    with run_server(path, env={"XDG_RUNTIME_DIR": str(runtime_dir)}) as server:
+        server.wait_models(timeout=120)
+        assert server.model("ip")["swap_path"] == "interposer"
+        managed = server.model("ip-managed")["swap_path"]
+        assert managed.startswith("interposer (fallback to the checkpoint path: ") and "managed memory" in managed
+        assert (server.model("plain")["swap"], server.model("plain")["swap_path"]) == ("auto", "checkpoint")
+
+        def ask() -> str:
+            r = httpx.post(server.api + "/completions", headers=server.headers(), timeout=60,
+                           json={"model": "ip", "prompt": "The capital of France", "max_tokens": 4})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+
+        first = ask()  # swapped in from the startup snapshot
+        r = httpx.post(server.url + "swapserve/api/models/ip/swap-out", headers=server.headers(), timeout=60)
+        assert r.status_code == 200
+        assert ask() == first
+        # the engine's library serves its socket in the service's private directory
+        assert (runtime_dir / f"jupyter-swapserve-{os.geteuid()}").stat().st_mode & 0o077 == 0
+    shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+def test_a_socket_path_too_long_is_refused_with_the_reason(tmp_path: Path) -> None:
+    with pytest.raises(InterposerError, match="longer than 107 bytes"):
+        prepare_socket_dir(tmp_path / ("d" * 100))

@@ -268,7 +268,7 @@ class SwapService:
                 "memory_gib": b.memory_gib, "memory_measured": b.memory_measured,
                 "reserved_gib": b.reserved_gib,
                 "residual_gib": b.residual_reservation.gib if b.residual_reservation else 0.0,
-                "residual": b.config.residual,
+                "residual": b.config.residual, "swap": b.config.swap, "swap_path": b.adapter.swap_path,
                 "queue_depth": b.queued, "in_flight": b.in_flight, "max_queue": b.config.max_queue,
                 "pinned": b.config.pinned, "idle_timeout": b.config.idle_timeout,
                 "last_swap_in_seconds": b.last_swap_in_seconds,
