@@ -7,6 +7,8 @@
 #   bash bench/gpu_run.sh contention [ARGS...]  # bench/pcie_duplex.py, then bench/contention.py ARGS
 #   bash bench/gpu_run.sh interposer ARGS...     # tests/gpu/test_gpu_interposer.py, then bench/interposer_gpu.py ARGS
 #                                               # (--llama-server BIN --gguf FILE); carry interposer/build too
+#   bash bench/gpu_run.sh engines [ARGS...]     # bench/engines_gpu.py ARGS (vLLM, llama.cpp, reference; issue 25)
+#   bash bench/gpu_run.sh engine-tests          # tests/gpu/test_gpu_engines.py (after bench/gpu/device.sh staged them)
 # Wheels: `bash ../shared/device/make-wheels.sh` here first, then carry [".whl"].
 # Every step has its own `timeout`: a device call must never hang.
 set -uo pipefail
@@ -51,6 +53,15 @@ if [ "$what" = interposer ]; then
   rc=$((rc | ${PIPESTATUS[0]}))
   timeout "${INTERPOSER_TIMEOUT:-420}" python3 bench/interposer_gpu.py --out "$OUT" --budget 400 "$@" 2>&1 \
     | tee "$OUT/interposer.log"
+  rc=$((rc | ${PIPESTATUS[0]}))
+fi
+if [ "$what" = engines ]; then
+  timeout "${ENGINES_TIMEOUT:-570}" python3 bench/engines_gpu.py --out "$OUT" "$@" 2>&1 | tee "$OUT/engines.log"
+  rc=$((rc | ${PIPESTATUS[0]}))
+fi
+if [ "$what" = engine-tests ]; then
+  timeout "$TESTS_TIMEOUT" python3 -m pytest -q -s -rA -p no:cacheprovider -o addopts="" tests/gpu/test_gpu_engines.py \
+    2>&1 | tee "$OUT/gpu-engine-tests.log"
   rc=$((rc | ${PIPESTATUS[0]}))
 fi
 # the engines' own logs (startup breakdown, sleep/wake timings, errors), as one file
