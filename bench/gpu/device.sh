@@ -7,7 +7,8 @@
 #                                       #   /tmp/site-vllm, `import vllm` and its server checked
 #   bash bench/gpu/device.sh wait [S]   # block until the build and the models are done (at most S s)
 # Background work runs in its own session (setsid): it outlives the call and runs while the machine is
-# warm (GPU25_SHAPE=tiny GPU25_DRY=1: a dry run, no wheels, no build of the mechanics on a CPU). Everything it leaves is under /tmp/gpu25 (W); logs are copied to $OUT.
+# warm. GPU25_SHAPE=tiny GPU25_DRY=1: a dry run of the mechanics on a CPU (no wheels, no build).
+# Everything it leaves is under /tmp/gpu25 (W); logs are copied to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 W=${GPU25:-/tmp/gpu25}
