@@ -511,7 +511,7 @@ def test_swap_field_is_validated() -> None:
 def test_the_launch_loads_the_library_and_names_a_private_socket(built: Path, tmp_path: Path, runtime: str) -> None:
     adapter = adapter_for(interposer_model(runtime=runtime))
     assert isinstance(adapter, InterposerSleep) and adapter.name == "command" and adapter.supports_sleep
-    adapter._root = tmp_path
+    adapter.sockets_dir = tmp_path
     spec = adapter.launch_spec(8123)
     sock = Path(spec.env[SOCKET_ENV])
     assert spec.env["LD_PRELOAD"].split(":")[0] == str(built)
@@ -524,7 +524,7 @@ def test_the_launch_loads_the_library_and_names_a_private_socket(built: Path, tm
 
 
 async def start_through_adapter(adapter: InterposerSleep, tmp_path: Path) -> tuple[ProcessRuntime, str]:
-    adapter._root = tmp_path
+    adapter.sockets_dir = tmp_path
     port = free_port()
     runtime = ProcessRuntime(adapter.model.name)
     await runtime.start(adapter.launch_spec(port))
@@ -604,7 +604,7 @@ async def test_the_adapter_swaps_an_engine_in_a_podman_container(built: Path, tm
     entry.image, entry.volumes = IMAGE, [*host_volumes(), f"{REPO}:{REPO}:ro"]
     adapter = adapter_for(entry)
     assert isinstance(adapter, InterposerSleep)
-    adapter._root = tmp_path
+    adapter.sockets_dir = tmp_path
     spec = adapter.launch_spec(free_port())
     service = PodmanService()
     runtime = PodmanRuntime(entry.name, entry, service)

@@ -71,7 +71,8 @@ class InterposerSleep(EngineAdapter):
         self.name = inner.name  # the engine's name, as in status and logs
         self.supports_stream_usage = inner.supports_stream_usage
         self.follows = inner.follows
-        self._root = root
+        #: where the control sockets' directories go (default: socket_root(), this user's private one)
+        self.sockets_dir = root
         self.client: InterposerClient | None = None
         #: why this model uses the checkpoint path instead (None: the interposer serves it)
         self.swap_note: str | None = None
@@ -89,7 +90,7 @@ class InterposerSleep(EngineAdapter):
         except InterposerUnavailable as exc:
             raise EngineError(f"swap: interposer: {exc}") from None
         try:
-            sock = prepare_socket_dir((self._root or socket_root()) / socket_dir_name(self.model.name))
+            sock = prepare_socket_dir((self.sockets_dir or socket_root()) / socket_dir_name(self.model.name))
         except (OSError, InterposerError) as exc:
             raise EngineError(f"swap: interposer: the control socket's directory: {exc}") from None
         spec.env.update(engine_env(sock, library, base={**os.environ, **spec.env}))
