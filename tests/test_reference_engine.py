@@ -1,7 +1,12 @@
 """The reference engine on the CPU: the same server the GPU benchmarks run, with a tiny random
-model. Checks the OpenAI routes, streaming, the sleep protocol (weights survive a sleep/wake
-cycle), the startup breakdown, that its forward pass matches transformers' Llama, and that the
-swap service drives it through the adapter."""
+model. Checks the OpenAI routes, streaming, the sleep protocol, the startup breakdown, that its
+forward pass matches transformers' Llama, and that the swap service drives it through the adapter.
+
+Swap integrity: ``GET /integrity`` (a bit-exact digest of the weights, the logits of a fixed
+prompt) is taken once the engine has started, before its first sleep, and compared after every
+wake. A seeded ``shape:`` model's weights can be regenerated from the seed, so a wake that did
+that instead of copying them back would still match: the in-process test gives its engine weights
+that exist only in its memory, so only the copy brings them back."""
 
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ torch = pytest.importorskip("torch")
 from jupyter_swapserve.config import parse_models  # noqa: E402
 from jupyter_swapserve.engines import ADAPTERS, adapter_for  # noqa: E402
 
+from . import integrity  # noqa: E402
 from .server import free_port, run_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,10 +65,23 @@ def engine(*extra: str) -> Iterator[str]:
         log.close()
 
 
+#: the module engine's /integrity report, taken before anything could make it sleep
+BASELINE: dict[str, dict] = {}
+
+
 @pytest.fixture(scope="module")
 def tiny() -> Iterator[str]:
-    with engine() as url:
+    with engine("--record-integrity") as url:
+        BASELINE[url] = integrity.report(url)["now"]
         yield url
+
+
+def assert_intact(url: str) -> None:
+    """The weights and the fixed prompt's logits are those of before the first sleep, bit for bit."""
+    report = integrity.report(url)
+    assert integrity.differences(report["now"], BASELINE[url]) == []
+    if report["before_first_sleep"] is not None:  # the engine's own baseline is the same
+        assert integrity.differences(report["before_first_sleep"], BASELINE[url]) == []
 
 
 def complete(url: str, prompt: str = "hello", n: int = 8) -> httpx.Response:
@@ -119,6 +138,7 @@ def test_a_client_leaving_mid_stream_does_not_stall_the_engine(tiny: str) -> Non
     assert httpx.post(tiny + "/sleep", params={"level": 1}, timeout=60).status_code == 200
     assert httpx.post(tiny + "/wake_up", timeout=60).status_code == 200
     assert complete(tiny, "after", 4).status_code == 200
+    assert_intact(tiny)
 
 
 def test_every_forward_pass_runs_on_one_thread() -> None:
@@ -173,6 +193,28 @@ def test_a_sleep_copies_the_weights_out_only_when_the_host_copy_is_stale() -> No
     always.gpu_thread.shutdown()
 
 
+def test_a_wake_brings_back_exactly_the_weights_that_slept() -> None:
+    """Weights that exist only in the engine's memory (changed in place after the seeded init, as
+    fine-tuned weights would be): neither the seed nor a reload makes them again, so only the copy
+    to host memory and back does. Level-1 cycles with the copy out made, skipped (the host copy is
+    still exact) and forced (--copy-out always) each bring back the same bits and the same logits."""
+    from jupyter_swapserve.reference.engine import Engine
+    from jupyter_swapserve.reference.server import parse_args
+
+    for copy_out in ("changed", "always"):
+        eng = Engine(parse_args(["--model", "shape:tiny", "--device", "cpu", "--max-model-len", "64",
+                                 "--copy-out", copy_out]))
+        with torch.inference_mode():
+            noise = torch.Generator().manual_seed(99)
+            eng.flat.add_(torch.randn(eng.flat.shape, generator=noise, dtype=eng.flat.dtype) * 0.01)
+        baseline = eng.integrity()
+        for cycle in range(3):
+            eng.sleep(1)
+            eng.wake()
+            assert integrity.differences(eng.integrity(), baseline) == [], (copy_out, cycle)
+        eng.gpu_thread.shutdown()
+
+
 def test_bad_requests_get_openai_errors(tiny: str) -> None:
     r = httpx.post(tiny + "/v1/chat/completions", json={"model": "tiny", "messages": []})
     assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
@@ -190,18 +232,24 @@ def test_sleep_and_wake_keep_the_weights(tiny: str) -> None:
     asleep = complete(tiny)
     assert asleep.status_code == 503 and "sleeping" in asleep.json()["error"]["message"]
     assert httpx.get(tiny + "/v1/models").status_code == 200, "the API still answers while asleep"
+    r = httpx.get(tiny + "/integrity", timeout=60)
+    assert r.status_code == 503 and "sleeping" in r.json()["error"]["message"]
     assert httpx.post(tiny + "/wake_up", timeout=60).status_code == 200
     assert httpx.get(tiny + "/is_sleeping").json() == {"is_sleeping": False}
+    assert_intact(tiny)
     assert complete(tiny, "the same prompt", 12).json()["choices"][0]["text"] == before
     stats = httpx.get(tiny + "/stats").json()
     assert stats["cycles"] == cycles + 1 and stats["last_sleep"]["level"] == 1
+    # the engine took its own baseline just before its first sleep: the same as the test's
+    assert integrity.differences(integrity.report(tiny)["before_first_sleep"], BASELINE[tiny]) == []
 
 
 def test_sleep_level_2_reloads_the_weights(tiny: str) -> None:
     before = complete(tiny, "level two", 6).json()["choices"][0]["text"]
     assert httpx.post(tiny + "/sleep?level=2", timeout=60).json()["level"] == 2
     assert httpx.post(tiny + "/wake_up", timeout=60).status_code == 200
-    assert complete(tiny, "level two", 6).json()["choices"][0]["text"] == before  # same seed, same weights
+    assert_intact(tiny)  # a seeded shape: the reload regenerates the same bits
+    assert complete(tiny, "level two", 6).json()["choices"][0]["text"] == before
     assert httpx.post(tiny + "/sleep?level=3").status_code == 400
 
 
@@ -254,7 +302,10 @@ def test_adapter_launches_the_server() -> None:
 
 def test_served_through_the_swap_service(tmp_path: Path) -> None:
     """Two reference engines on a virtual device with room for one: requests alternate, both
-    answer, and the swaps happen (freeze/thaw; the sleep hook is for real GPUs)."""
+    answer, and the swaps happen. On the virtual device a swap is freeze/thaw, which moves none of
+    the engine's memory, so the weights cannot change here; the sleep hook runs through the service
+    in tests/test_contention_overlap.py (integrity checked at every wake) and on a real GPU in
+    tests/gpu/test_gpu_swap.py."""
     models = {
         "devices": [{"virtual": True, "memory_gib": 1.0}],
         "models": [{"name": n, "engine": "reference", "model": "shape:tiny", "api": "completion",

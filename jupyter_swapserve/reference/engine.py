@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import hashlib
 import logging
 import math
 import queue
@@ -22,6 +23,27 @@ from .model import GIB, SHAPES, layer_forward, layer_param_names, param_specs, r
 from .tokenizer import ByteTokenizer, HfTokenizer
 
 log = logging.getLogger("swapserve.reference")
+
+#: the prompt whose logits ``GET /integrity`` reports: the same every time, so reports compare
+INTEGRITY_PROMPT = "Swapped out and back in, the same weights give the same logits."
+#: 16-bit words summed per step of the digest: 4 Mi words keep every partial sum inside int64
+#: (< 2^16 * 2^16 * 2^22) and its temporaries at ~100 MB on a device that is nearly full
+DIGEST_CHUNK = 1 << 22
+
+
+def buffer_digest(buf: torch.Tensor) -> str:
+    """A bit-exact digest of a tensor's raw bytes, computed where the tensor lives (a GPU's 16 GB of
+    weights never cross PCIe for it): per chunk of 16-bit words, their sum and their sum weighted
+    by position (mod 65521), then SHA-256 over those pairs. Any changed bit changes the first sum;
+    moved words change the second. The same bits give the same digest on any device."""
+    words = buf.detach().reshape(-1).view(torch.int16)
+    sums = []
+    for start in range(0, words.numel(), DIGEST_CHUNK):
+        w = words[start:start + DIGEST_CHUNK].to(torch.int64) & 0xFFFF
+        weight = torch.arange(start, start + w.numel(), device=w.device, dtype=torch.int64) % 65521 + 1
+        sums.append(torch.stack((w.sum(), (w * weight).sum())))
+    pairs = torch.stack(sums).cpu() if sums else torch.zeros((0, 2), dtype=torch.int64)
+    return hashlib.sha256(pairs.numpy().tobytes()).hexdigest()
 
 
 class Engine(SleepWake):
@@ -47,6 +69,8 @@ class Engine(SleepWake):
         self.prefill_layer: Any = layer_forward  # compiled in _compile_prefill with --compile
         self.first_after_wake = False
         self.cycles = 0
+        #: GET /integrity as it was just before the first sleep (with --record-integrity)
+        self.integrity_before_first_sleep: dict[str, Any] | None = None
         self.max_len = args.max_model_len
         t0 = time.perf_counter()
         if self.cuda:
@@ -393,6 +417,32 @@ class Engine(SleepWake):
         with torch.inference_mode():
             for name, _, _ in self.specs:
                 self.w[name].copy_(state[name])
+
+    # ---- what a swap must leave unchanged (GET /integrity) -----------------------------------
+    def integrity(self) -> dict[str, Any]:
+        """The weights' digest and the logits of :data:`INTEGRITY_PROMPT`, now. The weights must be
+        bit-identical after a sleep/wake cycle; the logits too on the same device, where the same
+        kernels run on the same bits. Raises RuntimeError while the engine sleeps."""
+        with self.lock:
+            if self.sleeping:
+                raise RuntimeError("the engine is sleeping; POST /wake_up first")
+            return self.gpu_thread.submit(self._integrity_now).result()
+
+    @torch.inference_mode()
+    def _integrity_now(self) -> dict[str, Any]:
+        ids = self.tokenizer.encode(INTEGRITY_PROMPT)[-(self.max_len - 1):]
+        logits = self._prefill(torch.tensor(ids, dtype=torch.long, device=self.device))[0]
+        top = torch.topk(logits, min(8, logits.numel()))
+        return {"weights_digest": buffer_digest(self.flat), "weights_bytes": self.weights_bytes,
+                "prompt": INTEGRITY_PROMPT, "logits_digest": buffer_digest(logits),
+                "top_ids": top.indices.tolist(), "top_logits": top.values.tolist()}
+
+    def sleep(self, level: int) -> dict[str, Any]:
+        if self.args.record_integrity and self.integrity_before_first_sleep is None and not self.sleeping:
+            # the baseline a test compares every wake with, taken before any swap could touch the
+            # weights (a service snapshots an engine right after its start: no client gets in first)
+            self.integrity_before_first_sleep = self.integrity()
+        return super().sleep(level)
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -77,6 +77,15 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, eng.timings)
         elif path == "/stats":
             self._json(200, eng.stats())
+        elif path == "/integrity":
+            # what a swap must leave unchanged; as open as the rest of this API, which listens on the
+            # loopback only (--host) for the service that launched it, and reads nothing but the engine
+            try:
+                now = eng.integrity()
+            except RuntimeError as exc:
+                self._error(HttpError(503, str(exc), "service_unavailable"))
+                return
+            self._json(200, {"now": now, "before_first_sleep": eng.integrity_before_first_sleep})
         else:
             self._error(HttpError(404, f"no route {path}", "not_found_error"))
 
@@ -217,6 +226,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="level-1 sleep: copy the weights out only when the host copy is not already "
                         "exact (changed), or on every sleep (always, as vLLM does)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (shape: models)")
+    p.add_argument("--record-integrity", action="store_true",
+                   help="take GET /integrity (the weights' digest, a fixed prompt's logits) just before the "
+                        "first sleep, and report it beside the current one: the baseline of the swap tests")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
