@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -15,3 +16,12 @@ def demo_server() -> ServerHandle:
     with run_server() as server:
         server.wait_models()
         yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama checkpoint on disk whose weights no seed of the reference engine regenerates."""
+    pytest.importorskip("transformers")
+    from .integrity import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"))

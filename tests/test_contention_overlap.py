@@ -2,22 +2,32 @@
 engine on the CPU: a real sleep/wake protocol) on a device the scheduler treats as a GPU.
 
 What the device holds is played by :class:`FakeGpu`, the stand-in for NVML and libcuda (as
-``tests/test_checkpoint.py``'s FakeDriver is for libcuda alone): each engine holds its full size
-while awake, its residual (CUDA context, allocator pools) once its real sleep hook has returned,
-and nothing once its residual is checkpointed. It counts memory as held from the start of a step
-that allocates it (restore, wake) to the end of a step that frees it (sleep, checkpoint), so it
-is strict about the books. The checks run at every change of every reservation manager and in a
-sampler that polls them all the time:
+``tests/test_checkpoint.py``'s FakeDriver is for libcuda alone). It frees an engine's memory in
+the stages the H100 showed while the engine's real sleep hook runs: the KV cache at once (it is
+discarded), then the weights once their copy out is done (the real hook's return), leaving the
+residual (CUDA context, allocator pools), and nothing once that is checkpointed; a sleep may also
+take memory for a while (a transient buffer). It counts memory as held from the start of a step
+that allocates it (restore, wake) to the end of a step that frees it, so it is strict about the
+books. The checks run at every change of every reservation manager and in a sampler that polls
+them all the time, with no exemption for any engine's state or lock:
 
 - each manager's granted memory ≤ its capacity; the engines' reservations add up to no more than
-  what was granted, and any other grant is one that a swap-in or start is about to take;
-- what each engine holds on the device ≤ what it has reserved, and the sum ≤ capacity.
+  what was granted; a grant that no engine holds yet is taken (or given back) within a few steps
+  of the event loop;
+- what each engine holds on the device ≤ what it has reserved, and the sum ≤ capacity;
+- the weights' digest and a fixed prompt's logits (the reference engine's ``GET /integrity``) after
+  every wake are those of before the engine's first sleep.
 
-Covered here (issue 10): the overlapped eviction (the victim's weights are handed over when its
-sleep hook returns; the requester swaps in and serves while the victim's residual is still being
-checkpointed and frozen, steps made slow by injection), and ``residual: auto`` (kept residuals are
-checkpointed, least recently used first, before anything is evicted, and an unmeasured model's
-start takes the room it needs from them), with ``residual: keep`` as the contrast.
+Covered here: the handover during the victim's sleep (a waiting engine is granted, swapped in and
+served while the victim's weights are still being copied out, its hook held by injection), the
+overlapped eviction (issue 10: the requester serves while the victim's residual is still being
+checkpointed and frozen), and ``residual: auto`` (kept residuals are checkpointed, least recently
+used first, before anything is evicted, and an unmeasured model's start takes the room it needs
+from them), with ``residual: keep`` as the contrast.
+
+What this cannot prove (docs/testing.md): the sizes are the stand-in's numbers, not memory a
+driver handed out, and the engines run on the CPU; tests/gpu/test_gpu_contention.py is the gate for
+the same claims on a real GPU.
 """
 
 from __future__ import annotations
@@ -40,23 +50,30 @@ from jupyter_swapserve.config import parse_models
 from jupyter_swapserve.gpu import checkpoint as ck
 from jupyter_swapserve.service import SwapService
 from jupyter_swapserve.service.backend import Backend, State, StepTiming
+from jupyter_swapserve.service.handover import MARGIN_GIB
 from jupyter_swapserve.service.reservations import Reservation, ReservationGroup, ReservationManager
 
+from . import integrity
 from .test_checkpoint import FakeDriver
 
 ROOT = Path(__file__).resolve().parent.parent
 EPS = 1e-6
-#: a held checkpoint lets go after this long even if the test never releases it (no hang on a bug)
+#: a held checkpoint or sleep lets go after this long even if the test never releases it (no hang on a bug)
 HOLD_GUARD_S = 20.0
+#: steps of the event loop a granted reservation may wait to be taken by its engine: the grant wakes
+#: the waiting swap-in, which returns it up its call chain (a handful of steps) to the backend
+MAX_LOOP_STEPS_UNTAKEN = 50
 
 
 def service(models: list[tuple[str, float | None, str]], capacity: float,
-            idle_check_interval: float = 3600.0) -> SwapService:
+            idle_check_interval: float = 3600.0, checkpoints: dict[str, Path] | None = None) -> SwapService:
     """Reference engines (tiny random Llama on the CPU, one seed each: different answers) on one
-    device of ``capacity`` GiB; ``models``: (name, memory_gib or None for unmeasured, residual)."""
+    device of ``capacity`` GiB; ``models``: (name, memory_gib or None for unmeasured, residual);
+    ``checkpoints``: models loaded from a checkpoint on disk instead of a seeded random init."""
     specs = []
     for seed, (name, memory, residual) in enumerate(models):
-        spec: dict[str, Any] = {"name": name, "engine": "reference", "model": "shape:tiny", "api": "completion",
+        model = str((checkpoints or {}).get(name, "shape:tiny"))
+        spec: dict[str, Any] = {"name": name, "engine": "reference", "model": model, "api": "completion",
                                 "residual": residual, "drain_timeout": 30,
                                 "args": ["--device", "cpu", "--max-model-len", "64", "--seed", str(seed)],
                                 "env": {"PYTHONPATH": str(ROOT)}}
@@ -77,12 +94,22 @@ def parts(r: Reservation | ReservationGroup | None) -> list[Reservation]:
 
 class FakeGpu:
     """NVML's per-process memory and libcuda's checkpoint calls for engines on a device the
-    scheduler is told is a GPU, following what the real engine processes really did."""
+    scheduler is told is a GPU, following what the real engine processes really did.
 
-    def __init__(self, svc: SwapService, sizes: dict[str, float], residuals: dict[str, float]) -> None:
+    ``sizes``: what each engine holds awake; ``residuals``: what it keeps once asleep; ``kv``: the
+    part of it its sleep frees first (default: half of what the sleep frees); ``growth``: memory its
+    sleep takes once the KV cache is gone and holds until its weights are gone (default none)."""
+
+    def __init__(self, svc: SwapService, sizes: dict[str, float], residuals: dict[str, float],
+                 kv: dict[str, float] | None = None, growth: dict[str, float] | None = None) -> None:
         self.svc = svc
         self.sizes = sizes
         self.residuals = residuals
+        self.kv = {n: (kv or {}).get(n, (sizes[n] - residuals[n]) / 2) for n in sizes}
+        self.growth = {n: (growth or {}).get(n, 0.0) for n in sizes}
+        #: each engine's /integrity report before its first sleep, and how many wakes matched it
+        self.baselines: dict[str, dict[str, Any]] = {}
+        self.intact_wakes: dict[str, int] = dict.fromkeys(sizes, 0)
         self._lock = threading.Lock()
         self.held: dict[tuple[str, int], float] = {}  # (model, pid) → GiB on the device now
         self.saved: dict[tuple[str, int], float] = {}  # (model, pid) → GiB in its checkpoint image
@@ -95,6 +122,12 @@ class FakeGpu:
         self._hold: str | None = None
         self._released = threading.Event()
         self.held_checkpoint = threading.Event()
+        self._hold_sleep: str | None = None
+        self._sleep_released = asyncio.Event()
+        self.held_sleep = asyncio.Event()
+        self._granted: dict[int, Reservation] = {}  # every grant seen (kept: no id is reused)
+        self._untaken: dict[int, int] = {}  # id of a grant no engine holds yet → loop steps waited
+        self.max_untaken_steps = 0
 
     # ---- what the device holds -------------------------------------------------------------
     def _key(self, b: Backend) -> tuple[str, int] | None:
@@ -176,17 +209,49 @@ class FakeGpu:
         self._hold = None
         self._released.set()
 
+    def hold_sleep(self, name: str) -> None:
+        """Slow step by injection: ``name``'s next sleep, its KV cache freed, keeps its weights on
+        the device (their copy out still running) until released."""
+        self._sleep_released.clear()
+        self.held_sleep.clear()
+        self._hold_sleep = name
+
+    def release_sleep(self) -> None:
+        self._hold_sleep = None
+        self._sleep_released.set()
+
     # the engines' hooks: the real sleep/wake of the real process, and what it does to the device
     def _hooks(self, b: Backend) -> tuple[Callable[..., Awaitable[None]], Callable[..., Awaitable[None]]]:
         real_sleep, real_wake = b.adapter.sleep, b.adapter.wake
 
         async def sleep(client: Any, base_url: str) -> None:
+            if b.name not in self.baselines:  # before the first sleep, nothing has touched the weights
+                self.baselines[b.name] = (await integrity.report_async(client, base_url))["now"]
+            # stages, as the H100 showed: the KV cache is discarded at once; then the engine may take
+            # a transient buffer; the weights go when their copy out is done (the real hook returns)
+            self._set(b, self.holds(b) - self.kv[b.name], "sleep: KV cache freed")
+            if self._hold_sleep == b.name:
+                self.events.append((b.name, "sleep held"))
+                self.held_sleep.set()
+                try:
+                    await asyncio.wait_for(self._sleep_released.wait(), HOLD_GUARD_S)
+                except TimeoutError:
+                    self.violations.append(f"the held sleep of {b.name} was never released")
+            if self.growth[b.name]:
+                self._set(b, self.holds(b) + self.growth[b.name], "sleep: takes a transient buffer")
             await real_sleep(client, base_url)
-            self._set(b, self.residuals[b.name], "sleep")  # weights and KV cache are gone when it returns
+            self._set(b, self.residuals[b.name], "sleep: weights freed")
+            self.events.append((b.name, "sleep returned"))
 
         async def wake(client: Any, base_url: str) -> None:
             self._set(b, self.sizes[b.name], "wake")  # taken from the moment the wake begins
             await real_wake(client, base_url)
+            now = (await integrity.report_async(client, base_url))["now"]
+            changed = integrity.differences(now, self.baselines[b.name])
+            if changed:
+                self.violations.append(f"wake of {b.name}: " + "; ".join(changed))
+            else:
+                self.intact_wakes[b.name] += 1
 
         return sleep, wake
 
@@ -195,6 +260,33 @@ class FakeGpu:
     def reserved(b: Backend, device: int) -> float:
         return sum(p.gib for r in (b.reservation, b.residual_reservation) for p in parts(r)
                    if p.device == device and not p.released)
+
+    def _taken(self, r: Reservation) -> bool:
+        return any(p is r for b in self.svc.backends.values()
+                   for held in (b.reservation, b.residual_reservation) for p in parts(held))
+
+    def _watch_untaken(self, r: Reservation, where: str) -> None:
+        """A grant that no engine holds yet must be taken (or given back) within
+        MAX_LOOP_STEPS_UNTAKEN steps of the event loop, whatever its owner's state or locks."""
+        if id(r) in self._untaken:
+            return
+        self._untaken[id(r)] = 0
+        loop = asyncio.get_running_loop()
+
+        def step() -> None:
+            waited = self._untaken[id(r)]
+            if r.released or self._taken(r):
+                self.max_untaken_steps = max(self.max_untaken_steps, waited)
+                del self._untaken[id(r)]
+            elif waited >= MAX_LOOP_STEPS_UNTAKEN:
+                self.violations.append(f"{where}: {r!r} was granted and no engine took it "
+                                       f"in {waited} steps of the event loop")
+                del self._untaken[id(r)]
+            else:
+                self._untaken[id(r)] = waited + 1
+                loop.call_soon(step)
+
+        loop.call_soon(step)
 
     def check(self, where: str) -> None:
         self.checks += 1
@@ -207,15 +299,12 @@ class FakeGpu:
             holders = sum(self.reserved(b, device) for b in on_device)
             if holders > granted + EPS:
                 self.violations.append(f"{where}: engines hold {holders:.3f} GiB, {granted:.3f} granted")
-            owned = {id(p) for b in on_device for r in (b.reservation, b.residual_reservation) for p in parts(r)}
             for r in manager.granted():
-                owner = self.svc.backends.get(r.owner)
-                # granted to an engine in a transition (swap-in, start, a residual coming back): it takes
-                # the reservation right after the grant, in the same step of the event loop
-                taking = owner is not None and (owner.state in (State.SWAPPING_IN, State.STARTING)
-                                                or (where.startswith("change") and owner.transition.locked()))
-                if id(r) not in owned and not taking:
-                    self.violations.append(f"{where}: {r!r} belongs to no engine taking it")
+                if id(r) not in self._granted:
+                    self._granted[id(r)] = r
+                    self.events.append((r.owner, "granted"))
+                if not self._taken(r):
+                    self._watch_untaken(r, where)
             used = 0.0
             for b in on_device:
                 holds, reserved = self.holds(b), self.reserved(b, device)
@@ -305,6 +394,57 @@ def no_leak(svc: SwapService) -> None:
     assert manager.waiting() == []
 
 
+async def test_a_waiting_engine_is_granted_and_served_while_the_victims_sleep_hook_runs(
+        monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Path) -> None:
+    """The handover, integrated. Room for one of a (loaded from a checkpoint: weights that only its
+    copy to host memory brings back) and b. b's request evicts a: a's sleep frees its KV cache at
+    once, takes a transient buffer (less than the handover's margin) and keeps its weights on the
+    device until released (their copy out, held by injection). b is granted, swapped in and served
+    before a's sleep hook returns; the books stay exact at every instant, and after every wake each
+    engine's weights and logits are those of before its first sleep."""
+    svc = service([("a", 6.0, "checkpoint"), ("b", 6.0, "checkpoint")], capacity=10.0,
+                  checkpoints={"a": tiny_checkpoint})
+    growth = MARGIN_GIB * 0.8
+    gpu = FakeGpu(svc, sizes={"a": 6.0, "b": 6.0}, residuals={"a": 0.5, "b": 0.5}, kv={"a": 2.5, "b": 2.5},
+                  growth={"a": growth, "b": growth})
+    gpu.install(monkeypatch)
+    with running_sampler(gpu):
+        svc.start()
+        try:
+            await svc.wait_started(90)
+            a, b = svc.backends["a"], svc.backends["b"]
+            first_a = await ask(svc, "a")
+            gpu.hold_sleep("a")
+            since = len(gpu.events)
+            asking_b = asyncio.create_task(ask(svc, "b"))
+            await asyncio.wait_for(gpu.held_sleep.wait(), 60)  # a's KV cache is gone, its weights are not
+            # 10 - 6 free plus a's KV cache covers b: the handover grants b while a's hook runs
+            await until(lambda: ("b", "granted") in gpu.events[since:], "b granted during a's sleep", timeout=15)
+            first_b = await asyncio.wait_for(asking_b, 60)
+            assert ("a", "sleep returned") not in gpu.events[since:], "b served while a's weights were on the device"
+            assert a.state == State.SWAPPING_OUT and b.state == State.RUNNING
+            assert a.reservation is not None and a.reservation.gib == pytest.approx(6.0 - 2.5 + MARGIN_GIB)
+            gpu.release_sleep()
+            await until(lambda: a.state == State.SWAPPED_OUT, "a's swap-out finished")
+            freed_kv, granted_b, woke_b, returned = gpu.order(
+                since, ("a", "sleep: KV cache freed"), ("b", "granted"), ("b", "wake"), ("a", "sleep returned"))
+            assert freed_kv < granted_b < woke_b < returned
+            assert ("a", "sleep: takes a transient buffer") in gpu.events[since:]
+            no_leak(svc)
+
+            # and back: every wake brings back the bits of before the first sleep
+            assert await ask(svc, "a") == first_a
+            assert await ask(svc, "b") == first_b
+            assert gpu.intact_wakes == {"a": 2, "b": 2}
+            no_leak(svc)
+        finally:
+            gpu.release_sleep()
+            await svc.close()
+    assert gpu.violations == []
+    assert gpu.failures == []
+    assert gpu.checks > 0 and svc.scheduler.reservations[0].granted_gib == 0
+
+
 async def test_overlapped_eviction_hands_the_weights_over_while_the_victim_checkpoints(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Room for one: b's swap-in evicts a. a's sleep hook returns → its weights' memory goes to b at
@@ -345,7 +485,8 @@ async def test_overlapped_eviction_hands_the_weights_over_while_the_victim_check
             # the order of what happened: a slept and handed over, b was restored and woken, and
             # only then did a's checkpoint return; b's swap-in was recorded before a's swap-out
             sleep_a, held_a, restore_b, wake_b, ckpt_a = gpu.order(
-                since, ("a", "sleep"), ("a", "checkpoint held"), ("b", "restore"), ("b", "wake"), ("a", "checkpoint"))
+                since, ("a", "sleep: weights freed"), ("a", "checkpoint held"), ("b", "restore"), ("b", "wake"),
+                ("a", "checkpoint"))
             assert sleep_a < restore_b < wake_b < ckpt_a and held_a < ckpt_a
             swaps = [(m, what) for m, what, _ in gpu.records]
             assert swaps.index(("b", "swap-in")) < swaps.index(("a", "swap-out (preempted for b)"))
