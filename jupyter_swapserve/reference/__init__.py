@@ -22,9 +22,10 @@ copy is still exact and a level-1 sleep skips the copy (``--copy-out always`` co
 ``POST /wake_up`` maps the memory back and copies the weights in;
 ``GET /is_sleeping``. ``GET /integrity`` reports what a swap must leave unchanged: a bit-exact
 digest of the weights and the logits of a fixed prompt (``--record-integrity`` also keeps the
-report taken just before the first sleep, the baseline of the swap tests). The memory is released either through torch-memory-saver (virtual
-addresses are kept, so CUDA graphs stay valid) or with plain torch (storage resized to zero and
-the cache emptied; graphs are re-captured when the addresses moved).
+report taken just before the first sleep, the baseline of the swap tests). The memory is
+released either through torch-memory-saver (virtual addresses are kept, so CUDA graphs stay
+valid) or with plain torch (storage resized to zero and the cache emptied; graphs are
+re-captured when the addresses moved).
 
 Weights live in one flat buffer (every parameter is a view into it), so sleeping and waking are
 one device↔host copy each, at PCIe speed.
