@@ -103,6 +103,14 @@ def test_wrong_method_on_a_known_route_is_a_json_405(api: Api) -> None:
     ("chat/completions", b'{"model": 3, "messages": []}', "invalid_type", "model"),
     ("chat/completions", b'{"model": "m"}', "missing_required_parameter", "messages"),
     ("chat/completions", b'{"model": "m", "messages": [{"content": "hi"}]}', "invalid_type", "messages[0].role"),
+    # an engine refuses a role it does not know (llama.cpp with a 500): the route says so first
+    ("chat/completions", b'{"model": "m", "messages": [{"role": "user", "content": "hi"}, {"role": ""}]}', "invalid_value",
+     "messages[1].role"),
+    ("chat/completions", b'{"model": "m", "messages": [{"role": "tool", "content": "42"}]}',
+     "missing_required_parameter", "messages[0].tool_call_id"),
+    ("completions", b'{"model": "m", "prompt": ""}', "invalid_value", "prompt"),
+    ("chat/completions", b'{"model": "m", "messages": [{"role": "system", "content": null}]}',
+     "missing_required_parameter", "messages[0].content"),
     ("chat/completions", b'{"model": "m", "messages": [{"role": "user"}], "max_tokens": 0}', "invalid_value",
      "max_tokens"),
     ("chat/completions", b'{"model": "m", "messages": [{"role": "user"}], "stream": "yes"}', "invalid_type",
@@ -184,3 +192,11 @@ class TestClientMode:
         openai_error(api("swapserve/nope"), 404, "unknown_route")
         openai_error(api("swapserve/metrics"), 404, "unknown_route")
         openai_error(api("swapserve/v1/models", headers={"Authorization": "token wrong"}), 401, "invalid_api_key")
+
+
+def test_an_optional_field_given_as_null_is_left_out_as_openai_means() -> None:
+    from jupyter_swapserve.handlers.openai import validate_common
+
+    body = {"model": "m", "temperature": None, "top_p": None, "stop": None, "max_tokens": 4, "messages": None}
+    assert validate_common(body) == "m"
+    assert body == {"model": "m", "max_tokens": 4, "messages": None}  # a required one is the route's to refuse

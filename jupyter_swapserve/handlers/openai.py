@@ -28,6 +28,11 @@ def _check_type(body: dict[str, Any], name: str, types: tuple[type, ...], label:
 
 
 def validate_common(body: dict[str, Any]) -> str:
+    """Check the fields every OpenAI route shares; returns the model. An optional field given as
+    null means "not given" in OpenAI's API: it is removed, since engines differ on it (llama.cpp
+    refuses a null temperature with a 500)."""
+    for name in [k for k, v in body.items() if v is None and k not in ("model", "messages", "prompt", "input")]:
+        del body[name]
     model = body.get("model")
     if model is None:
         raise OpenAIError(400, "'model' is required.", param="model", code="missing_required_parameter")
@@ -53,6 +58,10 @@ def requested_max_tokens(body: dict[str, Any]) -> int | None:
     return value if isinstance(value, int) else None
 
 
+#: the roles of OpenAI's chat messages; an engine given another one refuses it (llama.cpp with a 500)
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
 def validate_chat(body: dict[str, Any]) -> None:
     messages = body.get("messages")
     if messages is None:
@@ -65,10 +74,22 @@ def validate_chat(body: dict[str, Any]) -> None:
         if not isinstance(m.get("role"), str):
             raise OpenAIError(400, f"'messages[{i}].role' is required and must be a string.",
                               param=f"messages[{i}].role", code="invalid_type")
+        if m["role"] not in CHAT_ROLES:
+            raise OpenAIError(400, f"'messages[{i}].role' must be one of {', '.join(CHAT_ROLES)}.",
+                              param=f"messages[{i}].role", code="invalid_value")
+        needed = {"tool": "tool_call_id", "function": "name"}.get(m["role"])
+        if needed is not None and not isinstance(m.get(needed), str):
+            raise OpenAIError(400, f"'messages[{i}].{needed}' is required for a {m['role']} message.",
+                              param=f"messages[{i}].{needed}", code="missing_required_parameter")
         content = m.get("content")
         if content is not None and not isinstance(content, (str, list)):
             raise OpenAIError(400, f"'messages[{i}].content' must be a string or an array.",
                               param=f"messages[{i}].content", code="invalid_type")
+        if content is None and m["role"] != "assistant":
+            # only an assistant's message (one that called tools) may come without content; a chat
+            # template given a null content fails inside the engine (llama.cpp: a 500)
+            raise OpenAIError(400, f"'messages[{i}].content' is required for a {m['role']} message.",
+                              param=f"messages[{i}].content", code="missing_required_parameter")
 
 
 def validate_completion(body: dict[str, Any]) -> None:
@@ -80,6 +101,9 @@ def validate_completion(body: dict[str, Any]) -> None:
     if not ok:
         raise OpenAIError(400, "'prompt' must be a string or an array of strings.", param="prompt",
                           code="invalid_type")
+    if prompt == "" or prompt == [""]:
+        # engines refuse it (llama.cpp with a 500, vLLM with a 400): say so before queueing for a swap
+        raise OpenAIError(400, "'prompt' must not be empty.", param="prompt", code="invalid_value")
 
 
 class ModelsHandler(SwapServeHandler):

@@ -9,6 +9,7 @@ from typing import Any
 
 from .. import __version__
 from .base import SwapServeHandler
+from .openai import CHAT_ROLES
 
 JSON = "application/json"
 
@@ -85,7 +86,7 @@ SCHEMAS: dict[str, Any] = {
         "properties": {**SAMPLING, "messages": {
             "type": "array", "minItems": 1,
             "items": {"type": "object", "required": ["role"], "properties": {
-                "role": {"type": "string"},
+                "role": {"enum": list(CHAT_ROLES)},
                 "content": {"oneOf": [{"type": "string"}, {"type": "array"}, {"type": "null"}]}}}}},
     },
     "CompletionRequest": {
