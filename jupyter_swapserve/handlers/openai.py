@@ -85,10 +85,11 @@ def validate_chat(body: dict[str, Any]) -> None:
         if content is not None and not isinstance(content, (str, list)):
             raise OpenAIError(400, f"'messages[{i}].content' must be a string or an array.",
                               param=f"messages[{i}].content", code="invalid_type")
-        if content is None and m["role"] != "assistant":
-            # only an assistant's message (one that called tools) may come without content; a chat
-            # template given a null content fails inside the engine (llama.cpp: a 500)
-            raise OpenAIError(400, f"'messages[{i}].content' is required for a {m['role']} message.",
+        if content is None and not (m["role"] == "assistant" and (m.get("tool_calls") or m.get("function_call"))):
+            # only an assistant's message that called tools may come without content (OpenAI's rule); a
+            # chat template given a null content fails inside the engine (llama.cpp: a 500)
+            raise OpenAIError(400, f"'messages[{i}].content' is required for a {m['role']} message"
+                              f"{' without tool_calls' if m['role'] == 'assistant' else ''}.",
                               param=f"messages[{i}].content", code="missing_required_parameter")
 
 
