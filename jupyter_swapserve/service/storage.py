@@ -151,6 +151,11 @@ _LIVE_LEASES = (sa.select(lease_rows.c.model, sa.func.count()).where((lease_rows
                 & (lease_rows.c.expires_at > _NOW)).group_by(lease_rows.c.model))
 _ADMISSIONS = (sa.select(admission_rows.c.model, admission_rows.c.at).where(
     (admission_rows.c.user_name == _USER) & (admission_rows.c.at > _SINCE)).order_by(admission_rows.c.at))
+_QUOTA_ROWS = sa.select(quota_rows.c.user_name, quota_rows.c.data).where(
+    quota_rows.c.user_name.in_(sa.bindparam("users", expanding=True)))
+_ADD_LEASE = lease_rows.insert()
+_ADD_ADMISSION = admission_rows.insert()
+_LOCK = sa.select(sa.func.pg_advisory_xact_lock(sa.bindparam("key", type_=sa.BigInteger)))
 _TOKENS = (sa.select(usage_rows.c.model, sa.func.sum(usage_rows.c.prompt_tokens + usage_rows.c.completion_tokens))
            .where((usage_rows.c.user_name == _USER) & (usage_rows.c.day == _DAY)).group_by(usage_rows.c.model))
 
@@ -165,9 +170,7 @@ class UserTransaction:
 
     def quota_rows(self) -> dict[str, dict[str, Any]]:
         """The user's row and the default row ``*`` (what their limits are made of)."""
-        query = sa.select(quota_rows.c.user_name, quota_rows.c.data).where(
-            quota_rows.c.user_name.in_({self.user, DEFAULT_USER}))
-        return {user: json.loads(data) for user, data in self.conn.execute(query)}
+        return _quota_rows(self.conn, {self.user, DEFAULT_USER})
 
     def live_leases(self, now: float) -> dict[str, int]:
         """The user's requests being served now, on any node, per model (lapsed leases do not count)."""
@@ -181,11 +184,15 @@ class UserTransaction:
         return _tokens_on(self.conn, self.user, day)
 
     def add_lease(self, lease_id: str, model: str, node: str, expires_at: float) -> None:
-        self.conn.execute(lease_rows.insert(), {"id": lease_id, "user_name": self.user, "model": model, "node": node,
+        self.conn.execute(_ADD_LEASE, {"id": lease_id, "user_name": self.user, "model": model, "node": node,
                                                 "expires_at": expires_at})
 
     def add_admission(self, model: str, at: float) -> None:
-        self.conn.execute(admission_rows.insert(), {"user_name": self.user, "model": model, "at": at})
+        self.conn.execute(_ADD_ADMISSION, {"user_name": self.user, "model": model, "at": at})
+
+
+def _quota_rows(conn: Connection, users: Iterable[str]) -> dict[str, dict[str, Any]]:
+    return {user: json.loads(data) for user, data in conn.execute(_QUOTA_ROWS, {"users": sorted(set(users))})}
 
 
 def _live_leases(conn: Connection, user: str, now: float) -> dict[str, int]:
@@ -248,7 +255,7 @@ class QuotaStore:
     def _lock(self, conn: Connection, key: int) -> None:
         """Hold ``key`` until the transaction ends (SQLite: its BEGIN IMMEDIATE already locks)."""
         if self.dialect == "postgresql":
-            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
+            conn.execute(_LOCK, {"key": key})
 
     def _insert(self) -> Callable[..., Any]:
         return postgresql.insert if self.dialect == "postgresql" else sqlite.insert
@@ -282,9 +289,8 @@ class QuotaStore:
         return {user: json.loads(data) for user, data in rows}
 
     def quota_rows_of(self, users: Iterable[str]) -> dict[str, dict[str, Any]]:
-        query = sa.select(quota_rows.c.user_name, quota_rows.c.data).where(quota_rows.c.user_name.in_(set(users)))
         with self.engine.connect() as conn:
-            return {user: json.loads(data) for user, data in conn.execute(query)}
+            return _quota_rows(conn, users)
 
     def update_quota(self, user: str, change: Callable[[dict[str, Any]], dict[str, Any]], now: float,
                      ) -> dict[str, Any]:
