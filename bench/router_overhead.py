@@ -1,8 +1,9 @@
 """Latency the route adds over calling the same engine directly: same machine, same run.
 
 Starts a real Jupyter server with the demo models, swaps one model in, then sends interleaved
-pairs of identical requests (one-token completions) through /swapserve/v1 and straight to the
-engine's port, and prints p50/p99 of each and of the per-pair difference.
+triples of identical requests (one-token completions): straight to the engine's own Unix socket,
+through the engine's gate (the port the service calls, runtime/gate.py), and through
+/swapserve/v1; prints p50/p99 of each and of the per-triple differences.
 
     python bench/router_overhead.py [--requests 300] [--model gemma]
 """
@@ -10,6 +11,7 @@ engine's port, and prints p50/p99 of each and of the per-pair difference.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -38,40 +40,42 @@ def main() -> None:
         with httpx.Client(timeout=60) as h:
             r = h.post(f"{server.url}swapserve/api/models/{args.model}/swap-in", headers=headers)
             r.raise_for_status()
-            port = None
             model = server.model(args.model)
-            # the engine's own address, as the service forwards to it
-            for pid in model["pids"]:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                if b"--port" in cmdline:
-                    port = int(cmdline[cmdline.index(b"--port") + 1])
-            assert port, "engine port not found"
+            # the engine's socket (its processes' open listening socket) and its gate port (the name)
+            inodes = {int(os.readlink(fd)[8:-1]) for pid in model["pids"] for fd in Path(f"/proc/{pid}/fd").iterdir()
+                      if os.readlink(fd).startswith("socket:[")}
+            listening = {int(f[6]): f[7] for line in Path("/proc/net/unix").read_text().splitlines()[1:]
+                         if len(f := line.split()) >= 8 and f[5] == "01"}
+            sockets = [listening[i] for i in inodes if i in listening]
+            assert len(sockets) == 1, f"the engine's socket: {sockets}"
+            port = int(Path(sockets[0]).stem)
             body = {"model": args.model, "prompt": "Hi", "max_tokens": 1, "temperature": 0}
-            routed_url, direct_url = server.api + "/completions", f"http://127.0.0.1:{port}/v1/completions"
-            for _ in range(10):  # warm both paths (connections, caches)
-                h.post(routed_url, json=body, headers=headers).raise_for_status()
-                h.post(direct_url, json=body).raise_for_status()
-            routed, direct, added = [], [], []
+            urls = {"r": server.api + "/completions", "g": f"http://127.0.0.1:{port}/v1/completions",
+                    "d": "http://engine/v1/completions"}
+            clients = {"r": h, "g": h, "d": httpx.Client(timeout=60, transport=httpx.HTTPTransport(uds=sockets[0]))}
+            for _ in range(10):  # warm every path (connections, caches)
+                for kind, url in urls.items():
+                    clients[kind].post(url, json=body, headers=headers if kind == "r" else None).raise_for_status()
+            times: dict[str, list[float]] = {"d": [], "g": [], "r": []}
             for i in range(args.requests):
-                order = [("r", routed_url), ("d", direct_url)] if i % 2 else [("d", direct_url), ("r", routed_url)]
-                pair = {}
-                for kind, url in order:
+                order = list(urls)[i % 3:] + list(urls)[:i % 3]
+                for kind in order:
                     t0 = time.perf_counter()
-                    resp = h.post(url, json=body, headers=headers if kind == "r" else None)
-                    pair[kind] = time.perf_counter() - t0
+                    resp = clients[kind].post(urls[kind], json=body, headers=headers if kind == "r" else None)
+                    times[kind].append(time.perf_counter() - t0)
                     resp.raise_for_status()
-                routed.append(pair["r"])
-                direct.append(pair["d"])
-                added.append(pair["r"] - pair["d"])
     ms = 1000.0
-    print(f"\nRouter overhead, {args.requests} interleaved pairs, model {args.model} (llama.cpp, 1-token completion)")
-    print(f"{'path':<22}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
-    for name, values in (("direct to engine", direct), ("through the route", routed), ("added (per pair)", added)):
-        print(f"{name:<22}{percentile(values, 50) * ms:>10.2f}{percentile(values, 99) * ms:>10.2f}"
+    gate_added = [g - d for g, d in zip(times["g"], times["d"], strict=True)]
+    route_added = [r - d for r, d in zip(times["r"], times["d"], strict=True)]
+    print(f"\nRouter overhead, {args.requests} interleaved triples, model {args.model} (llama.cpp, 1-token completion)")
+    print(f"{'path':<28}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
+    for name, values in (("engine's socket (direct)", times["d"]), ("the engine's gate", times["g"]),
+                         ("through the route", times["r"]), ("gate added (per triple)", gate_added),
+                         ("route added (per triple)", route_added)):
+        print(f"{name:<28}{percentile(values, 50) * ms:>10.2f}{percentile(values, 99) * ms:>10.2f}"
               f"{statistics.mean(values) * ms:>10.2f}")
-    print(f"\nratio routed/direct at p50: {percentile(routed, 50) / percentile(direct, 50):.3f}")
+    print(f"\nratio routed/direct at p50: {percentile(times['r'], 50) / percentile(times['d'], 50):.3f}")
     print("goal: added p50 <= 1 ms, p99 <= 5 ms")
-
 
 if __name__ == "__main__":
     main()

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from jupyter_swapserve.config import ENGINES, ModelConfig, load_models_file, parse_models, schema
 from jupyter_swapserve.engines import ADAPTERS, EngineError, adapter_for
+from jupyter_swapserve.engines.base import engine_socket_dir
 from jupyter_swapserve.runtime import ProcessRuntime
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,8 +75,10 @@ def test_command_lines(runtime: str) -> None:
     extra = {"runtime": runtime, "image": "img"} if runtime == "podman" else {"runtime": runtime}
 
     spec = adapter_for(model("vllm", args=["--max-model-len", "8192"], **extra)).launch_spec(8001)
-    assert spec.argv == ["vllm", "serve", "--model", "org/Model-8B", "--host", host, "--port", "8001",
+    sock = str(engine_socket_dir() / "8001.sock")  # engines on a socket: only the service passes the port's gate
+    assert spec.argv == ["vllm", "serve", "--model", "org/Model-8B", "--uds", sock,
                          "--served-model-name", "m", "--enable-sleep-mode", "--max-model-len", "8192"]
+    assert spec.unix_socket == sock
     assert spec.env["VLLM_SERVER_DEV_MODE"] == "1"
     # vLLM in an environment of its own: the models file names its interpreter and the server module
     engine = ["/opt/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
@@ -97,15 +100,17 @@ def test_command_lines(runtime: str) -> None:
                          "pytorch"]
 
     spec = adapter_for(model("llama-server", model="/models/q.gguf", **extra)).launch_spec(8005)
-    assert spec.argv == ["llama-server", "-m", "/models/q.gguf", "--alias", "m", "--host", host, "--port", "8005",
-                         "--parallel", "1", "--metrics"]
+    sock = str(engine_socket_dir() / "8005.sock")
+    assert spec.argv == ["llama-server", "-m", "/models/q.gguf", "--alias", "m", "--host", sock, "--port", "8005",
+                         "--parallel", "1", "--metrics"] and spec.unix_socket == sock
 
 
 def test_llamacpp_in_a_container_binds_the_host_gguf_and_uses_the_image_python(tmp_path: Path) -> None:
     gguf = tmp_path / "tiny.gguf"
     gguf.write_bytes(b"GGUF")
     spec = adapter_for(model("llamacpp", model=str(gguf), runtime="podman", image="img")).launch_spec(9000)
-    assert spec.argv[:3] == ["python3", "-m", "llama_cpp.server"] and str(gguf) in spec.argv
+    assert spec.argv[:2] == ["python3", "-c"] and spec.argv[3:5] == [spec.unix_socket, "llama_cpp.server"]
+    assert str(gguf) in spec.argv
     assert spec.mounts == [str(gguf)]
     # a path that exists only inside the image is passed as is, with nothing to bind
     spec = adapter_for(model("llamacpp", model="/in/image.gguf", runtime="podman", image="img")).launch_spec(9000)

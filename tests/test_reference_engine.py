@@ -295,8 +295,9 @@ def test_adapter_launches_the_server() -> None:
     assert adapter.supports_sleep
     spec = adapter.launch_spec(4321)
     assert spec.argv[1:3] == ["-m", "jupyter_swapserve.reference"]
-    assert spec.argv[spec.argv.index("--port") + 1] == "4321"
-    assert spec.argv[spec.argv.index("--served-model-name") + 1] == "r"
+    # on a Unix socket named by the port; the port is the runtime's gate to it
+    assert spec.argv[spec.argv.index("--uds") + 1] == spec.unix_socket and spec.unix_socket.endswith("/4321.sock")
+    assert spec.port == 4321 and spec.argv[spec.argv.index("--served-model-name") + 1] == "r"
     assert spec.argv[-2:] == ["--device", "cpu"]
 
 

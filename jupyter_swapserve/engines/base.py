@@ -3,8 +3,11 @@ sleep/wake hooks for the engine-aware swap path. Adapters hold no process state.
 
 from __future__ import annotations
 
+import os
 import socket
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import httpx
@@ -26,10 +29,33 @@ class LaunchSpec:
     env: dict[str, str] = field(default_factory=dict)
     #: runtime=podman: host paths the engine needs, bound read-only at the same place
     mounts: list[str] = field(default_factory=list)
+    #: where the engine listens instead of ``port`` when it can: a Unix socket in the service's
+    #: owner-only directory (:func:`engine_socket_dir`); ``port`` is then the runtime's gate to it
+    #: (runtime/gate.py), which only the service's own user may pass
+    unix_socket: str | None = None
 
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+
+def engine_socket_dir() -> Path:
+    """The directory of this user's engine sockets: in ``$XDG_RUNTIME_DIR`` (already owner-only)
+    where there is one, else in the temporary directory, named by the user id. The runtime makes
+    it (mode 0700) and refuses one that another user made."""
+    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime_dir) if runtime_dir and os.path.isdir(runtime_dir) else Path(tempfile.gettempdir())
+    return base / f"jupyter-swapserve-engines-{os.geteuid()}"
+
+
+#: ``python -c UVICORN_ON_SOCKET PATH MODULE ARGS...`` runs ``python -m MODULE ARGS...`` with its
+#: ``uvicorn.run`` bound to the Unix socket PATH (uvicorn's own ``uds``; host and port are then
+#: unused): for uvicorn-served engines whose command line has no socket option (llama-cpp-python).
+#: Code on the command line rather than a module of this package, so it runs in a container's own
+#: Python too.
+UVICORN_ON_SOCKET = ("import functools, runpy, sys, uvicorn; "
+                     "uvicorn.run = functools.partial(uvicorn.run, uds=sys.argv[1]); "
+                     "sys.argv = sys.argv[2:]; runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -57,6 +83,12 @@ class EngineAdapter:
 
     def launch_spec(self, port: int) -> LaunchSpec:
         raise NotImplementedError
+
+    def private_socket(self, port: int) -> str:
+        """The Unix socket an engine launched for ``port`` listens on, for adapters whose engine
+        can listen on one (they pass it to the engine and set ``LaunchSpec.unix_socket``): the
+        same path inside a container, whose runtime binds the directory there."""
+        return str(engine_socket_dir() / f"{port}.sock")
 
     @property
     def bind_host(self) -> str:

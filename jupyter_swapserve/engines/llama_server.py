@@ -30,9 +30,10 @@ class LlamaServerAdapter(EngineAdapter):
     def launch_spec(self, port: int) -> LaunchSpec:
         binary = self.model.command if isinstance(self.model.command, str) and self.model.command else "llama-server"
         argv = [binary, "-m", self.model.model or "", "--alias", self.upstream_model_name(),
-                "--host", self.bind_host, "--port", str(port), "--parallel", str(self.model.concurrency),
+                # a --host ending in .sock is a Unix socket (tools/server/server-http.cpp, start())
+                "--host", self.private_socket(port), "--port", str(port), "--parallel", str(self.model.concurrency),
                 "--metrics", *self.model.args]
-        return LaunchSpec(argv=argv, port=port, env=dict(self.model.env))
+        return LaunchSpec(argv=argv, port=port, env=dict(self.model.env), unix_socket=self.private_socket(port))
 
     async def is_ready(self, client: httpx.AsyncClient, base_url: str) -> bool:
         # /v1/models answers while the model is still loading; /health only once it can serve

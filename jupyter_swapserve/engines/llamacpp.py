@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from .base import EngineAdapter, EngineError, LaunchSpec
+from .base import UVICORN_ON_SOCKET, EngineAdapter, EngineError, LaunchSpec
 
 
 def resolve_gguf(model: str) -> Path:
@@ -70,8 +70,9 @@ class LlamaCppAdapter(EngineAdapter):
                 gguf = model
         else:
             python, gguf = sys.executable, resolve_gguf(self.model.model or "")
+        socket = self.private_socket(port)
         argv = [
-            python, "-m", "llama_cpp.server",
+            python, "-c", UVICORN_ON_SOCKET, socket, "llama_cpp.server",
             "--model", str(gguf),
             "--model_alias", self.upstream_model_name(),
             "--host", self.bind_host,
@@ -79,4 +80,4 @@ class LlamaCppAdapter(EngineAdapter):
             *(["--embedding", "true"] if self.model.api == "embedding" else []),  # /v1/embeddings
             *self.model.args,
         ]
-        return LaunchSpec(argv=argv, port=port, env=dict(self.model.env), mounts=mounts)
+        return LaunchSpec(argv=argv, port=port, env=dict(self.model.env), mounts=mounts, unix_socket=socket)

@@ -23,12 +23,12 @@ class ReferenceAdapter(VllmStyleSleepMixin, EngineAdapter):
             sys.executable, "-m", "jupyter_swapserve.reference",
             "--model", self.model.model or "",
             "--served-model-name", self.upstream_model_name(),
-            "--host", self.bind_host,
-            "--port", str(port),
+            "--uds", self.private_socket(port),
             *self.model.args,
         ]
         # unbuffered, so the log tail shown on failures is current
-        return LaunchSpec(argv=argv, port=port, env={"PYTHONUNBUFFERED": "1", **self.model.env})
+        return LaunchSpec(argv=argv, port=port, env={"PYTHONUNBUFFERED": "1", **self.model.env},
+                          unix_socket=self.private_socket(port))
 
 
 class TransformersAdapter(ReferenceAdapter):

@@ -61,11 +61,11 @@ class VllmAdapter(EngineAdapter):
         return argv or list(self.default_command)
 
     def launch_spec(self, port: int) -> LaunchSpec:
-        argv = [*self.command(), "--model", self.model.model or "", "--host", self.bind_host, "--port", str(port),
+        argv = [*self.command(), "--model", self.model.model or "", "--uds", self.private_socket(port),
                 "--served-model-name", self.upstream_model_name(), SLEEP_FLAG, *self.model.args]
         # the sleep/wake routes and /server_info are mounted only in dev mode
         env = {"VLLM_SERVER_DEV_MODE": "1", **self.model.env}
-        return LaunchSpec(argv=argv, port=port, env=env)
+        return LaunchSpec(argv=argv, port=port, env=env, unix_socket=self.private_socket(port))
 
     @property
     def supports_sleep(self) -> bool:  # type: ignore[override]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import socket
+import socketserver
 import sys
 import time
 import uuid
@@ -26,6 +28,20 @@ class HttpError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
         super().__init__(message)
         self.status, self.kind = status, kind
+
+
+class UnixHTTPServer(ThreadingHTTPServer):
+    """The same server on a Unix socket (``--uds``): who may open the socket may call it."""
+
+    address_family = socket.AF_UNIX
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)  # HTTPServer's own reads a host and port
+        self.server_name, self.server_port = "localhost", 0
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        conn, _ = self.socket.accept()
+        return conn, ("unix", 0)  # a peer address for the request log
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -206,6 +222,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: --model)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--uds", default=None, help="listen on this Unix socket instead of --host/--port")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--max-model-len", type=int, default=2048)
@@ -240,10 +257,10 @@ def main(argv: list[str] | None = None) -> None:
     engine = Engine(args)
     Handler.engine = engine
     Handler.served_name = args.served_model_name or args.model
-    server = ThreadingHTTPServer((args.host, args.port), Handler)
+    server = (UnixHTTPServer(args.uds, Handler) if args.uds else ThreadingHTTPServer((args.host, args.port), Handler))
     server.daemon_threads = True
     log.info("STARTUP_TIMINGS %s", json.dumps(engine.timings))
-    log.info("serving %s on http://%s:%d", Handler.served_name, args.host, args.port)
+    log.info("serving %s on %s", Handler.served_name, f"unix:{args.uds}" if args.uds else f"http://{args.host}:{args.port}")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 from ..config import ModelConfig
 from ..engines.base import LaunchSpec
 from . import procfs
+from .gate import EngineGate, GateError, open_gate
 from .process import RuntimeStepError, _die_with_parent
 
 log = logging.getLogger(__name__)
@@ -243,6 +244,7 @@ class PodmanRuntime:
         self._log_path: str | None = None
         self._exit_code: int | None = None
         self._argv0 = ""
+        self.gate: EngineGate | None = None
         _LIVE.add(self)
 
     async def _call(self, step: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -263,6 +265,10 @@ class PodmanRuntime:
         for volume in [*spec.mounts, *cfg.volumes]:
             host, inside, mode = parse_volume(volume)
             mounts[host] = {"bind": inside, "mode": mode}
+        if spec.unix_socket:
+            # the engine's socket directory, the same path inside: the engine makes its socket there
+            directory = os.path.dirname(spec.unix_socket)
+            mounts[directory] = {"bind": directory, "mode": "rw"}
         kwargs: dict[str, Any] = {
             "name": self.container_name,
             # the adapter's command line is the whole command: an image's own entrypoint is not prefixed
@@ -270,11 +276,14 @@ class PodmanRuntime:
             "command": [],
             "environment": dict(spec.env),
             "labels": {LABEL: "1", OWNER_LABEL: owner_token(), MODEL_LABEL: self.name},
-            # the engine listens on all interfaces of its own network namespace; published on loopback only
-            "ports": {f"{spec.port}/tcp": ("127.0.0.1", spec.port)},
             "volumes": mounts,
             "init": True,  # catatonit as PID 1: forwards SIGTERM, reaps the engine's children
         }
+        if spec.unix_socket:
+            kwargs["network_mode"] = "none"  # no network at all: the socket is the engine's only door
+        else:
+            # the engine listens on all interfaces of its own network namespace; published on loopback only
+            kwargs["ports"] = {f"{spec.port}/tcp": ("127.0.0.1", spec.port)}
         if cfg.shm_size:
             kwargs["shm_size"] = cfg.shm_size
         if cdi_gpus_available():
@@ -295,7 +304,15 @@ class PodmanRuntime:
             kwargs = self.create_kwargs(spec)
         except ValueError as exc:
             raise RuntimeStepError(f"field 'volumes': {exc}") from None
-        self.container = await self._call("create", client.containers.create, image, **kwargs)
+        try:
+            self.gate = await open_gate(spec)
+        except (GateError, OSError) as exc:
+            raise RuntimeStepError(str(exc)) from None
+        try:
+            self.container = await self._call("create", client.containers.create, image, **kwargs)
+        except RuntimeStepError:
+            self.kill()
+            raise
         try:
             await self._call("start", self.container.start)
             attrs = await self._call("inspect", self.container.inspect)
@@ -398,6 +415,8 @@ class PodmanRuntime:
             with contextlib.suppress(RuntimeStepError):
                 await self._call("stop", self.container.stop, timeout=max(1, int(timeout)))
         await self._call("remove", self._remove)
+        if self.gate is not None:
+            self.gate.close()
         log.info("removed container %s of %s", self.container_name, self.name)
         if self._exit_code is None:
             self._exit_code = -1
@@ -412,6 +431,8 @@ class PodmanRuntime:
 
     def kill(self) -> None:
         """Synchronous last resort (server exit): remove the container by force."""
+        if self.gate is not None:
+            self.gate.close()
         if self.container is not None:
             with contextlib.suppress(Exception):
                 self._remove()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..engines.base import LaunchSpec
 from . import procfs
+from .gate import EngineGate, GateError, ensure_private_dir, open_gate
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +115,16 @@ class ProcessRuntime:
         self.frozen = False
         self._log_dir = log_dir or Path(tempfile.gettempdir()) / "jupyter-swapserve"
         self.log_path: Path | None = None
+        self.gate: EngineGate | None = None
         _LIVE.add(self)
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self, spec: LaunchSpec) -> None:
-        self._log_dir.mkdir(parents=True, exist_ok=True)
+        try:  # engines' logs hold prompts and errors: owner-only, like their sockets
+            ensure_private_dir(self._log_dir)
+            self.gate = await open_gate(spec)
+        except (GateError, OSError) as exc:
+            raise RuntimeStepError(str(exc)) from None
         self.log_path = self._log_dir / f"{self.name}.log"
         parent = freezer_parent()
         argv = list(spec.argv)
@@ -141,6 +147,7 @@ class ProcessRuntime:
             )
         except OSError as exc:
             self._remove_cgroup()
+            self._close_gate()
             raise RuntimeStepError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
         finally:
             log_file.close()
@@ -231,8 +238,13 @@ class ProcessRuntime:
         self.kill()  # strays that left the group but stayed in the cgroup
         self._remove_cgroup()
 
+    def _close_gate(self) -> None:
+        if self.gate is not None:
+            self.gate.close()
+
     def kill(self) -> None:
         """Synchronous last resort: SIGKILL the group and everything in the cgroup."""
+        self._close_gate()
         if self.proc is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)

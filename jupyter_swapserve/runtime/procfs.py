@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import struct
 from pathlib import Path
 
 PROC = Path("/proc")
@@ -85,3 +87,22 @@ def process_age(pid: int | str = "self", proc: Path = PROC) -> float:
     except (OSError, ValueError, IndexError):
         return 0.0
     return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def tcp_socket_uid(local: tuple[str, int], remote: tuple[str, int], proc: Path = PROC) -> int | None:
+    """The user owning the IPv4 TCP socket of this network namespace whose own address is
+    ``local`` and whose peer is ``remote`` (``/proc/net/tcp``), or None when there is none. On
+    loopback both ends are this host's sockets: the other end of an accepted connection says
+    which local user opened it."""
+    def address(field: str) -> tuple[str, int]:
+        host, port = field.split(":")
+        return socket.inet_ntoa(struct.pack("=I", int(host, 16))), int(port, 16)
+
+    with contextlib.suppress(OSError):
+        with open(proc / "net" / "tcp") as f:
+            next(f, None)  # the header
+            for line in f:
+                fields = line.split()
+                if len(fields) > 7 and address(fields[1]) == local and address(fields[2]) == remote:
+                    return int(fields[7])
+    return None
