@@ -23,6 +23,8 @@ import pytest
 
 from jupyter_swapserve.engines.base import free_port
 from jupyter_swapserve.runtime.gate import EngineGate, GateError, ensure_private_dir
+from jupyter_swapserve.service.scheduler import EngineUnavailable
+from jupyter_swapserve.service.upstream import Upstream
 
 from .server import ServerHandle, run_server
 from .test_engines import llama_server_binary
@@ -268,3 +270,21 @@ def test_a_private_directory_of_another_user_is_refused(tmp_path: Path) -> None:
     link.symlink_to(tmp_path)
     with pytest.raises(GateError):
         ensure_private_dir(link)
+
+
+async def test_the_forwarding_goes_straight_to_an_engines_socket(tmp_path: Path) -> None:
+    """service/upstream.py: for an engine on a socket, the hot path connects to the socket itself
+    (here no gate listens on the port at all), and to the TCP port for an engine without one."""
+    directory = ensure_private_dir(tmp_path / "engines")
+    port = free_port()
+    engine = await serve_on_socket(str(directory / f"{port}.sock"))
+    upstream = Upstream(socket_dir=directory)
+    try:
+        async with upstream.post(f"http://127.0.0.1:{port}/v1/completions", b"{}", "m", 30.0) as r:
+            assert r.status_code == 200 and await r.read() == b"/v1/completions"
+        with pytest.raises(EngineUnavailable):  # no socket of that name: TCP, where nothing listens
+            async with upstream.post(f"http://127.0.0.1:{free_port()}/v1/completions", b"{}", "m", 30.0):
+                pass
+    finally:
+        await upstream.close()
+        engine.close()

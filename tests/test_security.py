@@ -85,7 +85,8 @@ CALLS = {"standalone": STANDALONE_CALLS, "client": CLIENT_CALLS, "service": STAN
 # ---- who asks --------------------------------------------------------------------------------
 @dataclass
 class Identity:
-    expect: str  # "unauthenticated" (401), "refused" (401/403), "user", "admin", "cookie" (a user, GETs only)
+    expect: str  # "unauthenticated" (401), "refused" (a valid token that may not: 401), "user", "admin",
+    # "cookie" (a user by login cookie alone, GETs only)
     base: str  # the server's base URL
     headers: dict[str, str] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
@@ -233,8 +234,8 @@ def test_route_matrix(world: World, mode: str, name: str) -> None:
             wrong.append(f"{what}: not an OpenAI error")
         elif identity.expect == "unauthenticated" and (answer.status != 401 or error["code"] != "invalid_api_key"):
             wrong.append(f"{what}: expected 401 invalid_api_key")
-        elif identity.expect == "refused" and answer.status not in (401, 403):
-            wrong.append(f"{what}: expected 401 or 403")
+        elif identity.expect == "refused" and answer.status != 401:
+            wrong.append(f"{what}: expected 401")
         elif identity.expect in ("user", "admin", "cookie") and answer.status == 401:
             wrong.append(f"{what}: a valid {name} was refused")
         elif answer.status == 403 and identity.expect in ("user", "cookie") and (

@@ -21,7 +21,7 @@ import os
 import stat
 from pathlib import Path
 
-from ..engines.base import LaunchSpec
+from ..engines.base import LaunchSpec, engine_socket_dir
 from . import procfs
 
 log = logging.getLogger(__name__)
@@ -71,10 +71,14 @@ class EngineGate:
 
     def close(self) -> None:
         """Stop accepting and cut every relayed connection (synchronous: also the last resort)."""
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._relays):
-            task.cancel()
+        # also at interpreter exit (atexit), when the loop may be closed already: its sockets
+        # close with the process then, and the socket file must still go
+        with contextlib.suppress(RuntimeError):
+            if self._server is not None:
+                self._server.close()
+            for task in list(self._relays):
+                task.cancel()
+        self._server = None
         with contextlib.suppress(OSError):
             os.unlink(self.socket_path)
 
@@ -119,6 +123,10 @@ async def open_gate(spec: LaunchSpec) -> EngineGate | None:
     """For an engine on a Unix socket: its owner-only directory, no stale socket of an earlier
     start, and the gate on ``spec.port`` (runtime/gate.py). None for an engine on a TCP port."""
     if not spec.unix_socket:
+        # no stale socket named by this port may stand for an engine on it (service/upstream.py
+        # connects to a port's socket where there is one)
+        with contextlib.suppress(OSError):
+            os.unlink(engine_socket_dir() / f"{spec.port}.sock")
         return None
     ensure_private_dir(Path(spec.unix_socket).parent)
     with contextlib.suppress(FileNotFoundError):

@@ -431,11 +431,11 @@ class PodmanRuntime:
 
     def kill(self) -> None:
         """Synchronous last resort (server exit): remove the container by force."""
-        if self.gate is not None:
-            self.gate.close()
         if self.container is not None:
             with contextlib.suppress(Exception):
                 self._remove()
+        if self.gate is not None:
+            self.gate.close()
 
 
 @atexit.register

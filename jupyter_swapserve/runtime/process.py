@@ -244,7 +244,6 @@ class ProcessRuntime:
 
     def kill(self) -> None:
         """Synchronous last resort: SIGKILL the group and everything in the cgroup."""
-        self._close_gate()
         if self.proc is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -256,6 +255,7 @@ class ProcessRuntime:
                 for pid in self._cgroup_procs():
                     with contextlib.suppress(ProcessLookupError, ValueError):
                         os.kill(int(pid), signal.SIGKILL)
+        self._close_gate()
 
     def _cgroup_procs(self) -> list[str]:
         if self.cgroup is None:
