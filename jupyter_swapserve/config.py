@@ -51,6 +51,8 @@ class ModelConfig:
     volumes: list[str] = field(default_factory=list)
     shm_size: str | None = None
     api: str = "chat"
+    system_prompt: str | None = None
+    request_defaults: dict[str, float] = field(default_factory=dict)
     memory_gib: float | None = None
     device: int | list[int] = 0
     idle_timeout: float | None = None

@@ -77,14 +77,34 @@ def test_admin_sets_quotas_and_bad_bodies_name_the_field(server: ServerHandle) -
     listing = httpx.get(api(server, "quotas"), headers=server.headers(), timeout=30).json()
     assert listing["admin"] is True and [q["user"] for q in listing["quotas"]] == ["*", "bob"]
     assert listing["quotas"][1]["models"] == {"smollm2": {"priority": 2.0}}
+    # the form explains every field it renders: a label, a unit, help and what applies when unset
+    assert set(listing["field_info"]) == set(listing["fields"])
+    for name, info in listing["field_info"].items():
+        assert info["label"] and info["unit"] and info["help"] and info["unset"], name
+    assert "UTC" in listing["field_info"]["tokens_per_day"]["unit"] and listing["day_starts"] == "00:00 UTC"
+    assert listing["models"] == ["gemma", "smollm2"]
     for body, param in [({"tokens_per_dya": 5}, "tokens_per_dya"), ({"max_concurrent": -2}, "max_concurrent"),
-                        ({"models": {"gemma": {"colour": 1}}}, "models.gemma.colour")]:
+                        ({"models": {"gemma": {"colour": 1}}}, "models.gemma.colour"),
+                        # a limit on a model the service does not have would be saved and never apply
+                        ({"models": {"nosuchmodel": {"tokens_per_day": 5}}}, "models.nosuchmodel"),
+                        ({"allowed_models": ["smollm2", "nosuchmodel"]}, "allowed_models")]:
         r = put_quota(server, "bob", body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        assert param in r.json()["error"]["message"]
+    assert "gemma, smollm2" in put_quota(server, "bob", {"models": {"nosuchmodel": {}}}).json()["error"]["message"]
+    assert httpx.get(api(server, "quotas/bob"), headers=server.headers(), timeout=30).json()["models"] == {
+        "smollm2": {"priority": 2.0}}  # nothing of the refused bodies was stored
     r = httpx.put(api(server, "quotas/bob"), headers=server.headers(), content=b"{not json", timeout=30)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     assert httpx.delete(api(server, "quotas/bob"), headers=server.headers()).json() == {"user": "bob",
                                                                                       "deleted": True}
+
+
+def test_the_users_an_admin_can_pick_from(server: ServerHandle) -> None:
+    # a standalone server has one user (a shared node's service lists the hub's: tests/browser/test_sidebar_hub.py)
+    r = httpx.get(api(server, "users"), headers=server.headers(), timeout=30)
+    assert r.status_code == 200 and r.json() == {"users": ["alice"], "source": "server"}
+    assert httpx.get(api(server, "users"), timeout=30).status_code == 401
 
 
 def test_model_not_allowed_and_max_tokens_per_request(server: ServerHandle) -> None:
@@ -113,6 +133,12 @@ def test_rate_limit_answers_429_with_retry_after_and_resets(server: ServerHandle
     assert error["code"] == "rate_limit_exceeded"
     assert "per minute" in error["message"] and "resets at" in error["message"]
     assert 1 <= int(r.headers["Retry-After"]) <= 60
+    # the user sees the refusal, and when the window frees a request again
+    usage = httpx.get(api(server, "usage"), headers=server.headers(), timeout=30).json()
+    refusal = usage["last_refusal"]
+    assert refusal["code"] == "rate_limit_exceeded" and refusal["model"] == "gemma" and refusal["status"] == 429
+    assert refusal["message"] == error["message"] and refusal["retry_at"] > refusal["at"]
+    assert usage["remaining"]["requests_this_minute"] == 0 and usage["resets"]["requests"] > usage["now"]
     # the limit lifted, requests flow again (the window itself is covered by tests/test_quotas.py)
     put_quota(server, "alice", {"requests_per_minute": None})
     client(server).completions.create(model="gemma", prompt="Hello", max_tokens=2)
@@ -159,10 +185,10 @@ def test_non_admin_cannot_read_or_change_quotas_or_others_usage(tmp_path: Path) 
                                               "--SwapServe.local_user=dave"]) as s:
         h = s.headers()
         status = httpx.get(api(s, "status"), headers=h, timeout=30).json()
-        assert status["user"] == {"name": "dave", "admin": False}
+        assert status["user"] == {"name": "dave", "admin": False} and status["mode"] == "standalone"
         for method, path, body in [("GET", "quotas", None), ("PUT", "quotas/dave", {"tokens_per_day": 10**9}),
                                    ("DELETE", "quotas/%2A", None), ("GET", "usage?user=carol", None),
-                                   ("GET", "quotas/carol", None)]:
+                                   ("GET", "quotas/carol", None), ("GET", "users", None)]:
             r = httpx.request(method, api(s, path), headers=h, timeout=30,
                               content=json.dumps(body).encode() if body else None)
             assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", (method, path, r.text)

@@ -9,10 +9,14 @@ import pytest
 
 from jupyter_swapserve.service.accounting import QuotaAccounting, QuotaExceeded
 from jupyter_swapserve.service.quotas import (
+    FIELD_INFO,
+    FIELDS,
     QuotaInputError,
     UsageNow,
+    check_model_names,
     decide,
     effective_limits,
+    iso,
     next_utc_midnight,
     usage_of,
     validate_row,
@@ -179,3 +183,41 @@ def test_migrations_bring_an_old_database_up(tmp_path: Path) -> None:
     with store.engine.connect() as conn:
         indexes = {row[1] for row in conn.exec_driver_sql("PRAGMA index_list('swapserve_usage')")}
     assert "ix_swapserve_usage_day" in indexes
+
+
+def test_model_names_are_checked_against_the_service() -> None:
+    check_model_names(validate_row({"allowed_models": ["gemma"], "models": {"smollm2": {"priority": 2}}}),
+                      ["gemma", "smollm2"])
+    for body, param in [({"allowed_models": ["gemma", "nosuchmodel"]}, "allowed_models"),
+                        ({"models": {"nosuchmodel": {"tokens_per_day": 5}}}, "models.nosuchmodel")]:
+        with pytest.raises(QuotaInputError) as err:
+            check_model_names(validate_row(body), ["gemma", "smollm2"])
+        assert err.value.param == param and "nosuchmodel" in str(err.value) and "gemma, smollm2" in str(err.value)
+
+
+def test_every_field_explains_itself() -> None:
+    assert set(FIELD_INFO) == set(FIELDS)
+    for name, info in FIELD_INFO.items():
+        assert info.label and info.unit and info.help and info.unset, name
+    assert "UTC" in FIELD_INFO["tokens_per_day"].unit and FIELD_INFO["priority"].unset == "1"
+
+
+def test_refusals_count_in_the_singular_and_the_last_one_is_reported(tmp_path: Path) -> None:
+    limits = effective_limits({"*": {"requests_per_minute": 1, "max_concurrent": 1, "tokens_per_day": 1}}, "u", "m")
+    assert "1 request per minute;" in decide(limits, UsageNow(recent=(NOW - 5,)), "m", None, NOW).message
+    assert "1 of 1 request over all models is queued" in decide(limits, UsageNow(concurrent=1), "m", None, NOW).message
+    assert "3 of 1 token per day" in decide(limits, UsageNow(tokens_today=3), "m", None, NOW).message
+    clock = Clock()
+    acc = QuotaAccounting(QuotaStore(f"sqlite:///{tmp_path / 'q.sqlite'}"), clock=clock)
+    acc.put("*", {"requests_per_minute": 1})
+    assert acc.report("alice", False, everyone=False, days=1)["last_refusal"] is None
+    acc.admit("alice", "gemma", None).release()
+    clock.t += 20
+    with pytest.raises(QuotaExceeded):
+        acc.admit("alice", "gemma", None)
+    report = acc.report("alice", False, everyone=False, days=1)
+    refusal = report["last_refusal"]
+    assert (refusal["model"], refusal["status"], refusal["code"]) == ("gemma", 429, "rate_limit_exceeded")
+    assert refusal["at"] == iso(NOW + 20) and refusal["retry_at"] == iso(NOW + 60) == report["resets"]["requests"]
+    assert report["now"] == iso(NOW + 20) and report["remaining"]["requests_this_minute"] == 0
+    assert acc.report("bob", False, everyone=False, days=1)["last_refusal"] is None  # each user their own

@@ -11,7 +11,7 @@ from .metrics import MetricsHandler
 from .openai import CompletionsHandler, ModelsHandler
 from .openapi import OpenAPIHandler
 from .prefetch import PrefetchHandler
-from .quotas import QuotasHandler, UsageHandler, UserQuotaHandler
+from .quotas import QuotasHandler, UsageHandler, UserQuotaHandler, UsersHandler
 
 
 def handlers() -> list[tuple]:
@@ -31,6 +31,7 @@ def handlers() -> list[tuple]:
         (r"/swapserve/api/quotas", QuotasHandler),
         (r"/swapserve/api/quotas/([^/]+)", UserQuotaHandler),
         (r"/swapserve/api/usage", UsageHandler),
+        (r"/swapserve/api/users", UsersHandler),
         (r"/swapserve/api/openapi.json", OpenAPIHandler),
         (r"/swapserve/metrics", MetricsHandler),
         *fallback_handlers(),  # last: unknown /swapserve/ paths get an OpenAI-shaped 404

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..config import schema
 from ..service import EngineUnavailable, ModelNotFound
 from .base import OpenAIError, SwapServeHandler
 
 
+def viewer_status(handler: SwapServeHandler) -> dict[str, Any]:
+    """The status as the caller sees it: who they are and whether they administer the service (the
+    sidebar offers manual swaps and the quota form to admins only), and whether this is a node's
+    shared service (``mode``: service) or a server's own engines (standalone)."""
+    status = handler.service.status()
+    identity = handler.identity()
+    status["user"] = {"name": identity.name, "admin": identity.admin}
+    status["mode"] = handler.settings.get("swapserve_mode") or "standalone"
+    return status
+
+
 class StatusHandler(SwapServeHandler):
     async def get(self) -> None:
         self.require_user("read")
-        status = self.service.status()
-        identity = self.identity()
-        status["user"] = {"name": identity.name, "admin": identity.admin}
-        self.finish(status)
+        self.finish(viewer_status(self))
 
 
 class SchemaHandler(SwapServeHandler):

@@ -7,6 +7,7 @@ import json
 
 from tornado.iostream import StreamClosedError
 
+from .admin import viewer_status
 from .base import SwapServeHandler
 
 MIN_INTERVAL = 0.1  # at most ten updates a second, however busy the service
@@ -27,14 +28,12 @@ class EventsHandler(SwapServeHandler):
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")
         notifier = self.service.notifier
-        identity = self.identity()
         version = -1
         try:
             while not self._closed:
                 if version != notifier.version:
                     version = notifier.version
-                    status = self.service.status()
-                    status["user"] = {"name": identity.name, "admin": identity.admin}
+                    status = viewer_status(self)
                     self.write(f"event: status\ndata: {json.dumps(status)}\n\n")
                     await self.flush()
                     await asyncio.sleep(MIN_INTERVAL)

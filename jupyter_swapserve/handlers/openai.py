@@ -93,6 +93,23 @@ def validate_chat(body: dict[str, Any]) -> None:
                               param=f"messages[{i}].content", code="missing_required_parameter")
 
 
+def with_system_prompt(body: dict[str, Any], system_prompt: str | None) -> dict[str, Any]:
+    """The chat body with the model's configured system message first, when the request has no
+    system (or developer) message of its own; otherwise the body as it is."""
+    messages = body.get("messages")
+    if not system_prompt or not isinstance(messages, list):
+        return body
+    if any(isinstance(m, dict) and m.get("role") in ("system", "developer") for m in messages):
+        return body
+    return {**body, "messages": [{"role": "system", "content": system_prompt}, *messages]}
+
+
+def with_request_defaults(body: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The body with the model's configured sampling settings where the request sets none."""
+    missing = {k: v for k, v in defaults.items() if body.get(k) is None}
+    return {**body, **missing} if missing else body
+
+
 def validate_completion(body: dict[str, Any]) -> None:
     prompt = body.get("prompt")
     if prompt is None:
@@ -161,7 +178,11 @@ class CompletionsHandler(SwapServeHandler):
     async def _serve(self, model: str, body: dict[str, Any]) -> None:
         user = self.identity().name
         try:
-            self.service.backend(model)  # an unknown model is a 404 before any quota is counted
+            backend = self.service.backend(model)  # an unknown model is a 404 before any quota is counted
+            if self.generates_tokens:
+                body = with_request_defaults(body, backend.config.request_defaults)
+            if self.upstream_path.endswith("chat/completions"):
+                body = with_system_prompt(body, backend.config.system_prompt)
             limit = self.service.max_tokens_limit(user, model)
             if limit is not None and self.generates_tokens and requested_max_tokens(body) is None:
                 body["max_tokens"] = limit  # the user's per-request limit becomes the request's

@@ -223,6 +223,10 @@ def spec(base_url: str = "/") -> dict[str, Any]:
             params=[{"name": "user", "in": "query", "required": False, "schema": {"type": "string"}},
                     {"name": "days", "in": "query", "required": False,
                      "schema": {"type": "integer", "minimum": 1, "maximum": 366}}])},
+        "/swapserve/api/users": {"get": _op(
+            "The user names a quota can be given to (admins): the hub's users on a shared node, asked with the "
+            "service's own hub token (names only), or a standalone server's one user.",
+            _ok("{users: [names], source: hub|server}."), ("401", "403", "503"), tag="quotas")},
         "/swapserve/api/openapi.json": {"get": _op("This document.", _ok("OpenAPI 3.1."), tag="admin")},
         "/swapserve/metrics": {"get": _op(
             "Prometheus metrics: swaps, evictions, failures, requests, queue wait, TTFT, memory, queues.",

@@ -78,6 +78,21 @@ class QuotaUnavailable(QuotaExceeded, StorageError):
                                                            "try again shortly.", retry_after=5.0))
 
 
+@dataclass(frozen=True)
+class RefusalRecord:
+    """A user's last refused request, kept so that they can see it (the usage report)."""
+
+    at: float
+    model: str
+    refusal: Refusal
+
+    def as_dict(self) -> dict[str, Any]:
+        r = self.refusal
+        return {"at": iso(self.at), "model": self.model, "status": r.status, "code": r.code, "message": r.message,
+                "param": r.param,
+                "retry_at": iso(self.at + r.retry_after) if r.retry_after is not None else None}
+
+
 def node_name() -> str:
     """A service's name on its leases: host, process, and a nonce (a restarted process is new)."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -297,6 +312,8 @@ class QuotaAccounting:
         if shared is None:
             shared = store.dialect == "postgresql"
         self.books: Books = SharedBooks(store, clock, node, lease_seconds) if shared else LocalBooks(store, clock)
+        #: each user's last refused request on this service, in memory: a restart forgets it
+        self._last_refusal: dict[str, RefusalRecord] = {}
 
     @property
     def shared(self) -> bool:
@@ -378,6 +395,7 @@ class QuotaAccounting:
             limits = effective_limits(rows, user, model)
             refusal = decide(limits, use(limits), model, max_tokens, now)
             if refusal is not None:
+                self._last_refusal[user] = RefusalRecord(now, model, refusal)
                 raise QuotaExceeded(refusal)
             return limits
 
@@ -426,4 +444,7 @@ class QuotaAccounting:
                 "tokens": iso(next_utc_midnight(now)),
                 "requests": iso(window_reset(recent, limits.requests_per_minute or 0, now) if recent else now),
             },
+            "day_starts": "00:00 UTC",
+            "now": iso(now),  # clients time their refresh against this, not their own clock
+            "last_refusal": refusal.as_dict() if (refusal := self._last_refusal.get(user)) else None,
         }

@@ -159,7 +159,10 @@ class Backend:
     memory_measured: bool = False
     queued: int = 0
     in_flight: int = 0
+    #: the last activity, for the scheduler (idle timeout, least recently used): requests, start-up, swap-ins
     last_used: float = 0.0
+    #: when a request was last served (what people mean by "last used"); 0: never
+    last_request: float = 0.0
     served_since_swap_in: bool = True
     #: the highest quota priority among waiting requests (kept by SwapService.admit): the policy's tie-breaker
     queued_priority: float = 0.0

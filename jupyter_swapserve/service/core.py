@@ -192,14 +192,14 @@ class SwapService:
                         backend.in_flight += 1
                         backend.requests_total += 1
                         backend.served_since_swap_in = True
-                        backend.last_used = time.time()
+                        backend.last_used = backend.last_request = time.time()
                         ticket.queue_seconds = max(0.0, time.perf_counter() - arrived - ticket.swap_in_seconds)
                         self.notifier.notify()
                         try:
                             yield ticket
                         finally:
                             backend.in_flight -= 1
-                            backend.last_used = time.time()
+                            backend.last_used = backend.last_request = time.time()
                             self.notifier.notify()
                         return
         finally:
@@ -275,6 +275,7 @@ class SwapService:
                 "last_swap_out_seconds": b.last_swap_out_seconds,
                 "last_cold_start_seconds": b.last_cold_start_seconds,
                 "last_used": b.last_used or None,
+                "last_request": b.last_request or None,
                 "swaps_in": b.swaps_in, "swaps_out": b.swaps_out, "requests": b.requests_total,
                 "swap_in_history": [{"t": t, "seconds": s} for t, s in b.swap_in_history],
                 "last_steps": [{"step": s.step, "seconds": s.seconds, "ok": s.ok} for s in b.last_steps],

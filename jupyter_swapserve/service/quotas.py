@@ -11,7 +11,7 @@ both the user's overall limits (counted over all models) and the model's limits 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -29,6 +29,55 @@ INTEGER_FIELDS = frozenset({"max_concurrent", "requests_per_minute", "tokens_per
 DEFAULT_PRIORITY = 1.0
 WINDOW_SECONDS = 60.0
 MAX_INTEGER = 2**53  # what JSON clients (the sidebar) represent exactly
+MAX_KERNEL_GIB = 1e6
+MAX_PRIORITY = 1000.0
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """What a quota field means, for forms (the sidebar renders its inputs from these): a label,
+    the unit of its value, one line of help, and what it is when no row sets it."""
+
+    label: str
+    unit: str
+    help: str
+    kind: str  # "integer", "number" or "models"
+    unset: str  # what null means in the default row: the value that applies when nobody sets one
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "unit": self.unit, "help": self.help, "kind": self.kind, "unset": self.unset,
+                "minimum": self.minimum, "maximum": self.maximum}
+
+
+FIELD_INFO: dict[str, FieldInfo] = {
+    "allowed_models": FieldInfo("Allowed models", "model names", "The models the user may call; empty: every model.",
+                                "models", "every model"),
+    "max_concurrent": FieldInfo("Concurrent requests", "requests at once",
+                                "Requests queued or running at the same time, over all models.", "integer",
+                                "no limit", 0, MAX_INTEGER),
+    "requests_per_minute": FieldInfo("Requests per minute", "per minute",
+                                     "Requests admitted in any 60 seconds (a sliding window).", "integer",
+                                     "no limit", 0, MAX_INTEGER),
+    "tokens_per_day": FieldInfo("Tokens per day", "tokens per UTC day",
+                                "Prompt + completion tokens per day; the day starts at 00:00 UTC.", "integer",
+                                "no limit", 0, MAX_INTEGER),
+    "max_tokens_per_request": FieldInfo("Max tokens per request", "tokens",
+                                        "The largest max_tokens a request may ask for; a request without one gets "
+                                        "this.", "integer", "no limit", 0, MAX_INTEGER),
+    "priority": FieldInfo("Priority", "weight", "Share of the queue against other users: 2 gets twice the turns "
+                          "of 1.", "number", f"{DEFAULT_PRIORITY:g}", 0, MAX_PRIORITY),
+    "kernel_gpu_gib": FieldInfo("Kernel GPU memory", "GiB", "GPU memory the user's notebook kernels may hold "
+                                "together; idle ones beyond it are swapped out.", "number", "no limit", 0,
+                                MAX_KERNEL_GIB),
+    "kernel_pin_gib": FieldInfo("Kernel pinned memory", "GiB", "GPU memory the user may pin with %gpu pin "
+                                "(0: may not pin).", "number", "no limit", 0, MAX_KERNEL_GIB),
+}
+#: the help of the per-model entries (``models``), which take the MODEL_FIELDS
+MODELS_INFO = FieldInfo("Per model", "model: field=value, …",
+                        "Extra limits on one model, on top of the ones above; e.g. gemma: tokens_per_day=1000.",
+                        "overrides", "none")
 
 
 class QuotaInputError(ValueError):
@@ -56,10 +105,10 @@ def _check_value(name: str, value: Any, param: str) -> Any:
             raise QuotaInputError(param, f"must be between 0 and {MAX_INTEGER}.")
         return value
     if name in KERNEL_FIELDS:
-        if not 0 <= value <= 1e6:
+        if not 0 <= value <= MAX_KERNEL_GIB:
             raise QuotaInputError(param, "must be a number of GiB between 0 and 1000000, or null for no limit.")
         return float(value)
-    if not 0 < value <= 1000:  # priority: a weight
+    if not 0 < value <= MAX_PRIORITY:  # priority: a weight
         raise QuotaInputError(param, "must be greater than 0 and at most 1000.")
     return float(value)
 
@@ -98,6 +147,25 @@ def _validate_models(value: Any) -> dict[str, dict[str, Any]]:
             checked[key] = _check_value(key, v, f"models.{model}.{key}")
         out[model] = checked
     return out
+
+
+def check_model_names(row: Mapping[str, Any], known: Iterable[str]) -> None:
+    """Every model a validated row names (``allowed_models``, the keys of ``models``) must be one of
+    ``known``: a limit on a model that does not exist would be saved and never apply."""
+    names = sorted(set(known))
+    listing = ", ".join(names) or "none"
+    for model in row.get("allowed_models") or ():
+        if model not in names:
+            raise QuotaInputError("allowed_models", f"names '{model}', which is not a model of this service "
+                                                    f"(models: {listing}).")
+    for model in row.get("models") or {}:
+        if model not in names:
+            raise QuotaInputError(f"models.{model}", f"is not a model of this service (models: {listing}).")
+
+
+def plural(n: float, one: str, many: str | None = None) -> str:
+    """``1 request``, ``2 requests``."""
+    return f"{n:g} {one if n == 1 else (many or one + 's')}"
 
 
 @dataclass(frozen=True)
@@ -243,24 +311,26 @@ def decide(limits: Limits, usage: UsageNow, model: str, max_tokens: int | None, 
         return Refusal(400, "max_tokens_exceeded",
                        f"max_tokens {max_tokens} exceeds your limit of {limits.max_tokens_per_request} "
                        f"tokens per request.", param="max_tokens")
-    for limit, used, scope in ((limits.max_concurrent, usage.concurrent, "in all"),
+    for limit, used, scope in ((limits.max_concurrent, usage.concurrent, "over all models"),
                                (limits.model_max_concurrent, usage.concurrent_model, f"for '{model}'")):
         if limit is not None and used >= limit:
             return Refusal(429, "rate_limit_exceeded",
-                           f"Concurrent request limit reached: {used} of {limit} {scope} are queued or running; "
-                           f"it frees as soon as one of them finishes.", retry_after=1.0)
+                           f"Concurrent request limit reached: {used} of {plural(limit, 'request')} {scope} "
+                           f"{'is' if used == 1 else 'are'} queued or running; it frees as soon as "
+                           f"{'it finishes' if used == 1 else 'one of them finishes'}.", retry_after=1.0)
     for limit, recent, scope in ((limits.requests_per_minute, usage.recent, ""),
                                  (limits.model_requests_per_minute, usage.recent_model, f" for '{model}'")):
         if limit is not None and len(recent) >= limit:
             reset = window_reset(recent, limit, now)
             return Refusal(429, "rate_limit_exceeded",
-                           f"Rate limit reached: {limit} requests per minute{scope}; it resets at {iso(reset)}.",
+                           f"Rate limit reached: {plural(limit, 'request')} per minute{scope}; it resets at "
+                           f"{iso(reset)}.",
                            retry_after=max(1.0, reset - now))
     for limit, used, scope in ((limits.tokens_per_day, usage.tokens_today, ""),
                                (limits.model_tokens_per_day, usage.tokens_today_model, f" for '{model}'")):
         if limit is not None and used >= limit:
             reset = next_utc_midnight(now)
             return Refusal(429, "insufficient_quota",
-                           f"Token quota used up: {used} of {limit} tokens per day{scope}; "
+                           f"Token quota used up: {used} of {plural(limit, 'token')} per day{scope}; "
                            f"it resets at {iso(reset)} (midnight UTC).", retry_after=max(1.0, reset - now))
     return None
