@@ -54,8 +54,6 @@ export class StatusClient {
   private running = false;
   /** Bumped on every status applied; a poll answer older than the last event is dropped. */
   private generation = 0;
-  /** When the last intent hint was sent, per model (ms). */
-  private readonly lastHint = new Map<string, number>();
   private readonly pollInterval: number;
   private readonly maxBackoff: number;
   private readonly sseRetryInterval: number;
@@ -117,23 +115,23 @@ export class StatusClient {
   }
 
   /**
-   * Intent hint: the user is looking at this model, so the server may swap it in ahead of need
-   * (it never evicts a busy model for a hint). Sent at most once per model per `hintInterval` ms;
-   * never throws. Returns the server's `prefetch` outcome, or null when not sent or refused.
+   * "Use now": the intent hint (POST .../prefetch), sent when the user asks for it. The server swaps
+   * the model in ahead of the request if that evicts nothing busy, and says so: 'running',
+   * 'starting', or 'declined: why'. Any user who may call the model may send it; it never moves a
+   * model someone is using, which is why it is offered where the manual swaps are not.
    */
-  async prefetch(model: string, hintInterval = 30000): Promise<string | null> {
-    const now = Date.now();
-    if (now - (this.lastHint.get(model) ?? -Infinity) < hintInterval) {
-      return null;
-    }
-    this.lastHint.set(model, now);
+  async prefetch(model: string): Promise<{ prefetch: string } | { error: IPanelError }> {
+    let r: IHttpResponse;
     try {
-      const r = await this.options.request(`models/${encodeURIComponent(model)}/prefetch`, { method: 'POST' });
-      const body = r.body as { prefetch?: unknown } | null;
-      return (r.status === 200 || r.status === 202) && body && typeof body.prefetch === 'string' ? body.prefetch : null;
-    } catch {
-      return null;
+      r = await this.options.request(`models/${encodeURIComponent(model)}/prefetch`, { method: 'POST' });
+    } catch (e) {
+      r = { status: 0, body: String(e) };
     }
+    const body = r.body as { prefetch?: unknown } | null;
+    if ((r.status === 200 || r.status === 202) && body && typeof body.prefetch === 'string') {
+      return { prefetch: body.prefetch };
+    }
+    return { error: classifyError(r.status, r.body, `asking for ${model}`) };
   }
 
   // ---- server-sent events -----------------------------------------------------------------

@@ -112,3 +112,45 @@ export function formatQueue(depth: number, max: number | null | undefined): stri
 export function formatCount(n: number | null | undefined): string {
   return typeof n === 'number' && isFinite(n) ? Math.round(n).toLocaleString('en-US') : '\u2013';
 }
+
+/** A count and its noun, singular or plural: "1 request", "2 requests", "1,000 tokens". */
+export function plural(n: number, one: string, many?: string): string {
+  return `${formatCount(n)} ${n === 1 ? one : many ?? `${one}s`}`;
+}
+
+function pad2(n: number): string {
+  return String(n).padStart(2, '0');
+}
+
+/** A moment as the local clock shows it: "23:03:54"; with the date when it is not today. */
+export function formatClock(ms: number, nowMs: number): string {
+  if (!finite(ms)) {
+    return DASH;
+  }
+  const d = new Date(ms);
+  const time = `${pad2(d.getHours())}:${pad2(d.getMinutes())}:${pad2(d.getSeconds())}`;
+  const now = new Date(nowMs);
+  const sameDay =
+    d.getFullYear() === now.getFullYear() && d.getMonth() === now.getMonth() && d.getDate() === now.getDate();
+  return sameDay ? time : `${d.getFullYear()}-${pad2(d.getMonth() + 1)}-${pad2(d.getDate())} ${time}`;
+}
+
+/** Milliseconds of an ISO time ("2026-11-25T23:03:54Z"), or null. */
+export function parseTime(iso: string | null | undefined): number | null {
+  if (typeof iso !== 'string' || !iso) {
+    return null;
+  }
+  const t = Date.parse(iso);
+  return isFinite(t) ? t : null;
+}
+
+/** How a swap moves an engine, in plain words (the status's `checkpointer`). */
+export function swapMethodText(checkpointer: string | null | undefined, hasGpu: boolean): string {
+  if (!hasGpu || checkpointer === 'none') {
+    return 'no GPU here: a swap pauses and resumes the engine';
+  }
+  if (checkpointer === 'cuda-driver') {
+    return 'a swap moves GPU memory to host memory and back (CUDA driver)';
+  }
+  return checkpointer ? `a swap moves GPU memory to host memory and back (${checkpointer})` : '';
+}

@@ -8,15 +8,18 @@ import { h, reorder, setAttr, setClass, setHidden, setStyle, setText } from './d
 import {
   connectionText,
   deviceView,
+  headerView,
   IDeviceView,
   IModelView,
   IPanelState,
   modelView
 } from './state';
-import { SwapAction } from './types';
+import { CardAction, SwapAction } from './types';
 
 export interface IPanelCallbacks {
   swap(model: string, action: SwapAction): void;
+  /** "Use now": ask for the model ahead of need (the prefetch hint); never evicts a busy model */
+  prefetch(model: string): void;
   retry(): void;
   dismiss(model: string): void;
 }
@@ -48,6 +51,7 @@ interface IModelRow {
   memBar: HTMLElement;
   memFill: HTMLElement;
   memText: HTMLElement;
+  memNote: HTMLElement;
   values: Record<string, HTMLElement>;
   chart: SVGSVGElement;
   chartText: HTMLElement;
@@ -57,6 +61,7 @@ interface IModelRow {
   error: HTMLElement;
   swapIn: HTMLButtonElement;
   swapOut: HTMLButtonElement;
+  prefetch: HTMLButtonElement;
 }
 
 const STATS: [string, string, string][] = [
@@ -66,7 +71,7 @@ const STATS: [string, string, string][] = [
   ['requests', 'Requests', 'Requests served since the server started'],
   ['swapin', 'Swap-in', 'Duration of the last swap-in'],
   ['swapout', 'Swap-out', 'Duration of the last swap-out'],
-  ['lastused', 'Last used', 'When the model last answered a request']
+  ['lastused', 'Last used', 'When the model last served a request (start-up and swaps do not count)']
 ];
 
 export class PanelView {
@@ -74,6 +79,7 @@ export class PanelView {
   private conn: HTMLElement;
   private connText: HTMLElement;
   private meta: HTMLElement;
+  private metaHow: HTMLElement;
   private errorBox: HTMLElement;
   private errorText: HTMLElement;
   private configErrors: HTMLElement;
@@ -102,8 +108,9 @@ export class PanelView {
     this.conn.appendChild(this.connText);
     titleRow.appendChild(this.conn);
     header.appendChild(titleRow);
-    this.meta = h('div', 'jp-SwapServe-meta');
-    header.appendChild(this.meta);
+    this.meta = h('div', 'jp-SwapServe-meta jp-SwapServe-who');
+    this.metaHow = h('div', 'jp-SwapServe-meta jp-SwapServe-how');
+    header.append(this.meta, this.metaHow);
     node.appendChild(header);
 
     this.errorBox = h('div', 'jp-SwapServe-alert jp-SwapServe-alert-error');
@@ -167,13 +174,15 @@ export class PanelView {
     setClass(this.node, 'jp-mod-stale', !!state.error && !!status);
     if (!status) {
       setText(this.meta, state.error ? '' : 'Loading the status…');
+      setHidden(this.metaHow, true);
       return;
     }
-    const metaParts = [`checkpointer: ${status.checkpointer ?? 'unknown'}`];
-    if (status.user?.name) {
-      metaParts.push(`user: ${status.user.name}`);
-    }
-    setText(this.meta, metaParts.join(' · '));
+    const head = headerView(status);
+    setText(this.meta, head.who);
+    setAttr(this.meta, 'title', head.whoTitle);
+    setText(this.metaHow, head.how);
+    setHidden(this.metaHow, !head.how);
+    const admin = status.user?.admin !== false;
 
     this.updateConfigErrors(status.config_errors ?? []);
 
@@ -206,7 +215,7 @@ export class PanelView {
         row = this.createModel(m.name);
         this.models.set(m.name, row);
       }
-      const view = modelView(m, status.devices, state.pending[m.name], state.messages[m.name], nowMs / 1000);
+      const view = modelView(m, status.devices, state.pending[m.name], state.messages[m.name], nowMs / 1000, admin);
       this.patchModel(row, view, i);
       modelRows.push(row.root);
     });
@@ -295,7 +304,8 @@ export class PanelView {
     if (v.usedPercent !== null) {
       setStyle(row.used, 'width', `${v.usedPercent.toFixed(2)}%`);
     }
-    setText(row.usedLegend, `used ${v.legend.used}`);
+    setHidden(row.usedLegend, v.legend.used === null);
+    setText(row.usedLegend, v.legend.used === null ? '' : `used ${v.legend.used}`);
     setText(row.reserved, `reserved ${v.legend.reserved}`);
     setText(row.free, `free ${v.legend.free}`);
     setHidden(row.waiting, !v.waitingText);
@@ -329,7 +339,9 @@ export class PanelView {
     subRow.append(subtitle, pinned, state);
 
     const mem = h('div', 'jp-SwapServe-memory');
-    mem.appendChild(h('span', 'jp-SwapServe-label', 'Memory'));
+    const memLabel = h('span', 'jp-SwapServe-label', 'Memory');
+    memLabel.title = 'What the model holds on its device now, against the device\'s capacity';
+    mem.appendChild(memLabel);
     const memBar = h('div', 'jp-SwapServe-bar jp-SwapServe-memBar');
     memBar.setAttribute('role', 'meter');
     memBar.setAttribute('aria-valuemin', '0');
@@ -338,7 +350,8 @@ export class PanelView {
     const memFill = h('div', 'jp-SwapServe-memFill');
     memBar.appendChild(memFill);
     const memText = h('span', 'jp-SwapServe-memText');
-    mem.append(memBar, memText);
+    const memNote = h('span', 'jp-SwapServe-memNote');
+    mem.append(memBar, memText, memNote);
 
     const stats = h('dl', 'jp-SwapServe-stats');
     const values: Record<string, HTMLElement> = {};
@@ -373,7 +386,9 @@ export class PanelView {
     const actions = h('div', 'jp-SwapServe-actions');
     const swapIn = this.actionButton(name, 'swap-in');
     const swapOut = this.actionButton(name, 'swap-out');
-    actions.append(swapIn, swapOut);
+    const prefetch = this.actionButton(name, 'prefetch');
+    prefetch.hidden = true;
+    actions.append(swapIn, swapOut, prefetch);
 
     root.append(head, subRow, mem, stats, chartBox, message, error, actions);
     return {
@@ -387,6 +402,7 @@ export class PanelView {
       memBar,
       memFill,
       memText,
+      memNote,
       values,
       chart,
       chartText,
@@ -395,18 +411,23 @@ export class PanelView {
       messageClose,
       error,
       swapIn,
-      swapOut
+      swapOut,
+      prefetch
     };
   }
 
-  private actionButton(name: string, action: SwapAction): HTMLButtonElement {
+  private actionButton(name: string, action: CardAction): HTMLButtonElement {
     const b = h('button', `jp-SwapServe-button jp-SwapServe-${action}`);
     b.type = 'button';
     b.dataset.action = action;
     // aria-disabled, not disabled: a disabled button would drop keyboard focus mid-swap
     b.addEventListener('click', () => {
       if (b.getAttribute('aria-disabled') !== 'true') {
-        this.callbacks.swap(name, action);
+        if (action === 'prefetch') {
+          this.callbacks.prefetch(name);
+        } else {
+          this.callbacks.swap(name, action);
+        }
       }
     });
     return b;
@@ -431,6 +452,8 @@ export class PanelView {
     setAttr(row.memBar, 'aria-valuetext', v.memoryTitle);
     setAttr(row.memBar, 'title', v.memoryTitle);
     setText(row.memText, v.memoryText);
+    setText(row.memNote, v.memoryNote);
+    setHidden(row.memNote, !v.memoryNote);
 
     setText(row.values.device, v.deviceText);
     setClass(row.values.device, 'jp-mod-virtual', v.virtual);
@@ -466,6 +489,17 @@ export class PanelView {
     setHidden(row.error, !v.error);
     setText(row.error, v.error ? `Error: ${v.error}` : '');
 
+    // admins swap by hand; everyone else may only ask for a model ahead of need ("Use now")
+    setHidden(row.swapIn, !v.admin);
+    setHidden(row.swapOut, !v.admin);
+    setHidden(row.prefetch, v.admin || !(v.canPrefetch || v.pendingAction === 'prefetch'));
+    this.patchButton(
+      row.prefetch,
+      v.pendingAction === 'prefetch' ? 'Asking…' : 'Use now',
+      v.canPrefetch,
+      `Use ${v.name} now: swap it in ahead of your request, if that pushes out no model in use`,
+      v.pendingAction === 'prefetch'
+    );
     this.patchButton(
       row.swapIn,
       v.pendingAction === 'swap-in' ? `${v.swapInLabel === 'Start' ? 'Starting' : 'Swapping in'}…` : v.swapInLabel,

@@ -12,9 +12,10 @@ import {
   isTransitional,
   percent,
   stateClass,
-  stateLabel
+  stateLabel,
+  swapMethodText
 } from './format';
-import { IDevice, IModel, ISwapResult, IStatus, SwapAction } from './types';
+import { CardAction, IDevice, IModel, ISwapResult, IStatus, SwapAction } from './types';
 
 /** How the panel gets its updates. */
 export type ConnectionMode = 'connecting' | 'live' | 'polling' | 'offline';
@@ -34,7 +35,7 @@ export interface IPanelError {
 }
 
 export interface IPending {
-  action: SwapAction;
+  action: CardAction;
   since: number;
 }
 
@@ -93,7 +94,7 @@ export function withConnection(state: IPanelState, connection: ConnectionMode): 
 export function withPending(
   state: IPanelState,
   model: string,
-  action: SwapAction,
+  action: CardAction,
   now: number
 ): IPanelState {
   const messages = { ...state.messages };
@@ -125,6 +126,41 @@ export function withActionDone(
     }
   }
   return { ...state, pending, messages };
+}
+
+/**
+ * The answer to "Use now" (the prefetch hint): the server's outcome ('running', 'starting', or
+ * 'declined: why'), or an error. A declined hint is not an error: the next request still swaps the
+ * model in, in its turn.
+ */
+export function withPrefetchDone(
+  state: IPanelState,
+  model: string,
+  outcome: { prefetch: string } | { error: IPanelError }
+): IPanelState {
+  const pending = { ...state.pending };
+  delete pending[model];
+  const messages = { ...state.messages };
+  messages[model] = prefetchMessage(model, outcome);
+  return { ...state, pending, messages };
+}
+
+export function prefetchMessage(model: string, outcome: { prefetch: string } | { error: IPanelError }): IActionMessage {
+  if ('error' in outcome) {
+    return { kind: 'error', text: outcome.error.message };
+  }
+  const p = outcome.prefetch;
+  if (p === 'running') {
+    return { kind: 'info', text: `${model} is running: your requests go straight to it.` };
+  }
+  if (p === 'starting') {
+    return { kind: 'info', text: `${model} is being swapped in for you.` };
+  }
+  const why = p.replace(/^declined:\s*/, '');
+  return {
+    kind: 'info',
+    text: `Not swapped in now (${why}). Your next request to ${model} still gets it: it waits for its turn.`
+  };
 }
 
 export function dismissMessage(state: IPanelState, model: string): IPanelState {
@@ -245,30 +281,64 @@ export interface IModelView {
   swapOutText: string;
   lastUsedText: string;
   requestsText: string;
+  /** what the model holds on its device now (GiB), and its size when it runs */
+  heldGiB: number;
+  memoryNote: string;
+  /** admins: the Swap in / Swap out buttons; others: "Use now" */
+  admin: boolean;
   canSwapIn: boolean;
   canSwapOut: boolean;
+  canPrefetch: boolean;
   swapInLabel: string;
   swapOutLabel: string;
-  pendingAction: SwapAction | null;
+  pendingAction: CardAction | null;
   history: number[];
   error: string | null;
   message: IActionMessage | null;
 }
 
-/** What a model's row shows, given the status, the pending requests and the time. */
+/** What a model holds on its device now: its reservation while it runs or moves, its residual (if
+ * any) while swapped out, nothing while stopped. */
+export function heldGiB(model: IModel): number {
+  const reserved = typeof model.reserved_gib === 'number' ? model.reserved_gib : null;
+  switch (model.state) {
+    case 'running':
+    case 'swapping_in':
+    case 'swapping_out':
+    case 'starting':
+      return reserved || model.memory_gib || 0;
+    case 'swapped_out':
+      return model.residual_gib ?? reserved ?? 0;
+    default:
+      return reserved ?? 0;
+  }
+}
+
+/** When a request was last served; servers before `last_request` only had the scheduler's time. */
+export function lastRequest(model: IModel): number | null {
+  if (model.last_request !== undefined) {
+    return model.last_request;
+  }
+  return model.requests ? model.last_used : null;
+}
+
+/** What a model's row shows, given the status, the pending requests, the time and who looks
+ * (`admin`: may swap by hand; others may only ask for the model ahead of need). */
 export function modelView(
   model: IModel,
   devices: IDevice[],
   pending: IPending | undefined,
   message: IActionMessage | undefined,
-  nowSeconds: number
+  nowSeconds: number,
+  admin = true
 ): IModelView {
   const device = devices.find(d => d.index === model.device);
   const kind = model.device_kind ?? device?.kind;
   const virtual = kind === 'virtual';
   let state = model.state;
-  // the POST was sent but the next status has not arrived yet: show the move at once
-  if (pending && !isTransitional(state)) {
+  // the POST was sent but the next status has not arrived yet: show the move at once (a hint may
+  // be declined: it shows nothing until the server answers)
+  if (pending && pending.action !== 'prefetch' && !isTransitional(state)) {
     if (pending.action === 'swap-in' && state !== 'running') {
       state = state === 'swapped_out' ? 'swapping_in' : 'starting';
     } else if (pending.action === 'swap-out' && state === 'running') {
@@ -283,6 +353,13 @@ export function modelView(
     .map(s => s.seconds)
     .filter(s => typeof s === 'number' && isFinite(s));
   const parts = [model.engine, model.api, model.runtime && model.runtime !== 'process' ? model.runtime : null];
+  const held = heldGiB(model);
+  const size = typeof model.memory_gib === 'number' ? model.memory_gib : null;
+  const where = kind === 'nvidia' ? 'the GPU' : 'the device';
+  let memoryNote = '';
+  if (model.state !== 'running' && size !== null && !isTransitional(model.state)) {
+    memoryNote = held > 0.005 ? `keeps ${formatGiB(held)} on ${where}; ${formatGiB(size)} when running` : `${formatGiB(size)} when running`;
+  }
   return {
     name: model.name,
     subtitle: parts.filter(Boolean).join(' · '),
@@ -297,25 +374,25 @@ export function modelView(
         : `${deviceName} (virtual)`
       : `${deviceName} (${deviceKindLabel(kind)} ${model.device})`,
     virtual,
-    memoryText:
-      capacity !== null
-        ? `${formatGiB(model.memory_gib, false)} / ${formatGiB(capacity)}`
-        : formatGiB(model.memory_gib),
-    memoryPercent: percent(model.memory_gib, capacity),
+    memoryText: capacity !== null ? `${formatGiB(held, false)} / ${formatGiB(capacity)}` : formatGiB(held),
+    memoryPercent: percent(held, capacity),
     memoryTitle:
-      capacity !== null && typeof model.memory_gib === 'number'
-        ? `${formatGiB(model.memory_gib)} of the device's ${formatGiB(capacity)} (${Math.round(
-            percent(model.memory_gib, capacity)
-          )} %)`
-        : 'memory not measured yet',
+      size === null && held === 0
+        ? 'memory not measured yet'
+        : `holds ${formatGiB(held)} of ${where}'s ${formatGiB(capacity)} now (${Math.round(percent(held, capacity))} %)` +
+          (size !== null && model.state !== 'running' ? `; ${formatGiB(size)} when running` : ''),
+    heldGiB: held,
+    memoryNote,
     queueText: formatQueue(model.queue_depth, model.max_queue),
     inFlightText: String(model.in_flight ?? 0),
     swapInText: formatSeconds(model.last_swap_in_seconds),
     swapOutText: formatSeconds(model.last_swap_out_seconds),
-    lastUsedText: formatAgo(model.last_used, nowSeconds),
+    lastUsedText: formatAgo(lastRequest(model), nowSeconds),
     requestsText: String(model.requests ?? 0),
-    canSwapIn: !busy && (state === 'swapped_out' || startable),
-    canSwapOut: !busy && state === 'running' && !model.pinned,
+    admin,
+    canSwapIn: admin && !busy && (state === 'swapped_out' || startable),
+    canSwapOut: admin && !busy && state === 'running' && !model.pinned,
+    canPrefetch: !admin && !busy && (state === 'swapped_out' || state === 'stopped'),
     swapInLabel: startable ? 'Start' : 'Swap in',
     swapOutLabel: 'Swap out',
     pendingAction: pending ? pending.action : null,
@@ -342,7 +419,8 @@ export interface IDeviceView {
   segments: ISegment[];
   reservedPercent: number;
   usedPercent: number | null;
-  legend: { used: string; reserved: string; free: string };
+  /** `used` is null where nothing measures it (a virtual device has no GPU to ask) */
+  legend: { used: string | null; reserved: string; free: string };
   waitingText: string;
   ariaText: string;
 }
@@ -366,7 +444,7 @@ export function deviceView(device: IDevice, models: IModel[]): IDeviceView {
   const virtual = device.kind === 'virtual';
   const used = device.used_gib;
   const legend = {
-    used: used === null || used === undefined ? (virtual ? 'not measured' : '–') : formatGiB(used),
+    used: used === null || used === undefined ? (virtual ? null : 'not measured yet') : formatGiB(used),
     reserved: formatGiB(device.reserved_gib),
     free: formatGiB(device.free_gib)
   };
@@ -388,6 +466,35 @@ export function deviceView(device: IDevice, models: IModel[]): IDeviceView {
       `${device.name}: ${legend.reserved} reserved, ${legend.free} free of ${formatGiB(cap)}` +
       (used === null || used === undefined ? '' : `, ${legend.used} used`)
   };
+}
+
+export interface IHeaderView {
+  /** whose engines these are and who looks: "The node's shared swap service · you are its admin (teacher)" */
+  who: string;
+  whoTitle: string;
+  /** how a swap moves an engine, in plain words */
+  how: string;
+}
+
+export function headerView(status: IStatus): IHeaderView {
+  const name = status.user?.name || null;
+  const admin = status.user?.admin !== false;
+  const shared = status.mode === 'service';
+  let who: string;
+  let whoTitle: string;
+  if (shared) {
+    who = `The node's shared swap service · ${admin ? `you${name ? ` (${name})` : ''} are its admin` : `signed in as ${name ?? 'you'}`}`;
+    whoTitle = admin
+      ? "One set of engines for every user of this JupyterHub. As an admin you swap models by hand and set everyone's quotas."
+      : "One set of engines for every user of this JupyterHub. Your requests count against your quota; admins swap models and set quotas.";
+  } else {
+    who = `This server's own engines · ${name ? `${name}, ` : ''}${admin ? 'admin' : 'not an admin'}`;
+    whoTitle = admin
+      ? 'The engines run inside this Jupyter server; its user administers them.'
+      : 'The engines run inside this Jupyter server; the admins named in its configuration swap them and set quotas.';
+  }
+  const gpu = status.devices.some(d => d.kind === 'nvidia');
+  return { who, whoTitle, how: swapMethodText(status.checkpointer, gpu) };
 }
 
 /** The connection line of the header. */

@@ -58,7 +58,12 @@ export interface IModel {
   last_swap_in_seconds: number | null;
   last_swap_out_seconds: number | null;
   last_cold_start_seconds?: number | null;
+  /** the scheduler's last activity: requests, but also start-up and swap-ins */
   last_used: number | null;
+  /** when a request was last served (unix seconds); null: never. Absent from older servers. */
+  last_request?: number | null;
+  /** what a swapped-out engine keeps reserved on its device (GiB) */
+  residual_gib?: number;
   swaps_in?: number;
   swaps_out?: number;
   requests?: number;
@@ -75,7 +80,10 @@ export interface IStatus {
   /** notebook kernels holding GPU memory (standalone servers with kernel tenancy) */
   kernels?: IKernelTenant[];
   config_errors?: string[];
+  /** who looks, and whether they administer the service (manual swaps, quotas) */
   user?: { name?: string | null; admin?: boolean } | null;
+  /** 'service': the node's shared swap service (JupyterHub); 'standalone': this server's own engines */
+  mode?: 'standalone' | 'service' | string;
 }
 
 export interface ISwapResult {
@@ -92,3 +100,6 @@ export interface IErrorBody {
 }
 
 export type SwapAction = 'swap-in' | 'swap-out';
+
+/** What a card's buttons do: admins swap by hand; every user may ask for a model ahead of need. */
+export type CardAction = SwapAction | 'prefetch';

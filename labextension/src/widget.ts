@@ -10,7 +10,7 @@ import { swapServeIcon } from './icon';
 import { IQuotaDoc, probeQuotas, QuotaSection } from './quotas';
 import { PanelView } from './render';
 import { KernelSection } from './kernels';
-import { fetchUsage, IUsageDoc, UsageSection } from './usage';
+import { fetchUsage, IUsageDoc, nextRefresh, UsageSection } from './usage';
 import {
   dismissMessage,
   initialState,
@@ -19,6 +19,7 @@ import {
   withConnection,
   withError,
   withPending,
+  withPrefetchDone,
   withStatus
 } from './state';
 import { SwapAction } from './types';
@@ -65,8 +66,12 @@ export class SwapServePanel extends Widget {
   private kernels: KernelSection;
   private usageDoc: IUsageDoc | null = null;
   private usageFetchedAt = 0;
+  /** when the last usage document arrived (the page's clock) */
+  private usageArrivedAt = 0;
   private usageVersion = -1;
   private usageTimer: ReturnType<typeof setTimeout> | null = null;
+  /** fetches the usage again when its next limit resets: the numbers stay true with no event */
+  private resetTimer: ReturnType<typeof setTimeout> | null = null;
   private client: StatusClient;
   private request: Requester;
   private frame = 0;
@@ -85,6 +90,7 @@ export class SwapServePanel extends Widget {
     this.request = makeRequester(settings);
     this.view = new PanelView({
       swap: (model, action) => void this.swap(model, action),
+      prefetch: model => void this.useNow(model),
       retry: () => void this.client.refresh(),
       dismiss: model => this.setState(dismissMessage(this.state, model))
     });
@@ -110,16 +116,9 @@ export class SwapServePanel extends Widget {
       onError: error => this.setState(withError(this.state, error)),
       onReconnecting: () => this.setState(withConnection(this.state, this.state.status ? 'polling' : 'connecting'))
     });
-    // A model card clicked or focused is an intent hint: the server may swap it in ahead of the
-    // request (never evicting a busy model); hover alone is not, it would swap on a passing mouse.
-    const hint = (ev: Event): void => {
-      const card = (ev.target as Element | null)?.closest?.('.jp-SwapServe-model[data-model]') as HTMLElement | null;
-      if (card?.dataset.model) {
-        void this.client.prefetch(card.dataset.model);
-      }
-    };
-    this.view.node.addEventListener('focusin', hint);
-    this.view.node.addEventListener('click', hint);
+    // Nothing moves an engine but a button that says so: a card clicked or focused sends no hint
+    // (a click on Swap in used to send one too, which swapped the model in for a user whose
+    // Swap in was then refused). "Use now" is the hint, asked for by name.
     this.render();
   }
 
@@ -147,8 +146,36 @@ export class SwapServePanel extends Widget {
     this.usageFetchedAt = now;
     void fetchUsage(this.request).then(doc => {
       this.usageDoc = doc;
+      this.usageArrivedAt = Date.now();
+      this.scheduleReset();
       this.schedule();
     });
+  }
+
+  /** A timer to the next moment a usage number changes by itself (a window or the day resets). */
+  private scheduleReset(): void {
+    if (this.resetTimer) {
+      clearTimeout(this.resetTimer);
+      this.resetTimer = null;
+    }
+    const delay = this.usageDoc && this.client.isRunning ? nextRefresh(this.usageDoc, this.usageArrivedAt, Date.now()) : null;
+    if (delay !== null) {
+      // setTimeout holds at most 2^31-1 ms; a day is far below that
+      this.resetTimer = setTimeout(() => {
+        this.resetTimer = null;
+        this.refreshUsage(this.usageVersion, true);
+      }, delay);
+    }
+  }
+
+  /** "Use now": the intent hint, for users who may not swap by hand (and anyone who wants it). */
+  async useNow(model: string): Promise<void> {
+    if (this.state.pending[model]) {
+      return;
+    }
+    this.setState(withPending(this.state, model, 'prefetch', Date.now()));
+    const outcome = await this.client.prefetch(model);
+    this.setState(withPrefetchDone(this.state, model, outcome));
   }
 
   /** For tests and the command palette: swap from code. */
@@ -170,6 +197,9 @@ export class SwapServePanel extends Widget {
     if (this.usageTimer) {
       clearTimeout(this.usageTimer);
     }
+    if (this.resetTimer) {
+      clearTimeout(this.resetTimer);
+    }
     if (this.frame) {
       cancelAnimationFrame(this.frame);
     }
@@ -180,14 +210,21 @@ export class SwapServePanel extends Widget {
     super.onAfterShow(msg);
     this.client.start();
     this.startTicker();
+    if (this.usageDoc) {
+      this.refreshUsage(this.usageVersion, true); // it may have reset while nobody looked
+    }
     this.render();
   }
 
   protected onAfterHide(msg: Message): void {
     super.onAfterHide(msg);
-    // nobody looks: no stream, no polling
+    // nobody looks: no stream, no polling, no timers
     this.client.stop();
     this.stopTicker();
+    if (this.resetTimer) {
+      clearTimeout(this.resetTimer);
+      this.resetTimer = null;
+    }
     this.setState(withConnection(this.state, 'connecting'));
   }
 
@@ -225,7 +262,7 @@ export class SwapServePanel extends Widget {
   private render(): void {
     this.view.update(this.state, Date.now());
     this.quotas.update(this.quotaDoc, this.state.status);
-    this.usage.update(this.usageDoc);
+    this.usage.update(this.usageDoc, Date.now(), this.usageArrivedAt);
     this.kernels.update(this.state.status?.kernels, Date.now() / 1000);
   }
 }

@@ -8,6 +8,7 @@ Skips only when Chromium is absent. Screenshots go to test-artifacts/.
 
 from __future__ import annotations
 
+import getpass
 import os
 import re
 import tempfile
@@ -123,10 +124,17 @@ def test_sidebar_live(lab: ServerHandle, browser: Browser) -> None:
     lab.wait_models(states=("swapped_out",))
     page = open_lab(browser, lab)
 
-    # both models, with their memory against the virtual device's capacity
+    # both models, swapped out after their start-up snapshot: they hold nothing on the device (no
+    # residual on a virtual one), and say how much they need; start-up is no use of a model
     expect(page.locator(f"{PANEL} .jp-SwapServe-model")).to_have_count(2)
-    expect(card(page, "gemma").locator(".jp-SwapServe-memText")).to_have_text("0.60 / 1.00 GiB")
-    expect(card(page, "smollm2").locator(".jp-SwapServe-memText")).to_have_text("0.50 / 1.00 GiB")
+    expect(card(page, "gemma").locator(".jp-SwapServe-memText")).to_have_text("0.00 / 1.00 GiB")
+    expect(card(page, "gemma").locator(".jp-SwapServe-memNote")).to_have_text("0.60 GiB when running")
+    expect(card(page, "smollm2").locator(".jp-SwapServe-memText")).to_have_text("0.00 / 1.00 GiB")
+    expect(stat(page, "gemma", "lastused")).to_have_text("never")
+    # a standalone server's one user, by name (the system user running it), never a login's token hash
+    expect(page.locator(f"{PANEL} .jp-SwapServe-who")).to_have_text(
+        f"This server's own engines · {getpass.getuser()}, admin")
+    expect(page.locator(f"{PANEL} .jp-SwapServe-how")).to_have_text("no GPU here: a swap pauses and resumes the engine")
     expect(page.locator(f"{PANEL} .jp-SwapServe-device .jp-SwapServe-kind")).to_have_text("virtual")
     expect(page.locator(f"{PANEL} .jp-SwapServe-conn")).to_have_attribute("data-mode", "live")
     expect(card(page, "gemma")).to_have_attribute("data-state", "swapped_out")
@@ -144,6 +152,8 @@ def test_sidebar_live(lab: ServerHandle, browser: Browser) -> None:
     assert lab.model("gemma")["last_swap_in_seconds"] is not None
     expect(card(page, "gemma").get_by_role("button", name="Swap out gemma")).not_to_have_attribute(
         "aria-disabled", "true")
+    expect(card(page, "gemma").locator(".jp-SwapServe-memText")).to_have_text("0.60 / 1.00 GiB")
+    expect(stat(page, "gemma", "lastused")).to_have_text("never")  # a swap-in is no use either
 
     # a request from Python, outside the browser: the panel follows it live (queue, swap, in flight)
     from openai import OpenAI

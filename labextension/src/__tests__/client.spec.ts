@@ -232,21 +232,21 @@ describe('StatusClient', () => {
   });
 });
 
-describe('prefetch (intent hint)', () => {
-  it('posts to the model prefetch route once per interval and returns the outcome', async () => {
+describe('prefetch ("Use now")', () => {
+  it("posts to the model's prefetch route each time it is asked and returns the outcome", async () => {
     const { client, calls } = setup(() => ({ status: 202, body: { model: 'a b', prefetch: 'starting' } }), false);
-    expect(await client.prefetch('a b')).toBe('starting');
-    expect(calls).toEqual([{ path: 'models/a%20b/prefetch', method: 'POST' }]);
-    expect(await client.prefetch('a b')).toBeNull();
-    expect(calls).toHaveLength(1);
-    jest.advanceTimersByTime(30001);
-    expect(await client.prefetch('a b')).toBe('starting');
-    expect(calls).toHaveLength(2);
+    expect(await client.prefetch('a b')).toEqual({ prefetch: 'starting' });
+    expect(await client.prefetch('a b')).toEqual({ prefetch: 'starting' });
+    expect(calls).toEqual([
+      { path: 'models/a%20b/prefetch', method: 'POST' },
+      { path: 'models/a%20b/prefetch', method: 'POST' }
+    ]);
   });
 
-  it('never throws: a refused or failed hint gives null', async () => {
+  it('never throws: a refused or failed request is an error to show', async () => {
     const { client } = setup(() => ({ status: 404, body: { error: { message: 'no such model' } } }), false);
-    expect(await client.prefetch('nope')).toBeNull();
+    const refused = await client.prefetch('nope');
+    expect('error' in refused && refused.error.message).toBe('Not found (404): no such model');
     const failing = new StatusClient({
       request: async () => {
         throw new Error('network down');
@@ -256,6 +256,7 @@ describe('prefetch (intent hint)', () => {
       onStatus: () => undefined,
       onError: () => undefined
     });
-    expect(await failing.prefetch('m')).toBeNull();
+    const failed = await failing.prefetch('m');
+    expect('error' in failed && failed.error.kind).toBe('unreachable');
   });
 });

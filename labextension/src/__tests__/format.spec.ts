@@ -1,14 +1,49 @@
 import {
   deviceKindLabel,
   formatAgo,
+  formatClock,
   formatGiB,
   formatQueue,
   formatSeconds,
   isTransitional,
+  parseTime,
   percent,
+  plural,
   stateClass,
-  stateLabel
+  stateLabel,
+  swapMethodText
 } from '../format';
+
+// jest.config.js runs the tests in UTC: local clock times are UTC times here
+
+describe('plural', () => {
+  it('says one request and two requests', () => {
+    expect(plural(1, 'request')).toBe('1 request');
+    expect(plural(0, 'request')).toBe('0 requests');
+    expect(plural(2, 'request')).toBe('2 requests');
+    expect(plural(100000, 'token')).toBe('100,000 tokens');
+    expect(plural(2, 'entry', 'entries')).toBe('2 entries');
+  });
+});
+
+describe('formatClock', () => {
+  it('gives the time of day, with the date only when it is not today', () => {
+    const now = Date.parse('2026-11-25T23:02:55Z');
+    expect(formatClock(Date.parse('2026-11-25T23:03:54Z'), now)).toBe('23:03:54');
+    expect(formatClock(Date.parse('2026-11-26T00:00:00Z'), now)).toBe('2026-11-26 00:00:00');
+    expect(formatClock(NaN, now)).toBe('–');
+    expect(parseTime('2026-11-25T23:03:54Z')).toBe(Date.parse('2026-11-25T23:03:54Z'));
+    expect(parseTime('soon')).toBeNull();
+    expect(parseTime(null)).toBeNull();
+  });
+});
+
+describe('swapMethodText', () => {
+  it('says how a swap works without jargon', () => {
+    expect(swapMethodText('none', false)).toBe('no GPU here: a swap pauses and resumes the engine');
+    expect(swapMethodText('cuda-driver', true)).toBe('a swap moves GPU memory to host memory and back (CUDA driver)');
+  });
+});
 
 describe('formatGiB', () => {
   it('adapts the precision to the size', () => {

@@ -1,8 +1,11 @@
 import {
+  fetchUsers,
+  fieldOfParam,
   formatModelOverrides,
   parseModelList,
   parseModelOverrides,
   parseQuotaValue,
+  placeholderFor,
   probeQuotas,
   QuotaSection,
   quotaFields,
@@ -31,6 +34,16 @@ const row = (user: string, extra: Record<string, unknown> = {}) => ({
   ...extra
 });
 const doc = { admin: true, fields: FIELDS, quotas: [row('*', { tokens_per_day: 1000 }), row('alice')] };
+const info = (label: string, unit: string, help: string, unset = 'no limit') => ({ label, unit, help, kind: 'integer', unset });
+const INFO = {
+  allowed_models: info('Allowed models', 'model names', 'The models the user may call; empty: every model.', 'every model'),
+  max_concurrent: info('Concurrent requests', 'requests at once', 'Requests queued or running at the same time.'),
+  requests_per_minute: info('Requests per minute', 'per minute', 'Requests admitted in any 60 seconds.'),
+  tokens_per_day: info('Tokens per day', 'tokens per UTC day', 'Prompt + completion tokens per day; the day starts at 00:00 UTC.'),
+  max_tokens_per_request: info('Max tokens per request', 'tokens', 'The largest max_tokens a request may ask for.'),
+  priority: info('Priority', 'weight', 'Share of the queue against other users.', '1'),
+  models: info('Per model', 'model: field=value, …', 'Extra limits on one model.', 'none')
+};
 
 describe('admin quotas', () => {
   it('is absent while the quota API refuses or is missing', async () => {
@@ -74,7 +87,7 @@ describe('admin quotas', () => {
     const calls: Array<{ path: string; method?: string; body?: string }> = [];
     const section = new QuotaSection(async (path, init) => {
       calls.push({ path, ...init });
-      return { status: 200, body: row('alice') };
+      return { status: 200, body: path === 'users' ? { users: [] } : row('alice') };
     });
     let changed = 0;
     section.onChanged = () => changed++;
@@ -85,25 +98,64 @@ describe('admin quotas', () => {
     const rows = section.node.querySelectorAll('fieldset[data-user]');
     expect(Array.from(rows).map(r => (r as HTMLElement).dataset.user)).toEqual(['*', 'alice']);
     const alice = rows[1] as HTMLElement;
-    const input = (field: string) => alice.querySelector(`input[data-field="${field}"]`) as HTMLInputElement;
-    expect(input('tokens_per_day').placeholder).toBe('default');
-    expect((rows[0].querySelector('input[data-field="tokens_per_day"]') as HTMLInputElement).value).toBe('1000');
+    const input = (field: string) => alice.querySelector(`[data-field="${field}"]`) as HTMLInputElement;
+    // an empty field says what applies: the default row's value, never a bare value
+    expect(input('tokens_per_day').placeholder).toBe('empty: as default (1000)');
+    expect(input('max_concurrent').placeholder).toBe('empty: as default (no limit)');
+    expect((rows[0].querySelector('[data-field="tokens_per_day"]') as HTMLInputElement).value).toBe('1000');
     input('tokens_per_day').value = '50';
     input('allowed_models').value = 'gemma';
     input('models').value = 'gemma: priority=2';
     (alice.querySelector('button') as HTMLButtonElement).click();
     await new Promise(r => setTimeout(r, 0));
-    expect(calls[0].path).toBe('quotas/alice');
-    expect(calls[0].method).toBe('PUT');
-    const body = JSON.parse(calls[0].body ?? '{}');
+    const put = calls.find(c => c.method === 'PUT')!;
+    expect(put.path).toBe('quotas/alice');
+    const body = JSON.parse(put.body ?? '{}');
     expect(body.tokens_per_day).toBe(50);
     expect(body.allowed_models).toEqual(['gemma']);
     expect(body.models).toEqual({ gemma: { priority: 2 } });
     expect(body.max_concurrent).toBeNull();
     expect(changed).toBe(1);
+    // the answer sits beside the Save it answers, marked as a success
+    const line = alice.querySelector<HTMLElement>('.jp-SwapServe-quotaActions .jp-SwapServe-quotaStatus')!;
+    expect(line.textContent).toBe('Saved the quotas of alice.');
+    expect(line.dataset.kind).toBe('ok');
+    expect((rows[0].querySelector('.jp-SwapServe-quotaStatus') as HTMLElement).hidden).toBe(true);
   });
 
-  it('refuses a bad value before sending, naming the field', async () => {
+  it("explains each field from the server's field_info: label, unit, help, the default", () => {
+    const section = new QuotaSection(async () => ({ status: 200, body: { users: [] } }));
+    section.update({ ...doc, field_info: INFO, models: ['gemma', 'smollm2'] }, status());
+    const star = section.node.querySelector('fieldset[data-user="*"]') as HTMLElement;
+    const cell = (field: string) => star.querySelector(`[data-field="${field}"]`)!.closest('.jp-SwapServe-quotaField') as HTMLElement;
+    expect(cell('tokens_per_day').querySelector('label')!.textContent).toBe('Tokens per day');
+    expect(cell('tokens_per_day').querySelector('.jp-SwapServe-quotaUnit')!.textContent).toBe('tokens per UTC day');
+    expect(cell('tokens_per_day').querySelector('.jp-SwapServe-quotaHelp')!.textContent).toContain('00:00 UTC');
+    expect((star.querySelector('[data-field="max_concurrent"]') as HTMLInputElement).placeholder).toBe('empty: no limit');
+    expect((star.querySelector('[data-field="priority"]') as HTMLInputElement).placeholder).toBe('empty: 1');
+    // the model fields are wide, name the service's models, and the overrides are a textarea
+    expect(cell('allowed_models').classList.contains('jp-mod-wide')).toBe(true);
+    expect(cell('allowed_models').textContent).toContain("This service's models: gemma, smollm2.");
+    expect(star.querySelector('[data-field="models"]')!.tagName).toBe('TEXTAREA');
+    expect(section.node.textContent).toContain('Days are UTC days');
+  });
+
+  it("offers the hub's users that have no row yet", async () => {
+    const section = new QuotaSection(async path =>
+      path === 'users' ? { status: 200, body: { users: ['alice', 'bob', 'carol'] } } : { status: 200, body: {} }
+    );
+    section.update(doc, status());
+    await new Promise(r => setTimeout(r, 0));
+    expect(section.offeredUsers).toEqual(['bob', 'carol']); // alice has a row
+    const options = [...section.node.querySelectorAll('datalist option')].map(o => (o as HTMLOptionElement).value);
+    expect(options).toEqual(['bob', 'carol']);
+    const add = section.node.querySelector<HTMLInputElement>('[aria-label="User to give a quota"]')!;
+    expect(add.getAttribute('list')).toBe(section.node.querySelector('datalist')!.id);
+    expect(add.placeholder).toBe('pick or type a user (2 without a row)');
+    expect(await fetchUsers(async () => ({ status: 403, body: {} }))).toEqual([]);
+  });
+
+  it('refuses a bad value before sending, naming the field, beside its Save', async () => {
     const calls: string[] = [];
     const section = new QuotaSection(async path => {
       calls.push(path);
@@ -111,30 +163,59 @@ describe('admin quotas', () => {
     });
     section.update(doc, status());
     const alice = section.node.querySelectorAll('fieldset[data-user]')[1] as HTMLElement;
-    (alice.querySelector('input[data-field="max_concurrent"]') as HTMLInputElement).value = 'two';
+    (alice.querySelector('[data-field="max_concurrent"]') as HTMLInputElement).value = 'two';
     (alice.querySelector('button') as HTMLButtonElement).click();
     await new Promise(r => setTimeout(r, 0));
-    expect(calls).toEqual([]);
-    expect(section.node.querySelector('.jp-SwapServe-quotaStatus')?.textContent).toContain('max concurrent');
+    expect(calls.filter(c => c !== 'users')).toEqual([]);
+    const line = alice.querySelector<HTMLElement>('.jp-SwapServe-quotaStatus')!;
+    expect(line.textContent).toBe('Not saved: max concurrent: enter a number ≥ 0, or leave it empty.');
+    expect(line.dataset.kind).toBe('error');
   });
 
-  it("shows the server's error, and removes a user's row", async () => {
-    const section = new QuotaSection(async (_path, init) =>
-      init?.method === 'DELETE'
-        ? { status: 200, body: { deleted: true } }
-        : { status: 400, body: { error: { message: "'priority' must be greater than 0", param: 'priority' } } }
+  it("shows the server's error at the field it names, and removes a user's row", async () => {
+    const section = new QuotaSection(async (path, init) =>
+      path === 'users'
+        ? { status: 200, body: { users: [] } }
+        : init?.method === 'DELETE'
+          ? { status: 200, body: { deleted: true } }
+          : {
+              status: 400,
+              body: {
+                error: {
+                  message: "'models.nosuchmodel' is not a model of this service (models: gemma, smollm2).",
+                  param: 'models.nosuchmodel'
+                }
+              }
+            }
     );
     section.update(doc, status());
     const alice = section.node.querySelectorAll('fieldset[data-user]')[1] as HTMLElement;
+    const models = alice.querySelector('[data-field="models"]') as HTMLTextAreaElement;
+    models.value = 'nosuchmodel: tokens_per_day=5';
     (alice.querySelector('button') as HTMLButtonElement).click();
     await new Promise(r => setTimeout(r, 0));
-    const line = section.node.querySelector('.jp-SwapServe-quotaStatus')?.textContent ?? '';
-    expect(line).toContain('400');
-    expect(line).toContain('priority');
+    const line = alice.querySelector<HTMLElement>('.jp-SwapServe-quotaStatus')!;
+    expect(line.textContent).toBe(
+      "Not saved (400): 'models.nosuchmodel' is not a model of this service (models: gemma, smollm2)."
+    );
+    expect(line.dataset.kind).toBe('error');
+    expect(models.getAttribute('aria-invalid')).toBe('true');
+    expect(document.activeElement === models || !document.body.contains(models)).toBe(true);
     const remove = alice.querySelectorAll('button')[1] as HTMLButtonElement;
     expect(remove.textContent).toBe('Remove');
     remove.click();
     await new Promise(r => setTimeout(r, 0));
-    expect(section.node.querySelector('.jp-SwapServe-quotaStatus')?.textContent).toContain('back on the default');
+    expect(section.node.querySelector('.jp-SwapServe-quotaAdd .jp-SwapServe-quotaStatus')?.textContent).toContain(
+      'back on the default'
+    );
+  });
+
+  it('maps a parameter to its input', () => {
+    expect(fieldOfParam('models.gemma.priority')).toBe('models');
+    expect(fieldOfParam('allowed_models')).toBe('allowed_models');
+    expect(fieldOfParam(null)).toBeNull();
+    expect(placeholderFor({ quotas: [row('*', { allowed_models: [] })] }, 'allowed_models', 'bob')).toBe(
+      'empty: as default (no model)'
+    );
   });
 });

@@ -5,13 +5,15 @@ import { model, status } from './fixtures';
 
 function mount() {
   const swaps: [string, SwapAction][] = [];
+  const prefetches: string[] = [];
   const view = new PanelView({
     swap: (m, a) => swaps.push([m, a]),
+    prefetch: m => prefetches.push(m),
     retry: () => undefined,
     dismiss: () => undefined
   });
   document.body.appendChild(view.node);
-  return { view, swaps };
+  return { view, swaps, prefetches };
 }
 
 const card = (root: HTMLElement, name: string) =>
@@ -31,8 +33,19 @@ describe('PanelView', () => {
     expect(view.node.querySelectorAll('.jp-SwapServe-device')).toHaveLength(1);
     const gemma = card(view.node, 'gemma');
     expect(gemma.querySelector('.jp-SwapServe-stateText')!.textContent).toBe('swapped out');
-    expect(gemma.querySelector('.jp-SwapServe-memText')!.textContent).toBe('0.60 / 1.00 GiB');
+    // swapped out, it holds nothing on the device; its size is said beside
+    expect(gemma.querySelector('.jp-SwapServe-memText')!.textContent).toBe('0.00 / 1.00 GiB');
+    expect(gemma.querySelector('.jp-SwapServe-memNote')!.textContent).toBe('0.60 GiB when running');
+    expect(card(view.node, 'smollm2').querySelector('.jp-SwapServe-memText')!.textContent).toBe('0.50 / 1.00 GiB');
+    expect(card(view.node, 'smollm2').querySelector<HTMLElement>('.jp-SwapServe-memNote')!.hidden).toBe(true);
     expect(view.node.querySelector('.jp-SwapServe-kind')!.textContent).toBe('virtual');
+    // plain words in the header; a virtual device has no "used" to report
+    expect(view.node.querySelector('.jp-SwapServe-who')!.textContent).toBe("This server's own engines · tester, admin");
+    expect(view.node.querySelector('.jp-SwapServe-how')!.textContent).toBe(
+      'no GPU here: a swap pauses and resumes the engine'
+    );
+    expect(view.node.textContent).not.toContain('checkpointer');
+    expect(view.node.querySelector<HTMLElement>('.jp-SwapServe-legend-used')!.hidden).toBe(true);
     expect(view.node.querySelector('.jp-SwapServe-connText')!.textContent).toBe('live');
   });
 
@@ -75,6 +88,44 @@ describe('PanelView', () => {
     const b = card(view.node, 'gemma').querySelector<HTMLButtonElement>('.jp-SwapServe-swap-in')!;
     expect(b.getAttribute('aria-label')).toBe('Swap in gemma');
     expect(b.type).toBe('button');
+  });
+
+  it("offers a user who is not an admin 'Use now', never the manual swaps", () => {
+    const { view, swaps, prefetches } = mount();
+    const st = status({ user: { name: 'bob', admin: false }, mode: 'service' });
+    view.update(withStatus(initialState(), st, 0, 'sse'), 0);
+    expect(view.node.querySelector('.jp-SwapServe-who')!.textContent).toBe(
+      "The node's shared swap service · signed in as bob"
+    );
+    for (const name of ['gemma', 'smollm2']) {
+      const c = card(view.node, name);
+      expect(c.querySelector<HTMLElement>('.jp-SwapServe-swap-in')!.hidden).toBe(true);
+      expect(c.querySelector<HTMLElement>('.jp-SwapServe-swap-out')!.hidden).toBe(true);
+    }
+    const useNow = card(view.node, 'gemma').querySelector<HTMLButtonElement>('.jp-SwapServe-prefetch')!;
+    expect(useNow.hidden).toBe(false);
+    expect(useNow.textContent).toBe('Use now');
+    expect(card(view.node, 'smollm2').querySelector<HTMLElement>('.jp-SwapServe-prefetch')!.hidden).toBe(true); // running
+    useNow.click();
+    // a click on a card or its buttons moves nothing else: no swap, one hint
+    card(view.node, 'gemma').click();
+    expect(prefetches).toEqual(['gemma']);
+    expect(swaps).toEqual([]);
+    const pending = withPending(withStatus(initialState(), st, 0, 'sse'), 'gemma', 'prefetch', 0);
+    view.update(pending, 0);
+    expect(useNow.textContent).toBe('Asking…');
+    expect(card(view.node, 'gemma').getAttribute('data-state')).toBe('swapped_out'); // a hint may be declined
+  });
+
+  it("says when this is the node's shared service and you are its admin", () => {
+    const { view } = mount();
+    const st = status({ user: { name: 'teacher', admin: true }, mode: 'service' });
+    view.update(withStatus(initialState(), st, 0, 'sse'), 0);
+    expect(view.node.querySelector('.jp-SwapServe-who')!.textContent).toBe(
+      "The node's shared swap service · you (teacher) are its admin"
+    );
+    expect(card(view.node, 'gemma').querySelector<HTMLElement>('.jp-SwapServe-swap-in')!.hidden).toBe(false);
+    expect(card(view.node, 'gemma').querySelector<HTMLElement>('.jp-SwapServe-prefetch')!.hidden).toBe(true);
   });
 
   it('labels the pending button and the state right away', () => {

@@ -10,6 +10,7 @@ import {
   withActionDone,
   withError,
   withPending,
+  withPrefetchDone,
   withStatus
 } from '../state';
 import { model, status } from './fixtures';
@@ -50,6 +51,25 @@ describe('panel state', () => {
     });
     expect(s.pending.gemma).toBeUndefined();
     expect(s.messages.gemma).toBeUndefined();
+  });
+
+  it('answers "Use now" in words, a declined hint being no error', () => {
+    let s = withPending(initialState(), 'gemma', 'prefetch', 5);
+    expect(s.pending.gemma.action).toBe('prefetch');
+    s = withPrefetchDone(s, 'gemma', { prefetch: 'starting' });
+    expect(s.pending.gemma).toBeUndefined();
+    expect(s.messages.gemma).toEqual({ kind: 'info', text: 'gemma is being swapped in for you.' });
+    s = withPrefetchDone(s, 'gemma', { prefetch: 'declined: no free memory without evicting a busy model' });
+    expect(s.messages.gemma).toEqual({
+      kind: 'info',
+      text: 'Not swapped in now (no free memory without evicting a busy model). Your next request to gemma still gets it: it waits for its turn.'
+    });
+    expect(withPrefetchDone(s, 'gemma', { prefetch: 'running' }).messages.gemma.text).toBe(
+      'gemma is running: your requests go straight to it.'
+    );
+    expect(withPrefetchDone(s, 'gemma', { error: classifyError(404, { error: { message: 'no such model' } }) }).messages.gemma).toEqual(
+      { kind: 'error', text: 'Not found (404): no such model' }
+    );
   });
 
   it('reports a refused swap', () => {
@@ -112,8 +132,10 @@ describe('modelView', () => {
     expect(v.canSwapOut).toBe(false);
     expect(v.virtual).toBe(true);
     expect(v.deviceText).toBe('demo (virtual, CPU)');
-    expect(v.memoryText).toBe('0.60 / 1.00 GiB');
-    expect(v.memoryPercent).toBeCloseTo(60);
+    // what it holds now (nothing: no residual), not its size
+    expect(v.memoryText).toBe('0.00 / 1.00 GiB');
+    expect(v.memoryPercent).toBe(0);
+    expect(v.memoryNote).toBe('0.60 GiB when running');
     expect(v.queueText).toBe('0 / 64');
     expect(v.swapInText).toBe('–');
     expect(v.swapOutText).toBe('80 ms');
@@ -140,13 +162,49 @@ describe('modelView', () => {
   });
 
   it('offers swap-out for a running, unpinned model only', () => {
-    const running = model({ state: 'running', last_used: NOW - 30, last_swap_in_seconds: 0.25 });
+    const running = model({
+      state: 'running',
+      reserved_gib: 0.6,
+      last_used: NOW - 3,
+      last_request: NOW - 30,
+      last_swap_in_seconds: 0.25
+    });
     const v = modelView(running, st.devices, undefined, undefined, NOW);
     expect(v.canSwapOut).toBe(true);
     expect(v.canSwapIn).toBe(false);
-    expect(v.lastUsedText).toBe('30 s ago');
+    expect(v.lastUsedText).toBe('30 s ago'); // the last request, not the swap-in 3 s ago
+    expect(v.memoryText).toBe('0.60 / 1.00 GiB');
+    expect(v.memoryNote).toBe('');
     expect(v.swapInText).toBe('250 ms');
     expect(modelView({ ...running, pinned: true }, st.devices, undefined, undefined, NOW).canSwapOut).toBe(false);
+  });
+
+  it('counts only real use as "last used"', () => {
+    // started and swapped in 5 s ago, never asked anything
+    expect(modelView(model({ last_used: NOW - 5, last_request: null }), st.devices, undefined, undefined, NOW).lastUsedText).toBe('never');
+    // an older server without last_request: its last_used means use only once there were requests
+    expect(modelView(model({ last_used: NOW - 5, requests: 0 }), st.devices, undefined, undefined, NOW).lastUsedText).toBe('never');
+    expect(modelView(model({ last_used: NOW - 5, requests: 2 }), st.devices, undefined, undefined, NOW).lastUsedText).toBe('5 s ago');
+  });
+
+  it("shows a swapped-out model's residual, what it still holds on the GPU", () => {
+    const gpu = { ...st.devices[0], kind: 'nvidia', name: 'NVIDIA H100', capacity_gib: 80 };
+    const m = model({ device_kind: 'nvidia', memory_gib: 31, reserved_gib: 0.94, residual_gib: 0.94 });
+    const v = modelView(m, [gpu], undefined, undefined, NOW);
+    expect(v.heldGiB).toBeCloseTo(0.94);
+    expect(v.memoryText).toBe('0.94 / 80.0 GiB');
+    expect(v.memoryNote).toBe('keeps 0.94 GiB on the GPU; 31.0 GiB when running');
+    expect(v.memoryTitle).toContain('holds 0.94 GiB of the GPU');
+  });
+
+  it('offers a user who is not an admin only "Use now"', () => {
+    const user = (m = st.models[0]) => modelView(m, st.devices, undefined, undefined, NOW, false);
+    expect(user().canSwapIn).toBe(false);
+    expect(user().canPrefetch).toBe(true);
+    expect(user(model({ state: 'running' })).canSwapOut).toBe(false);
+    expect(user(model({ state: 'running' })).canPrefetch).toBe(false);
+    expect(user(model({ state: 'failed' })).canSwapIn).toBe(false); // Start is an admin's too
+    expect(modelView(st.models[0], st.devices, undefined, undefined, NOW, true).canPrefetch).toBe(false);
   });
 
   it('offers Start for a failed or stopped model and shows its error', () => {
@@ -163,7 +221,7 @@ describe('modelView', () => {
 
   it('names a GPU device with its index', () => {
     const gpu = { ...st.devices[0], kind: 'nvidia', name: 'NVIDIA H100', capacity_gib: 80 };
-    const v = modelView(model({ device_kind: 'nvidia', memory_gib: 16 }), [gpu], undefined, undefined, NOW);
+    const v = modelView(model({ device_kind: 'nvidia', state: 'running', memory_gib: 16, reserved_gib: 16 }), [gpu], undefined, undefined, NOW);
     expect(v.deviceText).toBe('NVIDIA H100 (GPU 0)');
     expect(v.virtual).toBe(false);
     expect(v.memoryPercent).toBeCloseTo(20);
@@ -171,7 +229,9 @@ describe('modelView', () => {
 
   it('copes with an unmeasured size and a missing history', () => {
     const v = modelView(model({ memory_gib: null, swap_in_history: undefined }), st.devices, undefined, undefined, NOW);
-    expect(v.memoryText).toBe('– / 1.00 GiB');
+    expect(v.memoryText).toBe('0.00 / 1.00 GiB');
+    expect(v.memoryNote).toBe('');
+    expect(v.memoryTitle).toBe('memory not measured yet');
     expect(v.memoryPercent).toBe(0);
     expect(v.history).toEqual([]);
   });
@@ -184,7 +244,9 @@ describe('deviceView', () => {
     expect(v.segments).toEqual([{ label: 'smollm2', gib: 0.5, percent: 50 }]);
     expect(v.reservedPercent).toBe(50);
     expect(v.usedPercent).toBeNull();
-    expect(v.legend).toEqual({ used: 'not measured', reserved: '0.50 GiB', free: '0.50 GiB' });
+    expect(v.legend).toEqual({ used: null, reserved: '0.50 GiB', free: '0.50 GiB' }); // nothing to measure
+    const gpu = deviceView({ ...st.devices[0], kind: 'nvidia' }, st.models);
+    expect(gpu.legend.used).toBe('not measured yet');
     expect(v.kindText).toBe('virtual');
     expect(v.virtual).toBe(true);
   });
