@@ -194,6 +194,7 @@ class CompletionsHandler(SwapServeHandler):
         except ModelNotFound as exc:
             raise OpenAIError(404, str(exc), param="model", code="model_not_found") from None
         except QuotaExceeded as exc:
+            self.service.notifier.notify()  # the user's usage now shows this refusal: panels fetch it again
             r = exc.refusal
             raise OpenAIError(r.status, r.message, param=r.param, code=r.code, retry_after=r.retry_after) from None
         except QueueFull as exc:

@@ -219,8 +219,10 @@ interface IRowView {
 export class QuotaSection {
   readonly node: HTMLElement;
   private body: HTMLElement;
-  private addInput: HTMLInputElement;
+  private guide: HTMLDetailsElement;
+  private guideList: HTMLElement;
   private addStatus: HTMLElement;
+  private addNote: HTMLElement;
   private userList: HTMLDataListElement;
   private listId = `jp-SwapServe-hubUsers-${Math.random().toString(36).slice(2, 8)}`;
   private key = '';
@@ -245,12 +247,17 @@ export class QuotaSection {
         'The row * applies to everyone; a user\u2019s row overrides it field by field. Days are UTC days (they start at 00:00 UTC).'
       )
     );
+    this.guide = h('details', 'jp-SwapServe-quotaGuide');
+    this.guide.appendChild(h('summary', '', 'What each field means'));
+    this.guideList = h('dl', '');
+    this.guide.appendChild(this.guideList);
+    this.node.appendChild(this.guide);
     this.body = h('div', 'jp-SwapServe-quotaTable');
     this.userList = h('datalist', '');
     this.userList.id = this.listId;
     const add = this.addRow();
-    this.addInput = add.input;
     this.addStatus = add.status;
+    this.addNote = add.note;
     this.node.append(this.body, add.row, this.userList);
     this.node.hidden = true;
   }
@@ -297,19 +304,21 @@ export class QuotaSection {
       option.value = u;
       this.userList.appendChild(option);
     }
-    setAttr(
-      this.addInput,
-      'placeholder',
-      free.length ? `pick or type a user (${free.length} without a row)` : 'type a user name'
+    setText(
+      this.addNote,
+      free.length
+        ? `${free.length === 1 ? '1 hub user has' : `${free.length} hub users have`} no row yet: pick from the list or type a name.`
+        : ''
     );
+    setHidden(this.addNote, !free.length);
   }
 
-  private addRow(): { row: HTMLElement; input: HTMLInputElement; status: HTMLElement } {
+  private addRow(): { row: HTMLElement; status: HTMLElement; note: HTMLElement } {
     const row = h('div', 'jp-SwapServe-quotaAdd');
     const line = h('div', 'jp-SwapServe-quotaAddLine');
     const input = h('input', 'jp-mod-styled');
     input.type = 'text';
-    input.placeholder = 'type a user name';
+    input.placeholder = 'user name';
     input.setAttribute('list', this.listId);
     input.setAttribute('aria-label', 'User to give a quota');
     input.autocomplete = 'off';
@@ -334,8 +343,10 @@ export class QuotaSection {
       });
     });
     line.append(input, add);
-    row.append(line, status);
-    return { row, input, status };
+    const note = h('div', 'jp-SwapServe-quotaEmpty');
+    note.hidden = true;
+    row.append(line, note, status);
+    return { row, status, note };
   }
 
   private show(el: HTMLElement, message: IQuotaMessage): void {
@@ -355,6 +366,16 @@ export class QuotaSection {
     const list = h('div', 'jp-SwapServe-quotaList');
     this.rows.clear();
     const modelsText = doc.models && doc.models.length ? doc.models.join(', ') : null;
+    this.guideList.textContent = '';
+    for (const f of [...fields, MODELS_FIELD]) {
+      const info = doc.field_info?.[f];
+      if (info) {
+        const term = h('dt', '', `${info.label} (${info.unit})`);
+        term.dataset.field = f;
+        this.guideList.append(term, h('dd', '', `${info.help} Empty in the * row: ${info.unset}.`));
+      }
+    }
+    setHidden(this.guide, !this.guideList.childElementCount);
     for (const q of doc.quotas) {
       const isDefault = q.user === DEFAULT_USER;
       const row = h('fieldset', 'jp-SwapServe-quotaRow');
@@ -377,7 +398,17 @@ export class QuotaSection {
         }
         input.id = id;
         input.value = value;
-        input.placeholder = placeholderFor(doc, name, q.user);
+        // what an empty field means: in a wide field its placeholder; a narrow one would cut it
+        // ("empty: as de…"), so it is said in a line under the input instead
+        // what an empty field means, said under it: a placeholder would be cut in a narrow input
+        // ("empty: as de…") and, grey in the box, pass for a value; only the overrides' textarea,
+        // which wraps, has one: an example of the syntax
+        const empty = placeholderFor(doc, name, q.user);
+        const emptyNote = h('span', 'jp-SwapServe-quotaEmpty', name === MODELS_FIELD ? '' : empty);
+        if (name === MODELS_FIELD) {
+          input.placeholder = empty;
+          emptyNote.hidden = true;
+        }
         input.dataset.field = name;
         input.setAttribute('aria-label', `${fieldLabel(doc, name)} of ${q.user}`);
         const help = [info?.help, name === MODELS_FIELD || LIST_FIELDS.includes(name) ? (modelsText ? `This service's models: ${modelsText}.` : '') : '']
@@ -392,11 +423,12 @@ export class QuotaSection {
           input.setAttribute('aria-describedby', helpId);
           lab.title = help;
           input.title = help;
-          // the default row shows the help in full; users' rows keep it in the tooltip
-          setHidden(helpEl, !isDefault && !wide);
-          cell.append(lab, unit, input, helpEl);
+          // the model fields say their help in full (which models exist); the others in the tooltip
+          // and in the section's guide, or the form would be three times as long
+          setHidden(helpEl, !wide);
+          cell.append(lab, unit, input, emptyNote, helpEl);
         } else {
-          cell.append(lab, unit, input);
+          cell.append(lab, unit, input, emptyNote);
         }
         grid.appendChild(cell);
         return input;

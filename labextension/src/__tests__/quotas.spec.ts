@@ -100,8 +100,12 @@ describe('admin quotas', () => {
     const alice = rows[1] as HTMLElement;
     const input = (field: string) => alice.querySelector(`[data-field="${field}"]`) as HTMLInputElement;
     // an empty field says what applies: the default row's value, never a bare value
-    expect(input('tokens_per_day').placeholder).toBe('empty: as default (1000)');
-    expect(input('max_concurrent').placeholder).toBe('empty: as default (no limit)');
+    const empty = (field: string) =>
+      input(field).closest('.jp-SwapServe-quotaField')!.querySelector('.jp-SwapServe-quotaEmpty')!.textContent;
+    expect(empty('tokens_per_day')).toBe('empty: as default (1000)');
+    expect(empty('max_concurrent')).toBe('empty: as default (no limit)');
+    expect(input('tokens_per_day').placeholder).toBe(''); // an input would cut it off
+    expect(empty('allowed_models')).toBe('empty: as default (every model)');
     expect((rows[0].querySelector('[data-field="tokens_per_day"]') as HTMLInputElement).value).toBe('1000');
     input('tokens_per_day').value = '50';
     input('allowed_models').value = 'gemma';
@@ -130,9 +134,14 @@ describe('admin quotas', () => {
     const cell = (field: string) => star.querySelector(`[data-field="${field}"]`)!.closest('.jp-SwapServe-quotaField') as HTMLElement;
     expect(cell('tokens_per_day').querySelector('label')!.textContent).toBe('Tokens per day');
     expect(cell('tokens_per_day').querySelector('.jp-SwapServe-quotaUnit')!.textContent).toBe('tokens per UTC day');
-    expect(cell('tokens_per_day').querySelector('.jp-SwapServe-quotaHelp')!.textContent).toContain('00:00 UTC');
-    expect((star.querySelector('[data-field="max_concurrent"]') as HTMLInputElement).placeholder).toBe('empty: no limit');
-    expect((star.querySelector('[data-field="priority"]') as HTMLInputElement).placeholder).toBe('empty: 1');
+    expect(cell('tokens_per_day').querySelector('label')!.title).toContain('00:00 UTC');
+    const guide = section.node.querySelector('.jp-SwapServe-quotaGuide')!;
+    expect(guide.querySelector('dt[data-field="tokens_per_day"]')!.textContent).toBe('Tokens per day (tokens per UTC day)');
+    expect(guide.querySelector('dt[data-field="tokens_per_day"] + dd')!.textContent).toBe(
+      'Prompt + completion tokens per day; the day starts at 00:00 UTC. Empty in the * row: no limit.'
+    );
+    expect(cell('max_concurrent').querySelector('.jp-SwapServe-quotaEmpty')!.textContent).toBe('empty: no limit');
+    expect(cell('priority').querySelector('.jp-SwapServe-quotaEmpty')!.textContent).toBe('empty: 1');
     // the model fields are wide, name the service's models, and the overrides are a textarea
     expect(cell('allowed_models').classList.contains('jp-mod-wide')).toBe(true);
     expect(cell('allowed_models').textContent).toContain("This service's models: gemma, smollm2.");
@@ -151,7 +160,9 @@ describe('admin quotas', () => {
     expect(options).toEqual(['bob', 'carol']);
     const add = section.node.querySelector<HTMLInputElement>('[aria-label="User to give a quota"]')!;
     expect(add.getAttribute('list')).toBe(section.node.querySelector('datalist')!.id);
-    expect(add.placeholder).toBe('pick or type a user (2 without a row)');
+    expect(section.node.querySelector('.jp-SwapServe-quotaAdd .jp-SwapServe-quotaEmpty')!.textContent).toBe(
+      '2 hub users have no row yet: pick from the list or type a name.'
+    );
     expect(await fetchUsers(async () => ({ status: 403, body: {} }))).toEqual([]);
   });
 
