@@ -71,7 +71,7 @@ c.JupyterHub.load_roles = [
                                   "custom:swapserve:admin"]},
     {"name": "swapserve-admin", "scopes": ["custom:swapserve:admin"],
      "users": [u for u in env("SWAPSERVE_ADMINS", "teacher").split(",") if u]},
-    # the service itself may list the hub's user names (and nothing more about them): its admins
-    # pick users from that list in the sidebar's quota form (GET /swapserve/api/users, admins only)
-    {"name": "swapserve-service", "scopes": ["list:users", "read:users:name"], "services": ["swapserve"]},
+    # the services themselves may list the hub's user names (and nothing more about them): their
+    # admins pick users from that list in the sidebar's quota form (GET /swapserve/api/users, admins only)
+    {"name": "swapserve-service", "scopes": ["list:users", "read:users:name"], "services": swapserve_services},
 ]

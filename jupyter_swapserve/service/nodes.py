@@ -252,7 +252,7 @@ class NodeDirectory:
         """The nodes' statuses as one: devices and models each with their node, and a ``nodes``
         section (up or down, since when, why not, which models)."""
         devices, models, errors, checkpointers = [], [], [], {}
-        user, quotas = None, False
+        user, quotas, mode = None, False, None
         for node in self.nodes.values():
             status = node.status or {}
             checkpointers[node.name] = status.get("checkpointer")
@@ -265,6 +265,7 @@ class NodeDirectory:
             if node.up:
                 user = user or status.get("user")
                 quotas = quotas or bool(status.get("quotas"))
+                mode = mode or status.get("mode")  # the nodes' shared services say "service"
         return {
             "version": self.notifier.version,
             "checkpointer": next(iter(set(checkpointers.values()))) if len(set(checkpointers.values())) == 1
@@ -275,6 +276,7 @@ class NodeDirectory:
             "config_errors": errors,
             "quotas": quotas,
             **({"user": user} if user is not None else {}),
+            **({"mode": mode} if mode is not None else {}),
             "nodes": [n.as_dict() for n in self.nodes.values()],
         }
 
