@@ -1,7 +1,9 @@
 """Contention on a real GPU: three unmeasured 8B-shape reference engines with `residual: auto`,
 of which two fit. Every one starts (a start takes the room it needs by checkpointing kept
 residuals, never failing because of them), and round-robin requests, each needing an eviction,
-stream the same answers after every swap."""
+stream the same answers after every swap, and after every swap-in the engine's weights are bit-identical to,
+and its fixed prompt's logits within tolerance of, its own report from just before its first sleep
+(tests/gpu/test_gpu_swap.py says what that proves and what it cannot)."""
 
 from __future__ import annotations
 
@@ -12,11 +14,12 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from ..server import ServerHandle, run_server
-from .test_gpu_swap import server_env
+from ..server import ServerHandle, free_port, run_server
+from .test_gpu_swap import assert_intact, server_env
 
 pytestmark = pytest.mark.gpu
 NAMES = ("c0", "c1", "c2")
+PORTS = {name: free_port() for name in NAMES}
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +27,8 @@ def three_engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHa
     util = os.environ.get("SWAPSERVE_TEST_CONTENTION_UTIL", "0.38")  # two fit, three do not
     models = {"models": [
         {"name": name, "engine": "reference", "model": "shape:llama-3.1-8b", "api": "completion",
-         "residual": "auto", "args": ["--gpu-memory-utilization", util, "--max-model-len", "1024", "--seed", str(i)]}
+         "residual": "auto", "port": PORTS[name],
+         "args": ["--gpu-memory-utilization", util, "--max-model-len", "1024", "--seed", str(i), "--record-integrity"]}
         for i, name in enumerate(NAMES)]}
     path = tmp_path_factory.mktemp("contention") / "models.json"
     path.write_text(json.dumps(models))
@@ -58,12 +62,16 @@ def test_three_unmeasured_engines_start_with_residual_auto(three_engines: Server
 
 
 def test_contended_swaps_keep_answers_identical(three_engines: ServerHandle) -> None:
-    first = {name: answer(three_engines, name)[0] for name in NAMES}
+    first = {}
+    for name in NAMES:
+        first[name] = answer(three_engines, name)[0]
+        assert_intact(PORTS[name])
     assert all(first.values())
     swapped = 0
     for _ in range(2):
         for name in NAMES:
             text, swap_in = answer(three_engines, name)
+            assert_intact(PORTS[name])  # the baseline: its report of before its first sleep
             assert text == first[name], (name, text, first[name])
             swapped += swap_in > 0
             device = three_engines.status()["devices"][0]

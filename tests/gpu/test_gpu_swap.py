@@ -3,6 +3,14 @@ the device together (the devices section is omitted, so the GPUs come from NVML)
 alternate, so swaps happen through the engine-aware path (sleep → checkpoint of the residual →
 freeze; thaw → restore → unlock → wake); answers stream and are the same after every swap;
 the memory really leaves the GPU (NVML); a request that arrives during a swap waits and succeeds.
+
+Swap integrity, the gate for what the CPU cannot show (docs/testing.md): every engine records its
+``GET /integrity`` (a bit-exact digest of its weights on the device, a fixed prompt's logits) just
+before its first sleep, the startup snapshot, before any swap could touch it; after every swap-in
+the weights must be bit-identical to it and the logits within ``integrity.GPU_LOGITS_RTOL``. The
+weights here are seeded (``shape:``: nothing to download), so a wake that regenerated them from
+the seed would still match: tests/test_contention_overlap.py, with weights from a checkpoint, is
+the gate for that one.
 """
 
 from __future__ import annotations
@@ -17,7 +25,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ..server import ServerHandle, run_server
+from .. import integrity
+from ..server import ServerHandle, free_port, run_server
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,10 +48,23 @@ def device_total_gib() -> float:
     return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).total / GIB
 
 
+def assert_intact(port: int) -> None:
+    """The running engine on ``port`` has the weights (bit for bit) and the logits of before its first sleep."""
+    report = integrity.report(f"http://127.0.0.1:{port}")
+    assert report["before_first_sleep"] is not None, "the engine slept (its startup snapshot) without a baseline"
+    assert integrity.differences(report["now"], report["before_first_sleep"], exact_logits=False) == []
+    exact = report["now"]["logits_digest"] == report["before_first_sleep"]["logits_digest"]
+    print(f"\nintegrity on :{port}: weights bit-identical, logits {'bit-identical' if exact else 'within tolerance'}")
+
+
 def server_env() -> dict[str, str]:
     # the package need not be installed: the server and its engines import it from the checkout
     return {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
             "JUPYTER_CONFIG_PATH": str(ROOT / "jupyter-config")}
+
+
+#: each engine's port: the test reads its GET /integrity there (the service does not relay it)
+PORTS = {name: free_port() for name in ("gpu-a", "gpu-b")}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +73,9 @@ def gpu_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandl
     models = {"models": [
         {"name": name, "engine": "reference", "model": "shape:llama-3.2-1b", "api": "completion",
          "residual": "checkpoint",  # this file tests the checkpoint path; residual: auto is test_gpu_contention's
-         "args": ["--gpu-memory-utilization", util, "--max-model-len", "1024", "--cuda-graphs", "--seed", str(i)]}
+         "port": PORTS[name],
+         "args": ["--gpu-memory-utilization", util, "--max-model-len", "1024", "--cuda-graphs", "--seed", str(i),
+                  "--record-integrity"]}
         for i, name in enumerate(("gpu-a", "gpu-b"))]}
     path = tmp_path_factory.mktemp("gpu") / "models.json"
     path.write_text(json.dumps(models))
@@ -104,7 +128,8 @@ def test_alternating_requests_swap_and_answer_the_same(gpu_server: ServerHandle)
         print(f"\n{model}: swap-in {swap_in:.3f} s, first chunk {ttft:.3f} s, {chunks} chunks")
         assert chunks >= 2, "the answer streams"
         assert swap_in > 0, "a swap happened"
-        assert texts.setdefault(model, text) == text, "weights intact across sleep/checkpoint/restore/wake"
+        assert_intact(PORTS[model])  # against the report of before its first sleep
+        assert texts.setdefault(model, text) == text, "the same answer after every swap"
         # the victim's residual checkpoint overlaps with this answer (overlapped eviction): let it finish
         deadline = time.monotonic() + 60
         while True:
@@ -144,6 +169,7 @@ def test_request_during_a_swap_waits_and_succeeds(gpu_server: ServerHandle) -> N
     assert results["first"][2] > 0 and results["second"][1] >= 2
     m = next(m for m in gpu_server.status()["models"] if m["name"] == target)
     assert m["state"] == "running" and m["error"] is None
+    assert_intact(PORTS[target])
 
 
 def test_manual_swap_out_frees_the_device(gpu_server: ServerHandle) -> None:
