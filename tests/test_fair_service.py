@@ -14,6 +14,8 @@ from jupyter_swapserve.service import QueueFull, SwapService
 from jupyter_swapserve.service.accounting import QuotaAccounting, QuotaExceeded
 from jupyter_swapserve.service.storage import QuotaStore
 
+from .waiting import until
+
 
 def service(tmp_path: Path, *names: str, max_queue: int = 64) -> SwapService:
     models = [{"name": n, "engine": "command", "command": ["{python}", "-m", "http.server", "--bind", "{host}",
@@ -24,14 +26,19 @@ def service(tmp_path: Path, *names: str, max_queue: int = 64) -> SwapService:
                        accounting=accounting)
 
 
-async def run_burst(svc: SwapService, model: str, arrivals: list[str], hold: float = 0.01) -> list[str]:
-    """Every arrival asks for the model at once (in list order); returns the order they were served."""
+async def run_burst(svc: SwapService, model: str, arrivals: list[str], hold: float = 0.01,
+                    gate: asyncio.Event | None = None) -> list[str]:
+    """Every arrival asks for the model at once (in list order); returns the order they were served.
+    Each served request holds the model ``hold`` seconds, or until ``gate`` is set."""
     served: list[str] = []
 
     async def one(user: str) -> None:
         async with svc.admit(model, user):
             served.append(user)
-            await asyncio.sleep(hold)
+            if gate is not None:
+                await gate.wait()
+            else:
+                await asyncio.sleep(hold)
 
     tasks = []
     for user in arrivals:
@@ -91,17 +98,19 @@ async def test_quotas_are_checked_before_queueing_and_usage_is_per_user(tmp_path
             assert err.value.refusal.code == "rate_limit_exceeded"
             assert svc.backends["m"].queued == 0  # the refused request was never queued
             bob = asyncio.create_task(run_burst(svc, "m", ["bob"]))  # bob's concurrency is his own: he queues
-            await asyncio.sleep(0.05)
-            assert svc.backends["m"].queued == 1
+            await until(lambda: svc.backends["m"].queued == 1, "bob queued behind alice")
+            assert not bob.done()
         assert await bob == ["bob"]
         assert svc.accounting.tokens_today("alice") == 7 and svc.accounting.tokens_today("bob") == 0
         # a full queue refuses with nothing counted against the user
         svc.accounting.put("*", {"max_concurrent": None})
-        blockers = [asyncio.create_task(run_burst(svc, "m", [f"u{i}"], hold=0.3)) for i in range(3)]
-        await asyncio.sleep(0.1)
+        gate = asyncio.Event()
+        blockers = [asyncio.create_task(run_burst(svc, "m", [f"u{i}"], gate=gate)) for i in range(3)]
+        await until(lambda: svc.backends["m"].queued == 2, "one request served, two queued: the queue is full")
         with pytest.raises(QueueFull):
             async with svc.admit("m", "carol"):
                 pass
+        gate.set()
         await asyncio.gather(*blockers)
         report = svc.accounting.report("carol", who_asks_is_admin=False, everyone=False, days=1)
         assert report["used"]["concurrent"] == 0 and report["usage"] == []

@@ -14,6 +14,8 @@ from jupyter_swapserve.config import parse_models
 from jupyter_swapserve.service import EngineUnavailable, SwapService
 from jupyter_swapserve.service.backend import State
 
+from .waiting import until
+
 
 def service(tmp_path: Path, *names: str, capacity: float = 1.0, **extra: object) -> SwapService:
     models = [{"name": n, "engine": "command", "command": ["{python}", "-m", "http.server", "--bind", "{host}",
@@ -136,8 +138,8 @@ async def test_cancelled_request_waiting_for_memory_leaves_no_reservation(tmp_pa
         async with svc.admit("a") as ticket:
             assert ticket.backend is a
             waiting = asyncio.create_task(svc.swap_in("b"))
-            await asyncio.sleep(0.3)
-            assert a.state == State.SWAPPING_OUT and not waiting.done()
+            await until(lambda: a.state == State.SWAPPING_OUT, "a's swap-out for b began (draining a's request)")
+            assert not waiting.done()
             waiting.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await waiting
@@ -196,9 +198,8 @@ async def test_two_devices_are_reserved_and_swapped_independently(tmp_path: Path
         # quantum protects the request's model, which stays running) ...
         async with svc.admit("a0"):
             stuck = asyncio.create_task(svc.swap_in("b0"))
-            await asyncio.sleep(0.2)
+            await until(lambda: [owner for owner, _, _ in m0.waiting()] == ["b0"], "b0 queued for device 0")
             assert not stuck.done() and svc.backends["a0"].state == State.RUNNING
-            assert [owner for owner, _, _ in m0.waiting()] == ["b0"]
             # ... but never a swap on device 1
             await asyncio.wait_for(svc.swap_in("b1"), 5)
             assert svc.backends["b1"].state == State.RUNNING and svc.backends["a1"].state == State.SWAPPED_OUT
@@ -291,15 +292,15 @@ async def test_a_waiter_for_memory_plans_again_when_the_protected_work_ends(tmp_
         async with svc.admit("a"):
             # a was just swapped in and serves a request: protected, so b can only queue
             waiter = waiter_for_b(svc)
-            await asyncio.sleep(0.3)
-            assert not waiter.done() and [o for o, _, _ in manager.waiting()] == ["b"]
+            await until(lambda: [o for o, _, _ in manager.waiting()] == ["b"], "b queued for the memory")
+            assert not waiter.done()
         # the request's end makes a a victim: the waiter returns at once (None: go and evict),
         # long before its 60 s re-plan, and leaves nothing queued
         assert await asyncio.wait_for(waiter, 5) is None
         assert manager.waiting() == [] and [r.owner for r in manager.granted()] == ["a"]
         # memory set free while it waits is granted to it, in its place in the queue
         waiter = waiter_for_b(svc)
-        await asyncio.sleep(0.1)
+        await until(lambda: [o for o, _, _ in manager.waiting()] == ["b"], "b queued again")
         assert await svc.swap_out("a")
         reservation = await asyncio.wait_for(waiter, 5)
         assert reservation is not None and reservation.owner == "b" and manager.granted_gib == pytest.approx(0.6)
@@ -315,7 +316,7 @@ async def test_a_waiter_cancelled_leaves_no_reservation_behind(tmp_path: Path) -
         manager = svc.scheduler.reservations[0]
         async with svc.admit("a"):
             waiter = waiter_for_b(svc)
-            await asyncio.sleep(0.2)
+            await until(lambda: [o for o, _, _ in manager.waiting()] == ["b"], "b queued for the memory")
             waiter.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await waiter
