@@ -223,8 +223,12 @@ def test_unexpected_exception_type_maps_to_openai_error(demo_server: ServerHandl
     r = httpx.get(demo_server.api + "/chat/completions", headers=demo_server.headers(), timeout=10)
     assert r.status_code == 405
     assert r.json()["error"]["message"]
-    with pytest.raises(APIStatusError):
+    with pytest.raises(APIStatusError) as info:
         client(demo_server).with_options(max_retries=0).post("/completions", cast_to=dict, body={"model": "gemma"})
+    # a request without its prompt is the client's mistake, named, never a server error
+    assert info.value.status_code == 400
+    error = info.value.response.json()["error"]
+    assert error["param"] == "prompt" and error["code"] == "missing_required_parameter"
 
 
 def test_prefetch_hint_route(demo_server: ServerHandle) -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 from jupyter_swapserve.config import parse_models
 from jupyter_swapserve.service import SwapService
 
+from .waiting import until
+
 
 def service(tmp_path: Path, quantum: float, multiple: float) -> SwapService:
     models = [{"name": n, "engine": "command", "command": ["{python}", "-m", "http.server", "--bind", "{host}",
@@ -50,13 +52,16 @@ async def run(tmp_path: Path, quantum: float, multiple: float) -> tuple[int, int
 
 
 async def test_a_burst_is_served_with_few_swaps_thanks_to_the_residency_quantum(tmp_path: Path) -> None:
-    served, swaps, worst = await run(tmp_path, quantum=2.0, multiple=4.0)
+    """With a quantum longer than the whole burst (300 s, the cap) each model, once swapped in, serves
+    its whole queue: exactly one swap-in per model, however fast the machine. Without a quantum the
+    models push each other out. How many swaps a quantum of a given length saves, with real swap
+    costs, is a measurement: bench/contention.py (bench/results/)."""
+    served, swaps, worst = await run(tmp_path, quantum=300.0, multiple=0.0)
     assert served == 45 and worst <= 1.0
-    # each model is swapped in about once and serves its whole queue: far from one swap per request
-    assert swaps <= 6, swaps
+    assert swaps == 3, swaps
     served_off, swaps_off, worst_off = await run(tmp_path, quantum=0.0, multiple=0.0)
     assert served_off == 45 and worst_off <= 1.0
-    assert swaps_off >= 3 * swaps, (swaps_off, swaps)  # without the quantum the models push each other out
+    assert swaps_off > 3, swaps_off  # a model was pushed out while its requests still waited
 
 
 async def test_prefetch_swaps_in_ahead_of_need_but_never_evicts_a_busy_model(tmp_path: Path) -> None:
@@ -65,19 +70,12 @@ async def test_prefetch_swaps_in_ahead_of_need_but_never_evicts_a_busy_model(tmp
     await svc.wait_started(60)
     try:
         assert svc.prefetch("a") == "starting"  # free memory: swapped in in the background
-        for _ in range(100):
-            if svc.backends["a"].state.value == "running":
-                break
-            await asyncio.sleep(0.05)
-        assert svc.backends["a"].state.value == "running"
+        await until(lambda: svc.backends["a"].state.value == "running", "a swapped in by the hint")
         assert svc.prefetch("a") == "running"
         # a is idle: a hint for b may push it out
         assert svc.prefetch("b") == "starting"
-        for _ in range(100):
-            if svc.backends["b"].state.value == "running":
-                break
-            await asyncio.sleep(0.05)
-        assert svc.backends["b"].state.value == "running" and svc.backends["a"].state.value == "swapped_out"
+        await until(lambda: svc.backends["b"].state.value == "running", "b swapped in by the hint")
+        assert svc.backends["a"].state.value == "swapped_out"
         # b is serving: a hint for c is declined and nothing moves
         async with svc.admit("b", "user"):
             outcome = svc.prefetch("c")

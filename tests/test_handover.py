@@ -69,7 +69,13 @@ async def test_a_waiter_is_granted_while_the_sleep_still_runs() -> None:
     books = BooksSampler(manager, victim, engine)
     sampler = asyncio.create_task(books.run())
     granted_while_sleeping: list[bool] = []
-    requester.add_done_callback(lambda _: granted_while_sleeping.append(not engine.finished))
+    held_when_granted: list[float] = []
+
+    def on_grant(_: object) -> None:
+        granted_while_sleeping.append(not engine.finished)
+        held_when_granted.append(engine.held)
+
+    requester.add_done_callback(on_grant)
 
     result, report = await run_handing_over(engine, lambda: engine.held, victim, margin_gib=0.25,
                                             interval_s=0.005)
@@ -82,9 +88,11 @@ async def test_a_waiter_is_granted_while_the_sleep_still_runs() -> None:
     # handed over down to what the engine holds plus the margin, never below it
     assert victim.gib == pytest.approx(1.25)
     assert report.handed_gib == pytest.approx(28.75)
-    assert report.first_after_s is not None and report.first_after_s < 0.3
-    assert report.samples > 10
-    assert books.samples > 50 and books.violations == []
+    # granted on the KV cache alone: the weights (15 GiB) were still on the device, being copied out
+    assert held_when_granted == [16]
+    assert report.first_after_s is not None  # how soon: bench/contention.py measures it on a GPU
+    assert report.samples > 0
+    assert books.samples > 0 and books.violations == []
     assert manager.granted_gib <= manager.capacity_gib + EPSILON
 
 

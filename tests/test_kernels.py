@@ -2,7 +2,12 @@
 on a virtual device (kernels counted by their host memory: bookkeeping only, no CUDA here; the GPU
 path is tests/gpu/test_gpu_kernels.py). An execution that reaches a swapped-out kernel through the
 kernel websocket is held until the kernel is swapped in, preceded by one status line, and nothing
-sent meanwhile is lost or reordered."""
+sent meanwhile is lost or reordered.
+
+What the virtual device cannot prove (docs/testing.md): a kernel's swap here checkpoints nothing
+and freezes nothing (the kernel keeps its memory, on the host), so its variables surviving a swap
+is no evidence that a swap keeps a kernel's state. That claim is tests/gpu/test_gpu_kernels.py's
+(tensors and a CUDA graph's replay bit-identical after a real checkpoint and restore)."""
 
 from __future__ import annotations
 
@@ -145,6 +150,7 @@ def test_an_execution_reaching_a_swapped_out_kernel_swaps_it_in_first(server: Se
             b = await sock.send_execute("secret += 1\nprint(secret)")
             got = await sock.outputs_until_idle([a, b])
             assert texts(got[a])[0].startswith("GPU state restored in ")
+            # held, then run in order; not proof that state survives a swap (nothing moved: see above)
             assert texts(got[a])[1:] == ["42\n"]
             assert texts(got[b]) == ["43\n"]  # no second status line: it was resident by then
             assert [m["content"]["status"] for m in got[a] + got[b] if m["msg_type"] == "execute_reply"] == ["ok", "ok"]
@@ -200,10 +206,12 @@ def test_idle_kernels_are_swapped_out_and_busy_ones_never(tmp_path: Any) -> None
                 msg_id = await sock.send_execute("import time\nfor _ in range(4):\n    time.sleep(1)\nprint('done')")
                 states = []
                 task = asyncio.ensure_future(sock.outputs_until_idle([msg_id]))
-                while not task.done():  # sample the tenant while the cell runs, for longer than the timeout
+                while not task.done():  # the tenant's state all the time the cell runs (4 s: > the timeout)
                     states.append(await asyncio.to_thread(lambda: tenant(srv, kernel_id)["state"]))
-                    await asyncio.sleep(0.2)
-                assert set(states[3:]) == {"resident"}, states  # busy: never swapped out meanwhile
+                    await asyncio.sleep(0.05)
+                # swapped in for the cell, then resident until it ends: busy, never swapped out meanwhile
+                assert "resident" in states, states
+                assert set(states[states.index("resident"):]) == {"resident"}, states
                 return texts((await task)[msg_id])
             finally:
                 sock.close()

@@ -12,6 +12,8 @@ import pytest
 from jupyter_swapserve.engines.base import LaunchSpec
 from jupyter_swapserve.runtime.process import ProcessRuntime, cgroup2_mount, own_cgroup
 
+from .waiting import until
+
 TICKER = "import time, sys\nwhile True:\n    print(time.monotonic(), flush=True)\n    time.sleep(0.02)\n"
 
 
@@ -40,17 +42,32 @@ def _lines(runtime: ProcessRuntime) -> int:
     return len(runtime.log_path.read_text().splitlines())
 
 
-async def _check_freeze_stops_progress(runtime: ProcessRuntime) -> None:
-    await asyncio.sleep(0.3)
-    assert _lines(runtime) > 3
+def _stopped(pid: int) -> bool:
+    """The kernel's account: the process is stopped (SIGSTOP) or frozen by its cgroup."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except FileNotFoundError:
+        return False
+
+
+async def _check_freeze_stops_progress(runtime: ProcessRuntime, log_dir: Path) -> None:
+    """Frozen, the ticker makes no progress while a second, unfrozen ticker (the clock) ticks 25
+    times; thawed, it ticks again. No sleeps: every wait is on a line count or a process state."""
+    await until(lambda: _lines(runtime) > 3, "the ticker ticks")
     await runtime.freeze()
-    await asyncio.sleep(0.1)
+    if runtime.freezer == "signal":  # SIGSTOP lands a moment after kill() returns
+        await until(lambda: all(_stopped(p) for p in runtime.pids()), "the ticker stopped")
+    # (the cgroup freezer's freeze() returns once the kernel reports the cgroup frozen)
     frozen_at = _lines(runtime)
-    await asyncio.sleep(0.4)
+    clock = ProcessRuntime("clock", log_dir=log_dir)
+    await clock.start(LaunchSpec(argv=[sys.executable, "-c", TICKER], port=0))
+    try:
+        await until(lambda: _lines(clock) >= 25, "the clock ticked 25 times")
+    finally:
+        await clock.stop(timeout=5)
     assert _lines(runtime) == frozen_at, "a frozen engine must not make progress"
     await runtime.thaw()
-    await asyncio.sleep(0.3)
-    assert _lines(runtime) > frozen_at
+    await until(lambda: _lines(runtime) > frozen_at, "the thawed ticker ticks again")
 
 
 async def test_freeze_thaw_and_stop(tmp_path: Path) -> None:
@@ -62,7 +79,7 @@ async def test_freeze_thaw_and_stop(tmp_path: Path) -> None:
     if cgroup2_mount() is not None and runtime.cgroup is not None:
         assert runtime.freezer == "cgroup"
         assert runtime.pids() == [pid]
-    await _check_freeze_stops_progress(runtime)
+    await _check_freeze_stops_progress(runtime, tmp_path)
     # a frozen engine still stops cleanly (it is thawed first)
     await runtime.freeze()
     cgroup = runtime.cgroup
@@ -79,7 +96,7 @@ async def test_signal_freezer_fallback(tmp_path: Path, monkeypatch: pytest.Monke
     await runtime.start(LaunchSpec(argv=[sys.executable, "-c", TICKER], port=0))
     assert runtime.freezer == "signal"
     assert runtime.pids() == [runtime.pid]
-    await _check_freeze_stops_progress(runtime)
+    await _check_freeze_stops_progress(runtime, tmp_path)
     await runtime.stop(timeout=5)
     assert not runtime.running
 
@@ -90,15 +107,10 @@ async def test_children_of_the_engine_are_stopped_too(tmp_path: Path) -> None:
               "time.sleep(60)\n")
     runtime = ProcessRuntime("parent", log_dir=tmp_path)
     await runtime.start(LaunchSpec(argv=[sys.executable, "-c", script], port=0))
-    for _ in range(100):
-        if len(runtime.pids()) == 2:
-            break
-        await asyncio.sleep(0.05)
+    await until(lambda: len(runtime.pids()) == 2, "the engine and its child")
     pids = runtime.pids()
-    assert len(pids) == 2
     await runtime.stop(timeout=5)
-    await asyncio.sleep(0.1)
-    assert not any(alive(pid) for pid in pids)
+    await until(lambda: not any(alive(pid) for pid in pids), "the engine and its child gone", timeout=10)
 
 
 async def test_start_failure_is_a_clear_error(tmp_path: Path) -> None:

@@ -1,7 +1,9 @@
 """A notebook kernel as a GPU tenant, as a JupyterLab user sees it in a real browser: the kernel
 appears in the sidebar's "Kernels on the GPU" section; Release swaps it out; the next cell run from
 the notebook first restores it and shows one status line above its output, and the notebook's
-variables are intact. (Virtual device: kernels counted by host memory; tests/gpu has the CUDA path.)
+variables are still there. On the virtual device (kernels counted by host memory) a kernel's swap
+moves nothing, so this shows what the user sees, not that a swap keeps a kernel's state: that claim
+is tests/gpu/test_gpu_kernels.py's, on a real GPU (docs/testing.md).
 """
 
 from __future__ import annotations
