@@ -44,6 +44,7 @@ from jupyter_swapserve.handlers.openapi import spec
 from jupyter_swapserve.runtime.procfs import descendants
 
 from .server import ServerHandle, run_server
+from .test_status_schema import status_errors
 
 HERE = Path(__file__).resolve().parent
 JSON_VALUES = st.recursive(
@@ -260,6 +261,7 @@ def test_nothing_is_left_behind_after_the_fuzzing(fuzz_server: ServerHandle) -> 
             break
         time.sleep(0.1)
     assert quiet, status
+    assert status_errors(status) == []  # and it still says so in the shape the sidebar reads
     device = status["devices"][0]
     running = [m for m in status["models"] if m["state"] == "running"]
     assert device["reserved_gib"] == pytest.approx(sum(m["reserved_gib"] for m in status["models"]))

@@ -26,6 +26,7 @@ from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from .server import ROOT, ServerHandle, run_server
+from .test_status_schema import status_errors
 
 MODELS = ROOT / "tests" / "models" / "kernels.yaml"
 V1 = "v1.kernel.websocket.jupyter.org"
@@ -156,6 +157,7 @@ def test_an_execution_reaching_a_swapped_out_kernel_swaps_it_in_first(server: Se
             assert [m["content"]["status"] for m in got[a] + got[b] if m["msg_type"] == "execute_reply"] == ["ok", "ok"]
             state = tenant(server, kernel)
             assert state["state"] == "resident" and state["swaps_in"] == 1 and state["reserved_gib"] > 0
+            assert status_errors(server.status()) == []  # a live status with a kernel tenant in it
         finally:
             sock.close()
 

@@ -9,6 +9,7 @@ Skips only when Chromium is absent. Screenshots go to test-artifacts/.
 from __future__ import annotations
 
 import getpass
+import json
 import os
 import re
 import tempfile
@@ -299,42 +300,14 @@ def test_sidebar_unreachable(lab: ServerHandle, browser: Browser) -> None:
     page.close()
 
 
-GPU_STATUS = {
-    "version": 7, "checkpointer": "driver",
-    "devices": [{"index": 0, "name": "NVIDIA H100 80GB HBM3", "kind": "nvidia", "capacity_gib": 79.2,
-                 "reserved_gib": 62.0, "free_gib": 17.2, "used_gib": 58.4,
-                 "waiting": [{"model": "qwq", "gib": 40.0}]}],
-    "models": [
-        {"name": "llama-3.3-70b", "engine": "vllm", "runtime": "podman", "api": "chat", "state": "running",
-         "device": 0, "device_kind": "nvidia", "memory_gib": 46.0, "reserved_gib": 46.0, "queue_depth": 3,
-         "in_flight": 2, "max_queue": 64, "pinned": True, "last_swap_in_seconds": 5.8,
-         "last_swap_out_seconds": 21.4, "last_used": None, "requests": 1234,
-         "swap_in_history": [{"t": 0, "seconds": s} for s in (6.1, 5.5, 7.2, 5.9, 6.4, 5.8)], "error": None},
-        {"name": "qwen2.5-coder", "engine": "sglang", "runtime": "process", "api": "chat", "state": "swapping_out",
-         "device": 0, "device_kind": "nvidia", "memory_gib": 16.0, "reserved_gib": 16.0, "queue_depth": 0,
-         "in_flight": 0, "max_queue": 64, "pinned": False, "last_swap_in_seconds": 1.15,
-         "last_swap_out_seconds": 3.2, "last_used": None, "requests": 87,
-         "swap_in_history": [{"t": 0, "seconds": s} for s in (1.2, 1.1, 1.15)], "error": None},
-        {"name": "qwq", "engine": "vllm", "runtime": "podman", "api": "chat", "state": "swapped_out",
-         "device": 0, "device_kind": "nvidia", "memory_gib": 40.0, "reserved_gib": 0, "queue_depth": 1,
-         "in_flight": 0, "max_queue": 64, "pinned": False, "last_swap_in_seconds": 7.5,
-         "last_swap_out_seconds": 24.0, "last_used": None, "requests": 12, "swap_in_history": [], "error": None},
-        {"name": "phi-4", "engine": "llamacpp", "runtime": "process", "api": "chat", "state": "failed",
-         "device": 0, "device_kind": "nvidia", "memory_gib": None, "reserved_gib": 0, "queue_depth": 0,
-         "in_flight": 0, "max_queue": 64, "pinned": False, "last_swap_in_seconds": None,
-         "last_swap_out_seconds": None, "last_used": None, "requests": 0, "swap_in_history": [],
-         "error": "start failed: the engine exited with status 1"},
-    ],
-    "config_errors": ["models[4] (mxbai-embed): unknown engine 'tei'"],
-    "user": {"name": "alice"},
-}
+#: a busy GPU node's status, as the server sends it (checked against the status schema by
+#: tests/test_status_schema.py: it may not drift from what the server says)
+GPU_STATUS = json.loads((Path(__file__).with_name("gpu_status.json")).read_text())
 
 
 def test_sidebar_gpu_rendering(lab: ServerHandle, browser: Browser) -> None:
     """How a busy GPU node looks (a status document served by the test): GPU labels, measured use,
     who waits, pinned, a failed engine, configuration errors."""
-    import json
-
     doc = json.dumps(GPU_STATUS)
     page = browser.new_page(viewport={"width": 1280, "height": 1100}, device_scale_factor=2)
     page.route("**/swapserve/api/status*", lambda route: route.fulfill(
