@@ -9,6 +9,10 @@
 #                                               # (--llama-server BIN --gguf FILE); carry interposer/build too
 #   bash bench/gpu_run.sh engines [ARGS...]     # bench/engines_gpu.py ARGS (vLLM, llama.cpp, reference; issue 25)
 #   bash bench/gpu_run.sh engine-tests          # tests/gpu/test_gpu_engines.py (after bench/gpu/device.sh staged them)
+# Every mode runs the gate first: the GPU tests of what the virtual device cannot prove (docs/testing.md):
+# the driver's answers, memory really leaving the GPU, the weights bit-identical after every swap
+# (tests/gpu/test_gpu_checkpoint.py, tests/gpu/test_gpu_swap.py; tests and all run the whole of tests/gpu).
+# GATE=0 skips it (said in env.txt); a failed gate fails the run, whatever the benchmark measured.
 # Wheels: `bash ../shared/device/make-wheels.sh` here first, then carry [".whl"].
 # Every step has its own `timeout`: a device call must never hang.
 set -uo pipefail
@@ -30,7 +34,13 @@ export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 HF_
   grep cgroup2 /proc/mounts; nproc; free -g | head -2
   echo "THP: $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null)"
 } 2>&1 | tee "$OUT/env.txt"
+echo "gate: ${GATE:-1}" | tee -a "$OUT/env.txt"
 rc=0
+if [ "$what" != tests ] && [ "$what" != all ] && [ "${GATE:-1}" != 0 ]; then
+  timeout "${GATE_TIMEOUT:-240}" python3 -m pytest -q -s -rA -p no:cacheprovider -o addopts="" \
+    tests/gpu/test_gpu_checkpoint.py tests/gpu/test_gpu_swap.py 2>&1 | tee "$OUT/gpu-gate.log"
+  rc=$((rc | ${PIPESTATUS[0]}))
+fi
 if [ "$what" = tests ] || [ "$what" = all ]; then
   timeout "$TESTS_TIMEOUT" python3 -m pytest -q -s -rA -p no:cacheprovider -o addopts="" tests/gpu 2>&1 \
     | tee "$OUT/gpu-tests.log"

@@ -65,6 +65,14 @@ def differences(now: dict[str, Any], baseline: dict[str, Any], exact_logits: boo
     return found
 
 
+def logprobs_fingerprint(choice: Any) -> tuple[str, list[float], list[dict[str, float]]]:
+    """What an OpenAI completion choice (asked with ``logprobs``) says of the engine's logits: the
+    text, each token's logprob and the top alternatives. Equal for a greedy completion of the same
+    prompt by the same weights on the same device."""
+    logprobs = choice.logprobs
+    return choice.text, list(logprobs.token_logprobs or []), [dict(t or {}) for t in logprobs.top_logprobs or []]
+
+
 def write_tiny_checkpoint(path: Path, seed: int = 1234) -> Path:
     """A Hugging Face Llama checkpoint as small as ``shape:tiny``, randomly initialised by
     transformers (not by the reference engine's seeded init): the engine loads these weights from

@@ -10,6 +10,7 @@ import httpx
 import pytest
 from openai import APIStatusError, AuthenticationError, BadRequestError, NotFoundError, OpenAI
 
+from . import integrity
 from .server import ServerHandle
 
 pytestmark = pytest.mark.engines
@@ -72,9 +73,12 @@ def test_alternating_models_swap_every_time(demo_server: ServerHandle) -> None:
     before = {m["name"]: m for m in demo_server.status()["models"]}
     assert before["gemma"]["state"] == "swapped_out"
     swapped_headers = []
+    fingerprints = []
     for _ in range(3):
-        r = c.completions.with_raw_response.create(model="gemma", prompt="Paris is", max_tokens=6)
+        r = c.completions.with_raw_response.create(model="gemma", prompt="Paris is", max_tokens=6, temperature=0,
+                                                   logprobs=3)
         assert r.parse().choices[0].text.strip()
+        fingerprints.append(integrity.logprobs_fingerprint(r.parse().choices[0]))
         swapped_headers.append(float(r.headers["x-swapserve-swap-in-seconds"]))
         r = c.chat.completions.with_raw_response.create(model="smollm2", messages=CHAT, max_tokens=8)
         assert r.parse().choices[0].message.content
@@ -87,6 +91,9 @@ def test_alternating_models_swap_every_time(demo_server: ServerHandle) -> None:
     assert after["gemma"]["swaps_in"] - before["gemma"]["swaps_in"] == 3
     assert after["smollm2"]["swaps_in"] - before["smollm2"]["swaps_in"] == 3
     assert all(s > 0 for s in swapped_headers)
+    # llama.cpp offers no view of its weights: the logprobs of a fixed greedy completion stand for its
+    # logits, the same after every swap (on the virtual device a swap moves no memory: see docs/testing.md)
+    assert fingerprints[0] == fingerprints[1] == fingerprints[2] and fingerprints[0][1]
     for m in after.values():
         assert m["last_swap_in_seconds"] > 0 and m["last_swap_out_seconds"] > 0
         assert [s["step"] for s in m["last_steps"]]
