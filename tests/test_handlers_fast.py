@@ -109,6 +109,8 @@ def test_wrong_method_on_a_known_route_is_a_json_405(api: Api) -> None:
     ("chat/completions", b'{"model": "m", "messages": [{"role": "tool", "content": "42"}]}',
      "missing_required_parameter", "messages[0].tool_call_id"),
     ("completions", b'{"model": "m", "prompt": ""}', "invalid_value", "prompt"),
+    ("completions", b'{"model": "m", "prompt": ["a", ""]}', "invalid_value", "prompt"),
+    ("completions", b'{"model": "m", "prompt": "a", "top_p": 1.5}', "invalid_value", "top_p"),
     ("chat/completions", b'{"model": "m", "messages": [{"role": "system", "content": null}]}',
      "missing_required_parameter", "messages[0].content"),
     ("chat/completions", b'{"model": "m", "messages": [{"role": "assistant", "content": null}]}',

@@ -17,7 +17,7 @@ from .base import OpenAIError, SwapServeHandler
 
 
 def _check_type(body: dict[str, Any], name: str, types: tuple[type, ...], label: str,
-                minimum: float | None = None) -> None:
+                minimum: float | None = None, maximum: float | None = None) -> None:
     if name not in body or body[name] is None:
         return
     value = body[name]
@@ -25,6 +25,8 @@ def _check_type(body: dict[str, Any], name: str, types: tuple[type, ...], label:
         raise OpenAIError(400, f"'{name}' must be {label}.", param=name, code="invalid_type")
     if minimum is not None and value < minimum:
         raise OpenAIError(400, f"'{name}' must be at least {minimum:g}.", param=name, code="invalid_value")
+    if maximum is not None and value > maximum:
+        raise OpenAIError(400, f"'{name}' must be at most {maximum:g}.", param=name, code="invalid_value")
 
 
 def validate_common(body: dict[str, Any]) -> str:
@@ -44,7 +46,7 @@ def validate_common(body: dict[str, Any]) -> str:
     _check_type(body, "n", (int,), "an integer", minimum=1)
     _check_type(body, "seed", (int,), "an integer")
     _check_type(body, "temperature", (int, float), "a number", minimum=0)
-    _check_type(body, "top_p", (int, float), "a number", minimum=0)
+    _check_type(body, "top_p", (int, float), "a number", minimum=0, maximum=1)  # a probability mass
     _check_type(body, "stream_options", (dict,), "an object")
     if isinstance(body.get("stream_options"), dict):
         _check_type(body["stream_options"], "include_usage", (bool,), "a boolean")
@@ -119,7 +121,7 @@ def validate_completion(body: dict[str, Any]) -> None:
     if not ok:
         raise OpenAIError(400, "'prompt' must be a string or an array of strings.", param="prompt",
                           code="invalid_type")
-    if prompt == "" or prompt == [""]:
+    if prompt == "" or (isinstance(prompt, list) and "" in prompt):
         # engines refuse it (llama.cpp with a 500, vLLM with a 400): say so before queueing for a swap
         raise OpenAIError(400, "'prompt' must not be empty.", param="prompt", code="invalid_value")
 

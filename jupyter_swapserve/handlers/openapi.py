@@ -64,7 +64,7 @@ SAMPLING = {
     "n": POSITIVE_INT,
     "seed": {"type": "integer"},
     "temperature": {"type": "number", "minimum": 0},
-    "top_p": {"type": "number", "minimum": 0},
+    "top_p": {"type": "number", "minimum": 0, "maximum": 1},
     "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
 }
 QUOTA_FIELDS = {
