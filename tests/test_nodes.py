@@ -25,6 +25,7 @@ from .hub import Hub, hub_available, run_hub
 from .postgres import postgres_available, run_postgres
 from .server import ROOT
 from .test_hub import execute, kernel_client
+from .test_status_schema import status_errors
 
 pytestmark = [pytest.mark.engines,
               pytest.mark.skipif(hub_available() is not None, reason=str(hub_available())),
@@ -116,6 +117,7 @@ def test_each_user_sees_and_reaches_the_models_of_both_nodes(hub: Hub) -> None:
     for user in USERS:
         status = status_via(hub, user)
         assert status["user"]["name"] == user
+        assert status_errors(status) == []  # client mode's union status, in the status schema's shape
         assert [(n["name"], n["up"]) for n in status["nodes"]] == [("swapserve-gpu1", True), ("swapserve-gpu2", True)]
         assert {(m["node"], m["name"]) for m in status["models"]} == {
             ("swapserve-gpu1", "gemma"), ("swapserve-gpu1", "smollm2"), ("swapserve-gpu2", "smollm2"),
@@ -244,6 +246,7 @@ def test_a_stopped_node_takes_only_its_models_away(hub: Hub) -> None:
                       "gpu2 reported down")
     assert next(n for n in status["nodes"] if n["name"] == "swapserve-gpu1")["up"]
     assert on(status, "gpu2", "gemma-b")["state"] == "unavailable"
+    assert status_errors(status) == []
     listing = {m.id: m.model_extra["swapserve"] for m in openai_for(hub, "alice").models.list().data}  # type: ignore[index]
     assert listing["gemma-b"]["state"] == "unavailable" and listing["gemma-b"]["node"] is None
     assert listing["smollm2"]["node"] == "swapserve-gpu1"
