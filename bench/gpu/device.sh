@@ -61,18 +61,31 @@ vllm)
   cat .stage/vllm.tar.part* > "$W/vllm.tar"
   (cd "$W" && grep vllm.tar "$OLDPWD/.stage/SHA256SUMS" | sha256sum -c -) || { echo "vllm.tar: parts missing or damaged"; exit 1; }
   rm -rf "$W/vllm-wheels" && mkdir -p "$W/vllm-wheels" && tar xf "$W/vllm.tar" -C "$W/vllm-wheels" && rm -f "$W/vllm.tar"
+  # ONE pip call for every wheel: a later `pip install --target DIR --upgrade` of any wheel that has a
+  # console script (apache-tvm-ffi has two) moves its own bin/ over DIR/bin and so deletes vllm's script.
+  # The engines do not need that script (bench/engines_gpu.py starts `python3 -m vllm.entrypoints.cli.main`).
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-vllm \
     "$W"/vllm-wheels/vllm/*.whl "$W"/vllm-wheels/deps/*.whl || exit 1
-  # the imports `vllm serve` makes before it touches the GPU, and the CUDA platform's kernels
-  PYTHONPATH=/tmp/site-vllm timeout 300 python3 -c "
+  # the imports `vllm serve` makes before it touches the GPU (the server, the engine core and its GPU
+  # worker, the Llama model, structured output's lazy modules), the CUDA platform's kernels, and the
+  # sampler's question to FlashInfer: FlashInfer is not staged (its kernels compile on first use), so
+  # the engines run with VLLM_USE_FLASHINFER_SAMPLER=0 (PyTorch's top-k/top-p; bench/engines_gpu.py sets
+  # it), without which vllm/v1/sample/ops/topk_topp_sampler.py imports FlashInfer's backend and the
+  # engine core dies at start (the H200, 2026-12-02). No file of vLLM is patched.
+  PYTHONPATH=/tmp/site-vllm VLLM_USE_FLASHINFER_SAMPLER=0 timeout 300 python3 -c "
 import time; t = time.perf_counter()
 import vllm, vllm.entrypoints.openai.api_server, vllm.entrypoints.cli.main
+import vllm.v1.engine.core, vllm.v1.worker.gpu_worker, vllm.model_executor.models.llama, vllm.v1.structured_output
 from vllm.platforms import current_platform
 print('vllm', vllm.__version__, current_platform.device_name, f'{time.perf_counter() - t:.1f} s to import')
 import vllm.vllm_flash_attn as fa
 print('FA3', fa.is_fa_version_supported(3))
-" 2>&1 | tail -5 | tee "$OUT/vllm-import.txt"
+from vllm.v1.sample.ops.topk_topp_sampler import flashinfer_sampler_supported
+print('FlashInfer sampler', flashinfer_sampler_supported(), '(False: PyTorch sampling, as the engines run)')
+" 2>&1 | tail -6 | tee "$OUT/vllm-import.txt"
+  imported=${PIPESTATUS[0]}
   report
+  exit "$imported"
   ;;
 wait)
   deadline=$(( $(date +%s) + ${2:-540} ))

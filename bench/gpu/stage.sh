@@ -69,9 +69,45 @@ DEPS=(fastapi==0.136.3 starlette==1.7.0 uvicorn==0.54.0 pydantic==2.13.4 pydanti
       truststore==0.10.4 model-hosting-container-standards==0.1.16 jmespath==1.1.0 supervisor==4.3.0
       cachetools==7.2.0 cbor2==6.1.3 msgspec==0.21.1 openai-harmony==0.0.8 partial-json-parser==0.2.1.1.post7
       prometheus-fastapi-instrumentator==8.0.2 pybase64==1.4.3 watchfiles==1.2.0 setproctitle==1.3.7
-      python-multipart==0.0.32 pyzmq==27.1.0 typing_extensions==4.16.0)
+      python-multipart==0.0.32 pyzmq==27.1.0 typing_extensions==4.16.0
+      llguidance==1.6.1 xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2 outlines_core==0.2.14)
+# The last four were found on the H200 (2026-12-02), one failed start at a time: vllm/v1/structured_output
+# binds llguidance and xgrammar lazily (LazyLoader) but evaluates them in dataclass annotations when the
+# module is imported; xgrammar imports apache-tvm-ffi (its own Requires-Dist, not vLLM's). outlines_core is
+# not imported on this path (the walk below says so); it travels because the install that ran had it.
 if [ "$(ls "$B/deps" | wc -l)" -lt "${#DEPS[@]}" ]; then
   "${PIP[@]}" --abi cp312 --abi abi3 --abi none -d "$B/deps" "${DEPS[@]}"
+fi
+
+# --- the check that would have caught them here: every import `vllm serve` makes at import time (lazy
+# modules used in class bodies included) is in a staged wheel or on the device, and so is every
+# requirement of the staged wheels it reaches (bench/gpu/import_closure.py; the device's packages:
+# bench/gpu/device-packages.txt, KINDS.md's list)
+if [ ! -f "$B/site/vllm/__init__.py" ]; then
+  rm -rf "$B/site" && mkdir -p "$B/site" && unzip -q "$wheel.trimmed" 'vllm/*.py' -d "$B/site"
+fi
+python3 bench/gpu/import_closure.py "$B/site" vllm vllm.entrypoints.cli.main vllm.entrypoints.openai.api_server \
+  vllm.v1.engine.core vllm.v1.worker.gpu_worker vllm.model_executor.models.llama \
+  vllm.v1.attention.backends.flash_attn vllm.device_allocator.cumem \
+  --wheels "$B/deps" --have bench/gpu/device-packages.txt --check > "$S/import-closure.txt" \
+  || { grep -E "^(MISSING|UNPROVIDED)" "$S/import-closure.txt" >&2; echo "stage.sh: add those wheels to DEPS" >&2; exit 1; }
+
+# --- the service's own runtime dependencies (pyproject.toml) are in .whl or on the device: the reference
+# control of 2026-12-02 (call 2) answered 404 on /swapserve/api/status because sqlalchemy was in neither
+# (the extension failed to load; `bash ../shared/device/make-wheels.sh sqlalchemy` adds it and greenlet)
+if [ -d .whl ]; then
+  python3 - .whl bench/gpu/device-packages.txt <<'PY' || { echo "stage.sh: add those to .whl (make-wheels.sh NAME ...)" >&2; exit 1; }
+import re, sys, tomllib
+from pathlib import Path
+norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
+have = {norm(w.name.split("-")[0]) for w in Path(sys.argv[1]).glob("*.whl")}
+have |= {norm(n) for n in Path(sys.argv[2]).read_text().split() if not n.startswith("#")}
+deps = tomllib.loads(Path("pyproject.toml").read_text())["project"]["dependencies"]
+lacking = [d for d in deps if norm(re.match(r"[A-Za-z0-9_.-]+", d).group()) not in have]
+for d in lacking:
+    print(f"MISSING      {d:34s} a runtime dependency of jupyter-swapserve, in neither .whl nor the device", file=sys.stderr)
+sys.exit(1 if lacking else 0)
+PY
 fi
 
 # --- llama.cpp's source, less docs, vocab files, tests, examples and the web UI's sources -----------------
