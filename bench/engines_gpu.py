@@ -23,7 +23,10 @@ bench/gpu_run.sh passes, from its timeout) skips the always-on baseline when it 
 the time left. ``--from-log LOG`` rebuilds the same tables from the JSON lines a run printed (its
 ``engines.log``), for a run whose files were lost:
 
-    python bench/engines_gpu.py --from-log engines.log --tag h200-vllm --date 2026-12-02 --out bench/results
+    python bench/engines_gpu.py --from-log engines.log --tag h200-vllm --date 2026-12-02 --out bench/results \
+        [--cut-off PHASE] [--note TEXT]
+
+(``--cut-off`` names the phase a killed run was in, ``--note`` says where the log came from; both go into the files.)
 """
 
 from __future__ import annotations
@@ -364,6 +367,8 @@ class Recorder:
         self.server_logs: dict[str, Path] = {}
         self.started = time.monotonic()
         self.running: str | None = None
+        self.rebuilt = False  # --from-log: no clock of the run's own, and a note of where the log came from
+        self.note = ""
 
     def phase(self, name: str | None) -> None:
         """``name`` is about to run (None: the run is complete); what came before is saved now."""
@@ -372,7 +377,8 @@ class Recorder:
 
     def save(self, running: str | None, cut_off: bool = False) -> None:
         rows, table = summarize(self.results)
-        elapsed = f"{time.monotonic() - self.started:.0f} s into the run"
+        elapsed = ("the time is not in the log" if self.rebuilt
+                   else f"{time.monotonic() - self.started:.0f} s into the run")
         note = ("" if running is None else
                 f"**Partial**: the run was cut off in the phase '{running}' ({elapsed}).\n\n" if cut_off else
                 f"**Partial**: written before the phase '{running}' ({elapsed}); a run that ended here was cut off "
@@ -381,7 +387,8 @@ class Recorder:
             {"date": self.config.get("date"), "config": self.config, "complete": running is None, "running": running,
              "cut_off": cut_off,
              "summary": rows, "paper": PAPER, "results": self.results}, indent=1, default=str))
-        (self.out / f"{self.stem}.md").write_text(f"# {self.title}\n\n{note}{table}")
+        extra = f"{self.note}\n\n" if self.note else ""
+        (self.out / f"{self.stem}.md").write_text(f"# {self.title}\n\n{note}{extra}{table}")
         for engine, path in self.server_logs.items():
             with contextlib.suppress(OSError):
                 shutil.copyfile(path, self.out / f"{self.stem}-{engine}-server.log")
@@ -687,6 +694,9 @@ def main() -> None:
     p.add_argument("--date", default=dt.date.today().isoformat(), help="the date in the files' names")
     p.add_argument("--from-log", type=Path, default=None,
                    help="rebuild the md/json from the JSON lines of a run's log instead of running")
+    p.add_argument("--cut-off", default=None, metavar="PHASE",
+                   help="with --from-log: the phase the run was cut off in (the files say so)")
+    p.add_argument("--note", default="", help="with --from-log: a paragraph on where the log came from")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
     args.ref_shape = "tiny" if args.shape == "tiny" else "llama-3.1-8b"
@@ -699,8 +709,14 @@ def main() -> None:
                   "rebuilt_by": f"python bench/engines_gpu.py --from-log {args.from_log.name} --tag {args.tag} "
                                 f"--date {args.date}"}
         rec = Recorder(out, stem, title + ", rebuilt from the run's log", config)
+        if args.cut_off:
+            config["rebuilt_by"] += f" --cut-off '{args.cut_off}'"
+        if args.note:
+            config["note"] = args.note
+            config["rebuilt_by"] += " --note TEXT"
+        rec.rebuilt, rec.note = True, args.note
         rec.results = results_from_log(args.from_log.read_text(errors="replace"))
-        rec.save(running=None)
+        rec.save(running=args.cut_off, cut_off=args.cut_off is not None)
         print((out / f"{stem}.md").read_text())
         return
     rec = Recorder(out, stem, title, {**vars(args), "date": args.date})
