@@ -21,7 +21,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from jupyter_swapserve.config import parse_models
-from jupyter_swapserve.service import SwapService
+from jupyter_swapserve.service import build_service
 from tests.podman.image import build_image, host_volumes, use_test_containers_conf
 
 
@@ -37,7 +37,7 @@ async def run(cycles: int) -> dict[str, dict[str, list[float]]]:
               "args": ["--n_ctx", "512", "--n_threads", "1"]}
     models = [{"name": "process", **common},
               {"name": "container", "runtime": "podman", "image": image, "volumes": host_volumes(), **common}]
-    svc = SwapService(parse_models({"devices": [{"virtual": True, "memory_gib": 2.0}], "models": models}))
+    svc = build_service(parse_models({"devices": [{"virtual": True, "memory_gib": 2.0}], "models": models}))
     svc.start()
     results: dict[str, dict[str, list[float]]] = {}
     try:

@@ -9,13 +9,17 @@ from pathlib import Path
 
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
+from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebsocketConnection
 from traitlets import Bool, Enum, Float, List, Unicode
 
 from .config import ConfigError, ModelsFile, load_models_file
 from .handlers import handlers
 from .handlers.fallback import fallback_handlers
 from .handlers.proxy import proxy_handlers
-from .service import SwapService
+from .kernel_connection import SwapServeKernelConnection
+from .kernel_watch import KernelWatcher
+from .runtime import Runtimes
+from .service import KernelOptions, Seams, ServiceConfig, SwapService, build_service
 from .service.accounting import QuotaAccounting
 from .service.identity import AdminRule
 from .service.nodes import NodeDirectory, node_name_of
@@ -176,10 +180,6 @@ class SwapServe(ExtensionApp):
             self.log.info("jupyter-swapserve: client mode, /swapserve/ forwarded to %s",
                           ", ".join(f"{name} ({url})" for name, url in nodes))
             return
-        if self.podman_url:
-            from .runtime.podman import configure  # container models only: podman-py loads lazily
-
-            configure(self.podman_url)
         models = ModelsFile(devices=None, models=[], errors=[])
         if self.models_file:
             try:
@@ -190,58 +190,45 @@ class SwapServe(ExtensionApp):
                 models.errors.append(str(exc))
         for err in models.errors:
             self.log.error("jupyter-swapserve: %s", err)
-        self.service = SwapService(models, idle_check_interval=self.idle_check_interval,
-                                   accounting=self._make_accounting())
+        config, seams = self._service_config()
+        try:
+            self.service = build_service(models, config, seams)
+        except OSError as exc:
+            raise SystemExit(f"jupyter-swapserve: SwapServe.event_log: cannot open {config.event_log}: {exc}") from None
+        if config.event_log is not None:
+            self.log.info("jupyter-swapserve: event log %s", config.event_log)
         self.settings["swapserve_service"] = self.service
-        self._observe(self.service)
-        self._track_kernels(self.service)
+        self.settings["swapserve_metrics"] = self.service.metrics
+        self.service.metrics.register_globally()  # also at jupyter_server's /metrics
+        if self.service.kernels is not None:
+            self.settings["swapserve_kernels"] = self.service.kernels
+            self.settings["kernel_websocket_connection_class"] = SwapServeKernelConnection
 
-    def _track_kernels(self, service: SwapService) -> None:
-        """Kernels as GPU tenants: the books, the sweeps, and the websocket connection that swaps a
-        checkpointed kernel back in before its next cell."""
-        self.kernel_watcher = None
+    def _service_config(self) -> tuple[ServiceConfig, Seams]:
+        """The core's configuration and seams, from this extension's traits."""
+        data = Path(jupyter_data_dir()) / "swapserve"
+        event_log = None if self.event_log.lower() == "none" else Path(self.event_log or data / "events.jsonl")
+        config = ServiceConfig(idle_check_interval=self.idle_check_interval, accounting=self._make_accounting(),
+                               kernels=None, metrics=True, event_log=event_log)
+        seams = Seams(runtimes=Runtimes(self.podman_url))
+        if self._kernels_are_tenants():
+            config.kernels = KernelOptions(idle_timeout=self.kernel_idle_timeout,
+                                           on_virtual_device=self.kernel_tenants_on_virtual_device,
+                                           interval=self.kernel_check_interval)
+            seams.kernel_facts = KernelWatcher(self.serverapp, self.settings["swapserve_local_user"])
+        return config, seams
+
+    def _kernels_are_tenants(self) -> bool:
+        """Kernels as GPU tenants, standalone only: their websocket connection swaps a checkpointed
+        kernel back in before its next cell, so it must be ours (or Jupyter's own, which it wraps)."""
         if not self.kernel_tenants or self.resolved_mode != "standalone":
-            return
-        from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebsocketConnection
-
-        from .kernel_connection import SwapServeKernelConnection
-        from .kernel_watch import KernelWatcher
-        from .service.kernels import KernelTenants
-
+            return False
         configured = self.settings.get("kernel_websocket_connection_class")
         if configured not in (None, ZMQChannelsWebsocketConnection, SwapServeKernelConnection):
             self.log.warning("jupyter-swapserve: kernels are not GPU tenants: ServerApp.kernel_websocket_"
                              "connection_class is %s, which cannot be wrapped", configured)
-            return
-        tenants = KernelTenants(service.scheduler, idle_timeout=self.kernel_idle_timeout,
-                                virtual=self.kernel_tenants_on_virtual_device)
-        if service.accounting is not None:
-            accounting = service.accounting
-            tenants.limits = lambda user: (accounting.limits(user).kernel_gpu_gib,
-                                           accounting.limits(user).kernel_pin_gib)
-        service.kernels = tenants
-        self.settings["swapserve_kernels"] = tenants
-        self.settings["kernel_websocket_connection_class"] = SwapServeKernelConnection
-        self.kernel_watcher = KernelWatcher(self.serverapp, tenants, self.settings["swapserve_local_user"],
-                                            interval=self.kernel_check_interval)
-        tenants.refresh = self.kernel_watcher.sweep
-
-    def _observe(self, service: SwapService) -> None:
-        """Prometheus metrics (GET /swapserve/metrics) and the event log, fed by the scheduler."""
-        from .service.eventlog import EventLog
-        from .service.metrics import SwapMetrics
-
-        metrics = SwapMetrics(list(service.backends), status=service.status)
-        service.scheduler.observers.append(metrics)
-        self.settings["swapserve_metrics"] = metrics
-        metrics.register_globally()  # also at jupyter_server's /metrics
-        if self.event_log.lower() != "none":
-            path = Path(self.event_log) if self.event_log else Path(jupyter_data_dir()) / "swapserve" / "events.jsonl"
-            try:
-                service.scheduler.observers.append(EventLog(path))
-                self.log.info("jupyter-swapserve: event log %s", path)
-            except OSError as exc:
-                raise SystemExit(f"jupyter-swapserve: SwapServe.event_log: cannot open {path}: {exc}") from None
+            return False
+        return True
 
     def initialize_handlers(self) -> None:
         # client mode: everything under /swapserve/ goes to the shared service; the rest is a JSON 404
@@ -252,8 +239,6 @@ class SwapServe(ExtensionApp):
             self.service.start()
         if self.nodes is not None:
             self.nodes.start()
-        if getattr(self, "kernel_watcher", None) is not None:
-            self.kernel_watcher.start()
         if self.export_env and self.resolved_mode != "service":
             os.environ["SWAPSERVE_URL"] = serverapp.connection_url.rstrip("/") + "/swapserve/v1"
             token = getattr(serverapp.identity_provider, "token", "") or ""
@@ -267,8 +252,6 @@ class SwapServe(ExtensionApp):
     async def stop_extension(self) -> None:
         if self.settings.get("swapserve_metrics") is not None:
             self.settings["swapserve_metrics"].unregister_globally()
-        if getattr(self, "kernel_watcher", None) is not None:
-            await self.kernel_watcher.close()
         if self.service is not None:
             await self.service.close()
         if self.nodes is not None:

@@ -1,15 +1,14 @@
-"""The server side of kernel tenancy: each sweep, the facts of this server's kernels (process
-tree, user, notebook, busy, last execution) go to :class:`.service.kernels.KernelTenants`."""
+"""The server side of kernel tenancy: the facts of this server's kernels (process tree, user,
+notebook, busy, last execution), the source :class:`.service.kernels.KernelTenants` sweeps."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from typing import Any
 
 from .runtime.procfs import descendants
-from .service.kernels import KernelFacts, KernelTenants
+from .service.kernels import KernelFacts
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +22,11 @@ def kernel_pid(kernel: Any) -> int | None:
 
 
 class KernelWatcher:
-    def __init__(self, serverapp: Any, tenants: KernelTenants, user: str, interval: float = 2.0) -> None:
+    """The kernels of one Jupyter server, all owned by its one user (a :class:`KernelFactsSource`)."""
+
+    def __init__(self, serverapp: Any, user: str) -> None:
         self.serverapp = serverapp
-        self.tenants = tenants
         self.user = user
-        self.interval = interval
-        self._task: asyncio.Task[None] | None = None
 
     async def facts(self) -> list[KernelFacts]:
         km = self.serverapp.kernel_manager
@@ -50,26 +48,3 @@ class KernelWatcher:
                     busy=getattr(kernel, "execution_state", "") == "busy",
                     last_execution=last.timestamp() if last is not None else 0.0))
         return result
-
-    async def sweep(self) -> None:
-        await self.tenants.observe(await self.facts())
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.sweep()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # keep watching; one bad sweep must not end kernel tenancy
-                log.exception("kernel sweep failed")
-            await asyncio.sleep(self.interval)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="swapserve-kernels")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self.tenants.close()

@@ -9,7 +9,7 @@ import asyncio
 from pathlib import Path
 
 from jupyter_swapserve.config import parse_models
-from jupyter_swapserve.service import SwapService
+from jupyter_swapserve.service import SwapService, build_service
 
 from .waiting import until
 
@@ -19,14 +19,14 @@ def service(tmp_path: Path, quantum: float, multiple: float) -> SwapService:
                                                            "{port}", "--directory", str(tmp_path)],
                "ready_path": "/", "warmup": False, "memory_gib": 0.6, "residency_quantum": quantum,
                "residency_multiple": multiple} for n in ("a", "b", "c")]
-    return SwapService(parse_models({"devices": [{"virtual": True, "memory_gib": 1.0}], "models": models}))
+    return build_service(parse_models({"devices": [{"virtual": True, "memory_gib": 1.0}], "models": models}))
 
 
 async def burst(svc: SwapService, per_model: int, hold: float) -> tuple[int, int, float]:
     """Requests for a, b, c interleaved, all at once; returns (served, swap-ins, max reserved/capacity)."""
     served = 0
     worst = 0.0
-    manager = svc.scheduler.reservations[0]
+    manager = svc.reservations[0]
 
     async def one(model: str) -> None:
         nonlocal served, worst
@@ -48,7 +48,7 @@ async def run(tmp_path: Path, quantum: float, multiple: float) -> tuple[int, int
         return await asyncio.wait_for(burst(svc, per_model=15, hold=0.02), 120)
     finally:
         await svc.close()
-        assert svc.scheduler.reservations[0].granted_gib == 0
+        assert svc.reservations[0].granted_gib == 0
 
 
 async def test_a_burst_is_served_with_few_swaps_thanks_to_the_residency_quantum(tmp_path: Path) -> None:
@@ -81,6 +81,6 @@ async def test_prefetch_swaps_in_ahead_of_need_but_never_evicts_a_busy_model(tmp
             outcome = svc.prefetch("c")
             assert outcome.startswith("declined") and "busy" in outcome
             assert svc.backends["c"].state.value == "swapped_out"
-        assert svc.scheduler.reservations[0].granted_gib <= 1.0
+        assert svc.reservations[0].granted_gib <= 1.0
     finally:
         await svc.close()

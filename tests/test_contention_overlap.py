@@ -48,7 +48,7 @@ pytest.importorskip("torch")  # the reference engine
 
 from jupyter_swapserve.config import parse_models
 from jupyter_swapserve.gpu import checkpoint as ck
-from jupyter_swapserve.service import SwapService
+from jupyter_swapserve.service import ServiceConfig, SwapService, build_service
 from jupyter_swapserve.service.backend import Backend, State, StepTiming
 from jupyter_swapserve.service.handover import MARGIN_GIB
 from jupyter_swapserve.service.reservations import Reservation, ReservationGroup, ReservationManager
@@ -83,7 +83,7 @@ def service(models: list[tuple[str, float | None, str]], capacity: float,
     loaded = parse_models({"devices": [{"virtual": True, "memory_gib": capacity}], "models": specs})
     assert not loaded.errors, loaded.errors
     # the idle sweep (which also brings checkpointed residuals back) only where a test wants it
-    return SwapService(loaded, idle_check_interval=idle_check_interval)
+    return build_service(loaded, ServiceConfig(idle_check_interval=idle_check_interval))
 
 
 def parts(r: Reservation | ReservationGroup | None) -> list[Reservation]:
@@ -291,7 +291,7 @@ class FakeGpu:
     def check(self, where: str) -> None:
         self.checks += 1
         backends = list(self.svc.backends.values())
-        for device, manager in self.svc.scheduler.reservations.items():
+        for device, manager in self.svc.reservations.items():
             granted, capacity = manager.granted_gib, manager.capacity_gib
             if granted > capacity + EPS:
                 self.violations.append(f"{where}: {granted:.3f} GiB granted of {capacity:.3f} on device {device}")
@@ -330,12 +330,12 @@ class FakeGpu:
 
     # ---- wiring ----------------------------------------------------------------------------
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        svc, scheduler = self.svc, self.svc.scheduler
-        monkeypatch.setattr(scheduler, "is_virtual", lambda backend: False)
+        svc = self.svc
+        monkeypatch.setattr(svc.monitor, "all_virtual", lambda devices: False)
         monkeypatch.setattr(svc.monitor, "process_memory_gib", self.process_memory_gib)
         monkeypatch.setattr(svc.monitor, "gpu_pids", self.gpu_pids)
-        scheduler.checkpointer = ck.CudaCheckpointer(self.driver())
-        scheduler.observers.append(self)
+        svc.driver.checkpointer = ck.CudaCheckpointer(self.driver())
+        svc.record.observers.append(self)
         for b in svc.backends.values():
             sleep, wake = self._hooks(b)
             monkeypatch.setattr(b.adapter, "sleep", sleep)
@@ -347,9 +347,9 @@ class FakeGpu:
 
         # managers of the same devices and capacities, checked at every change (grant, resize,
         # transfer, release); replaced before anything is reserved
-        for index, old in list(scheduler.reservations.items()):
+        for index, old in list(svc.reservations.items()):
             assert not old.granted()
-            scheduler.reservations[index] = ReservationManager(index, old.capacity_gib, on_change=changed)
+            svc.reservations[index] = ReservationManager(index, old.capacity_gib, on_change=changed)
 
     def order(self, since: int, *events: tuple[str, str]) -> list[int]:
         """Where each event first happened on the device at or after position ``since``."""
@@ -384,7 +384,7 @@ async def until(condition: Callable[[], bool], what: str, timeout: float = 30.0)
 
 def no_leak(svc: SwapService) -> None:
     """Every grant is an engine's: its reservation while running, its kept residual while swapped out."""
-    manager = svc.scheduler.reservations[0]
+    manager = svc.reservations[0]
     expected = sorted((p.owner, round(p.gib, 6)) for b in svc.backends.values()
                       for r in (b.reservation, b.residual_reservation) for p in parts(r))
     assert sorted((r.owner, round(r.gib, 6)) for r in manager.granted()) == expected
@@ -458,7 +458,7 @@ async def test_overlapped_eviction_hands_the_weights_over_while_the_victim_check
         try:
             await svc.wait_started(60)
             a, b = svc.backends["a"], svc.backends["b"]
-            assert a.state == b.state == State.SWAPPED_OUT and svc.scheduler.reservations[0].granted_gib == 0
+            assert a.state == b.state == State.SWAPPED_OUT and svc.reservations[0].granted_gib == 0
             first_a = await ask(svc, "a")
 
             gpu.hold_checkpoint("a")
@@ -506,7 +506,7 @@ async def test_overlapped_eviction_hands_the_weights_over_while_the_victim_check
             await svc.close()
     assert gpu.violations == []
     assert gpu.failures == []
-    assert gpu.checks > 0 and svc.scheduler.reservations[0].granted_gib == 0
+    assert gpu.checks > 0 and svc.reservations[0].granted_gib == 0
 
 
 async def test_auto_residuals_are_checkpointed_to_make_room_and_an_unmeasured_start_never_fails(
@@ -517,7 +517,7 @@ async def test_auto_residuals_are_checkpointed_to_make_room_and_an_unmeasured_st
     svc = service([("a", 0.5, "auto"), ("b", 0.5, "auto"), ("c", None, "auto")], capacity=1.0)
     gpu = FakeGpu(svc, sizes={"a": 0.5, "b": 0.5, "c": 0.5}, residuals={"a": 0.15, "b": 0.15, "c": 0.15})
     gpu.install(monkeypatch)
-    manager = svc.scheduler.reservations[0]
+    manager = svc.reservations[0]
     with running_sampler(gpu):
         svc.start()
         try:
@@ -573,7 +573,7 @@ async def test_a_residual_whose_engine_is_being_swapped_in_is_skipped_not_waited
     svc = service([("a", 0.5, "auto"), ("b", 0.5, "auto"), ("c", None, "auto")], capacity=1.0)
     gpu = FakeGpu(svc, sizes={"a": 0.5, "b": 0.5, "c": 0.5}, residuals={"a": 0.15, "b": 0.15, "c": 0.15})
     gpu.install(monkeypatch)
-    scheduler, manager = svc.scheduler, svc.scheduler.reservations[0]
+    placement, manager = svc.placement, svc.reservations[0]
     svc.start()
     try:
         await svc.wait_started(90)
@@ -586,12 +586,12 @@ async def test_a_residual_whose_engine_is_being_swapped_in_is_skipped_not_waited
             async with c.transition:
                 holder_has_lock.set()
                 await room_asked.wait()
-                small = await scheduler.reserve_on("c-request", 0, 0.01)
+                small = await placement.reserve_on("c-request", 0, 0.01)
                 small.release()
 
         holder = asyncio.create_task(request_for_c())
         await holder_has_lock.wait()
-        needs_room = asyncio.create_task(scheduler.reserve_on("x", 0, 0.9))  # only c's residual can make room
+        needs_room = asyncio.create_task(placement.reserve_on("x", 0, 0.9))  # only c's residual can make room
         await asyncio.sleep(0.05)
         room_asked.set()
         granted = await asyncio.wait_for(needs_room, 20)  # before the fix: both waited forever
@@ -615,7 +615,7 @@ async def test_residuals_moved_out_for_a_start_come_back_when_there_is_room(
                   idle_check_interval=0.2)
     gpu = FakeGpu(svc, sizes={"a": 0.5, "b": 0.5, "c": 0.5}, residuals={"a": 0.15, "b": 0.15, "c": 0.15})
     gpu.install(monkeypatch)
-    manager = svc.scheduler.reservations[0]
+    manager = svc.reservations[0]
     with running_sampler(gpu):
         svc.start()
         try:
@@ -649,7 +649,7 @@ async def test_keep_residuals_are_never_moved_so_an_unmeasured_start_fails_with_
     svc = service([("a", 0.5, "keep"), ("c", None, "keep")], capacity=1.0)
     gpu = FakeGpu(svc, sizes={"a": 0.5, "c": 0.5}, residuals={"a": 0.15, "c": 0.15})
     gpu.install(monkeypatch)
-    manager = svc.scheduler.reservations[0]
+    manager = svc.reservations[0]
     with running_sampler(gpu):
         svc.start()
         try:

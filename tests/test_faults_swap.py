@@ -25,12 +25,12 @@ from .test_scheduler import service
 async def gpu_service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, driver: FakeDriver, capacity: float = 1.0,
                       ) -> tuple[SwapService, SwapMetrics, Path]:
     svc = service(tmp_path, "a", "b", capacity=capacity)
-    monkeypatch.setattr(svc.scheduler, "is_virtual", lambda backend: False)
+    monkeypatch.setattr(svc.monitor, "all_virtual", lambda devices: False)
     monkeypatch.setattr(svc.monitor, "gpu_pids", lambda pids: list(pids))
-    svc.scheduler.checkpointer = ck.CudaCheckpointer(driver)
+    svc.driver.checkpointer = ck.CudaCheckpointer(driver)
     metrics = SwapMetrics(list(svc.backends), status=svc.status)
     log_path = tmp_path / "events.jsonl"
-    svc.scheduler.observers += [metrics, EventLog(log_path)]
+    svc.record.observers += [metrics, EventLog(log_path)]
     svc.start()
     await svc.wait_started(60)
     return svc, metrics, log_path
@@ -39,7 +39,7 @@ async def gpu_service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, driver: F
 def no_leak(svc: SwapService) -> None:
     """Reservations are exactly those of running engines."""
     running = {b.name for b in svc.backends.values() if b.state == State.RUNNING}
-    assert {r.owner for r in svc.scheduler.reservations[0].granted()} == running
+    assert {r.owner for r in svc.reservations[0].granted()} == running
 
 
 async def test_lock_timeout_is_unwound_and_the_engine_keeps_serving(tmp_path: Path,
@@ -74,7 +74,7 @@ async def test_lock_timeout_is_unwound_and_the_engine_keeps_serving(tmp_path: Pa
         no_leak(svc)
     finally:
         await svc.close()
-    assert svc.scheduler.reservations[0].granted_gib == 0
+    assert svc.reservations[0].granted_gib == 0
 
 
 async def test_checkpoint_failing_after_the_lock_unlocks_again(tmp_path: Path,
@@ -109,7 +109,7 @@ async def test_restore_failing_on_swap_in_is_unwound_and_the_reservation_release
         assert a.state == State.SWAPPED_OUT and a.runtime.frozen  # re-checkpointed and frozen again
         assert "restore" in (a.error or "")
         no_leak(svc)
-        assert svc.scheduler.reservations[0].granted_gib == 0
+        assert svc.reservations[0].granted_gib == 0
         assert metrics.registry.get_sample_value(
             "swapserve_swaps_total", {"model": "a", "direction": "in", "outcome": "failed"}) == 1
         del driver.results["cuCheckpointProcessRestore"]

@@ -11,9 +11,10 @@ from jupyter_swapserve.service.kernel_policy import (
     over_user_limit,
 )
 from jupyter_swapserve.service.policy import BackendSnapshot, choose_victims
+from jupyter_swapserve.service.states import State
 
 
-def kernel(name: str, *, user: str = "ada", state: str = "resident", busy: bool = False, pinned: bool = False,
+def kernel(name: str, *, user: str = "ada", state: State = State.RUNNING, busy: bool = False, pinned: bool = False,
            gib: float = 2.0, last: float = 100.0, release: bool = False) -> KernelView:
     return KernelView(name, user, 0, state, busy, pinned, gib, last, release)
 
@@ -34,7 +35,8 @@ def test_a_busy_kernel_is_never_a_victim_even_when_nothing_else_frees_memory() -
     plan = choose_victims(snaps, device=0, need_gib=1.0, free_gib=0.0, requester="m")
     assert plan.victims == () and not plan.sufficient
     # nor a pinned one, nor one that is already swapped out
-    snaps = [kernel_snapshot(kernel("kernel p", pinned=True)), kernel_snapshot(kernel("kernel s", state="swapped_out"))]
+    snaps = [kernel_snapshot(kernel("kernel p", pinned=True)),
+             kernel_snapshot(kernel("kernel s", state=State.SWAPPED_OUT))]
     assert choose_victims(snaps, device=0, need_gib=1.0, free_gib=0.0, requester="m").victims == ()
 
 
@@ -42,7 +44,7 @@ def test_idle_timeout_and_release_requests_pick_idle_kernels_only() -> None:
     kernels = [
         kernel("kernel old", last=10.0), kernel("kernel fresh", last=95.0),
         kernel("kernel busy", last=0.0, busy=True), kernel("kernel pinned", last=0.0, pinned=True),
-        kernel("kernel asked", last=99.0, release=True), kernel("kernel out", last=0.0, state="swapped_out"),
+        kernel("kernel asked", last=99.0, release=True), kernel("kernel out", last=0.0, state=State.SWAPPED_OUT),
         kernel("kernel empty", last=0.0, gib=0.0),
     ]
     assert due_for_swap_out(kernels, now=100.0, idle_timeout=60.0) == ["kernel old", "kernel asked"]
@@ -58,7 +60,7 @@ def test_a_users_limit_swaps_out_their_least_recently_used_idle_kernels() -> Non
     # the busy one cannot go: not enough
     assert over_user_limit(kernels, "ada", 2.0) == (["kernel a", "kernel b"], False)
     # a kernel coming back counts and is never chosen
-    back = [*kernels[:2], kernel("kernel d", last=0.0, gib=4.0, state="swapped_out")]
+    back = [*kernels[:2], kernel("kernel d", last=0.0, gib=4.0, state=State.SWAPPED_OUT)]
     assert over_user_limit(back, "ada", 7.0, keep="kernel d") == (["kernel a"], True)
 
 

@@ -31,7 +31,7 @@ from jupyter_swapserve.runtime.podman import (
     owner_token,
     parse_volume,
 )
-from jupyter_swapserve.service import EngineUnavailable, SwapService
+from jupyter_swapserve.service import EngineUnavailable, SwapService, build_service
 from jupyter_swapserve.service.backend import State
 
 from .podman.image import IMAGE, build_image, host_volumes, use_test_containers_conf
@@ -405,7 +405,7 @@ def container_service(*names: str) -> SwapService:
     models = [{"name": n, "engine": "command", "runtime": "podman", "image": IMAGE, "volumes": host_volumes(),
                "command": ["python3", "-m", "http.server", "{port}", "--bind", "{host}"],
                "ready_path": "/", "warmup": False, "memory_gib": 0.6} for n in names]
-    return SwapService(parse_models({"devices": [{"virtual": True, "memory_gib": 1.0}], "models": models}))
+    return build_service(parse_models({"devices": [{"virtual": True, "memory_gib": 1.0}], "models": models}))
 
 
 def refuse(step: str) -> Callable[[], None]:
@@ -439,7 +439,7 @@ async def test_pause_and_unpause_failures_unwind_like_other_swap_steps(test_imag
         with pytest.raises(EngineUnavailable, match="could not be swapped in"):
             await svc.swap_in("b")
         assert b.state == State.SWAPPED_OUT and "injected: unpause refused" in (b.error or "")
-        assert svc.scheduler.reservations[0].granted_gib == 0
+        assert svc.reservations[0].granted_gib == 0
         del bcontainer.unpause
         await svc.swap_in("b")
         assert b.state == State.RUNNING and await b.runtime.status() == "running"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from jupyter_swapserve.config import parse_models
-from jupyter_swapserve.service import EngineUnavailable, SwapService
+from jupyter_swapserve.service import EngineUnavailable, SwapService, build_service
 from jupyter_swapserve.service.backend import State
 
 from .waiting import until
@@ -21,7 +21,7 @@ def service(tmp_path: Path, *names: str, capacity: float = 1.0, **extra: object)
     models = [{"name": n, "engine": "command", "command": ["{python}", "-m", "http.server", "--bind", "{host}",
                                                            "{port}", "--directory", str(tmp_path)],
                "ready_path": "/", "warmup": False, "memory_gib": 0.6, **extra} for n in names]
-    return SwapService(parse_models({"devices": [{"virtual": True, "memory_gib": capacity}], "models": models}))
+    return build_service(parse_models({"devices": [{"virtual": True, "memory_gib": capacity}], "models": models}))
 
 
 async def started(svc: SwapService) -> SwapService:
@@ -34,7 +34,7 @@ async def test_startup_snapshot_then_swaps_with_room_for_one(tmp_path: Path) -> 
     svc = await started(service(tmp_path, "a", "b"))
     try:
         assert [b.state for b in svc.backends.values()] == [State.SWAPPED_OUT, State.SWAPPED_OUT]
-        manager = svc.scheduler.reservations[0]
+        manager = svc.reservations[0]
         assert manager.granted_gib == 0
         await svc.swap_in("a")
         assert svc.backends["a"].state == State.RUNNING and manager.granted_gib == pytest.approx(0.6)
@@ -46,7 +46,7 @@ async def test_startup_snapshot_then_swaps_with_room_for_one(tmp_path: Path) -> 
     finally:
         await svc.close()
     assert all(b.state == State.STOPPED for b in svc.backends.values())
-    assert svc.scheduler.reservations[0].granted_gib == 0
+    assert svc.reservations[0].granted_gib == 0
 
 
 async def test_failed_freeze_is_unwound_and_the_victim_keeps_running(tmp_path: Path,
@@ -89,7 +89,7 @@ async def test_failed_swap_in_releases_the_reservation_and_stays_swapped_out(
         with pytest.raises(EngineUnavailable, match="could not be swapped in"):
             await svc.swap_in("a")
         assert a.state == State.SWAPPED_OUT
-        assert svc.scheduler.reservations[0].granted_gib == 0
+        assert svc.reservations[0].granted_gib == 0
         monkeypatch.setattr(a.runtime, "thaw", real_thaw)
         assert await svc.swap_in("a") > 0
         assert a.state == State.RUNNING
@@ -104,7 +104,7 @@ async def test_pinned_model_is_never_a_victim(tmp_path: Path) -> None:
         {"name": "other", "engine": "command", "memory_gib": 0.6, "ready_path": "/", "warmup": False,
          "command": ["{python}", "-m", "http.server", "--bind", "{host}", "{port}", "--directory", str(tmp_path)]},
     ]
-    svc = SwapService(parse_models({"devices": [{"virtual": True, "memory_gib": 1.0}], "models": models}))
+    svc = build_service(parse_models({"devices": [{"virtual": True, "memory_gib": 1.0}], "models": models}))
     svc.start()
     try:
         await svc.backend("pinned").transition.acquire()  # wait for its start
@@ -121,10 +121,10 @@ async def test_pinned_model_is_never_a_victim(tmp_path: Path) -> None:
         with pytest.raises(EngineUnavailable, match="pinned models hold"):
             async with svc.admit("other"):
                 pass
-        assert other.queued == 0 and svc.scheduler.reservations[0].waiting() == []
+        assert other.queued == 0 and svc.reservations[0].waiting() == []
     finally:
         await svc.close()
-    assert svc.scheduler.reservations[0].granted_gib == 0
+    assert svc.reservations[0].granted_gib == 0
 
 
 async def test_cancelled_request_waiting_for_memory_leaves_no_reservation(tmp_path: Path) -> None:
@@ -150,7 +150,7 @@ async def test_cancelled_request_waiting_for_memory_leaves_no_reservation(tmp_pa
                 break
             await asyncio.sleep(0.05)
         assert a.state == State.SWAPPED_OUT and a.reservation is None
-        manager = svc.scheduler.reservations[0]
+        manager = svc.reservations[0]
         assert manager.waiting() == [] and manager.granted_gib == 0
         assert svc.backends["b"].state == State.SWAPPED_OUT and svc.backends["b"].reservation is None
         # and the device serves again
@@ -164,7 +164,7 @@ async def test_gpu_without_checkpoint_api_refuses_swap_out(tmp_path: Path, monke
     svc = service(tmp_path, "a")
     # the device is treated as a real GPU whose driver lacks the checkpoint API (the no-op checkpointer):
     # freezing alone would free the reservation but not the memory, so the swap-out is refused
-    monkeypatch.setattr(svc.scheduler, "is_virtual", lambda backend: False)
+    monkeypatch.setattr(svc.monitor, "all_virtual", lambda devices: False)
     monkeypatch.setattr(svc.monitor, "gpu_pids", lambda pids: list(pids))
     svc.start()
     try:
@@ -173,7 +173,7 @@ async def test_gpu_without_checkpoint_api_refuses_swap_out(tmp_path: Path, monke
         assert a.state == State.RUNNING  # its startup snapshot was refused too
         assert await svc.swap_out("a") is False
         assert "no CUDA checkpoint API" in (a.error or "")
-        assert a.reservation is not None and svc.scheduler.reservations[0].granted_gib == pytest.approx(0.6)
+        assert a.reservation is not None and svc.reservations[0].granted_gib == pytest.approx(0.6)
         assert not a.runtime.frozen
     finally:
         await svc.close()
@@ -184,11 +184,11 @@ async def test_two_devices_are_reserved_and_swapped_independently(tmp_path: Path
     models = [{"name": name, "engine": "command", "command": cmd, "ready_path": "/", "warmup": False,
                "memory_gib": 0.6, "device": device, "drain_timeout": 30}
               for name, device in (("a0", 0), ("b0", 0), ("a1", 1), ("b1", 1))]
-    svc = SwapService(parse_models({"devices": [{"virtual": True, "memory_gib": 1.0},
+    svc = build_service(parse_models({"devices": [{"virtual": True, "memory_gib": 1.0},
                                                 {"virtual": True, "memory_gib": 1.0}], "models": models}))
     await started(svc)
     try:
-        m0, m1 = svc.scheduler.reservations[0], svc.scheduler.reservations[1]
+        m0, m1 = svc.reservations[0], svc.reservations[1]
         await svc.swap_in("a0")
         await svc.swap_in("a1")
         # each device has room for one: both run at once, one per device
@@ -219,14 +219,14 @@ def two_device_service(tmp_path: Path, extra: list[dict] | None = None) -> SwapS
                "memory_gib": 0.6, "device": device} for name, device in (("wide", [1, 0]), ("a0", 0), ("a1", 1))]
     for m in extra or []:
         models.append({"engine": "command", "command": cmd, "ready_path": "/", "warmup": False, **m})
-    return SwapService(parse_models({"devices": [{"virtual": True, "memory_gib": 1.0},
+    return build_service(parse_models({"devices": [{"virtual": True, "memory_gib": 1.0},
                                                 {"virtual": True, "memory_gib": 1.0}], "models": models}))
 
 
 async def test_an_engine_spanning_two_devices_is_reserved_and_evicted_on_both(tmp_path: Path) -> None:
     svc = await started(two_device_service(tmp_path))
     try:
-        m0, m1 = svc.scheduler.reservations[0], svc.scheduler.reservations[1]
+        m0, m1 = svc.reservations[0], svc.reservations[1]
         wide = svc.backends["wide"]
         assert wide.devices == [0, 1]
         await svc.swap_in("a0")
@@ -251,7 +251,7 @@ async def test_no_room_on_the_second_device_releases_the_first(tmp_path: Path) -
     svc = await started(two_device_service(tmp_path, [{"name": "pin1", "memory_gib": 0.6, "device": 1,
                                                        "pinned": True}]))
     try:
-        m0 = svc.scheduler.reservations[0]
+        m0 = svc.reservations[0]
         wide = svc.backends["wide"]
         assert svc.backends["pin1"].state == State.RUNNING
         assert wide.state == State.SWAPPED_OUT  # started (and snapshotted) before pin1 took device 1
@@ -280,15 +280,15 @@ def test_models_file_accepts_a_device_list_and_checks_it() -> None:
 
 def waiter_for_b(svc: SwapService) -> asyncio.Task:
     """b queued for its memory on device 0, with a re-plan timer far beyond the test."""
-    manager = svc.scheduler.reservations[0]
-    return asyncio.create_task(svc.scheduler._wait_for_memory_or_victim(manager, "b", 0.6, replan_s=60))
+    manager = svc.reservations[0]
+    return asyncio.create_task(svc.placement.wait_for_memory_or_victim(manager, "b", 0.6, replan_s=60))
 
 
 async def test_a_waiter_for_memory_plans_again_when_the_protected_work_ends(tmp_path: Path) -> None:
     svc = await started(service(tmp_path, "a", "b"))
     try:
         await svc.swap_in("a")
-        manager = svc.scheduler.reservations[0]
+        manager = svc.reservations[0]
         async with svc.admit("a"):
             # a was just swapped in and serves a request: protected, so b can only queue
             waiter = waiter_for_b(svc)
@@ -313,7 +313,7 @@ async def test_a_waiter_cancelled_leaves_no_reservation_behind(tmp_path: Path) -
     svc = await started(service(tmp_path, "a", "b"))
     try:
         await svc.swap_in("a")
-        manager = svc.scheduler.reservations[0]
+        manager = svc.reservations[0]
         async with svc.admit("a"):
             waiter = waiter_for_b(svc)
             await until(lambda: [o for o, _, _ in manager.waiting()] == ["b"], "b queued for the memory")

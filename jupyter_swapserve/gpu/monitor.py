@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from ..config import DeviceConfig
 
@@ -39,14 +40,16 @@ def _nvml():
 
 
 class GpuMonitor:
-    """Devices and their memory. ``devices`` from the models file override discovery."""
+    """Devices and their memory. ``devices`` from the models file override discovery. ``nvml``: the
+    NVML module to ask (a seam for tests; default: pynvml, loaded only when a real GPU may be used)."""
 
-    def __init__(self, configured: list[DeviceConfig] | None = None, default_virtual_gib: float = 16.0) -> None:
+    def __init__(self, configured: list[DeviceConfig] | None = None, default_virtual_gib: float = 16.0,
+                 nvml: Any = None) -> None:
         self._nvml = None
         self.devices: list[DeviceInfo] = []
         wants_real = configured is None or any(not d.virtual for d in configured)
         if wants_real:
-            self._nvml = _nvml()
+            self._nvml = nvml if nvml is not None else _nvml()
         if configured is None:
             if self._nvml is not None and self._nvml.nvmlDeviceGetCount() > 0:
                 self.devices = [self._real(i, None) for i in range(self._nvml.nvmlDeviceGetCount())]
@@ -75,6 +78,10 @@ class GpuMonitor:
     @property
     def has_gpu(self) -> bool:
         return any(not d.virtual for d in self.devices)
+
+    def all_virtual(self, devices: list[int]) -> bool:
+        """Whether every one of ``devices`` is virtual: memory is only counted there, never moved."""
+        return all(self.devices[d].virtual for d in devices)
 
     def used_gib(self, index: int) -> float | None:
         """Memory in use on a real device (all processes), None on a virtual one."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import time
 from asyncio import Future
 from http import HTTPStatus
 from typing import Any
@@ -143,7 +142,7 @@ class SwapServeHandler(APIHandler):
                 and str(self._headers.get("Content-Type", "")).startswith("text/event-stream")
                 and self._metrics_model() is not None):
             self._first_flush_seen = True
-            metrics.first_token(self._metrics_model(), time.time() - self.request._start_time)
+            metrics.first_token(self._metrics_model(), self.request.request_time())
         return super().flush(include_footers)
 
     def on_finish(self) -> None:

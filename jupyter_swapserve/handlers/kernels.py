@@ -59,8 +59,7 @@ class KernelHandler(KernelsBase):
 class KernelActionHandler(KernelsBase):
     async def post(self, kernel_id: str, action: str) -> None:
         self.require_user("write")
-        if self.tenants.refresh is not None:
-            await self.tenants.refresh()  # busy or idle as of now, not as of the last sweep
+        await self.tenants.refresh()  # busy or idle as of now, not as of the last sweep
         tenant = self.tenant(kernel_id)
         result: dict[str, Any] = {"kernel_id": kernel_id, "action": action}
         try:
@@ -74,7 +73,7 @@ class KernelActionHandler(KernelsBase):
                 result["result"] = self.tenants.pin(kernel_id, action == "pin")
             elif action == "swap-out":
                 swapped = await self.tenants.swap_out(kernel_id, "swapped out by hand")
-                why = "busy" if tenant.busy else "pinned" if tenant.pinned else tenant.state
+                why = "busy" if tenant.busy else "pinned" if tenant.pinned else tenant.state_label
                 result["result"] = "swapped out" if swapped else f"not swapped out: the kernel is {why}"
             else:
                 seconds = await self.tenants.swap_in(kernel_id)
@@ -82,5 +81,5 @@ class KernelActionHandler(KernelsBase):
         except KernelSwapError as exc:
             raise OpenAIError(409, str(exc), param="kernel_id", code="kernel_swap_refused") from None
         if tenant is not None:
-            result["state"] = tenant.state
+            result["state"] = tenant.state_label
         self.finish(result)

@@ -33,7 +33,7 @@ from ..config import ModelConfig
 from ..engines.base import LaunchSpec
 from . import procfs
 from .gate import EngineGate, GateError, open_gate
-from .process import RuntimeStepError, _die_with_parent
+from .process import RuntimeStepError, die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ URL_ENV = "SWAPSERVE_PODMAN_URL"
 CDI_DIRS = ("/etc/cdi", "/var/run/cdi")
 
 _LIVE: weakref.WeakSet[PodmanRuntime] = weakref.WeakSet()
+_SERVICES: weakref.WeakSet[PodmanService] = weakref.WeakSet()
 
 
 class PodmanUnavailable(RuntimeStepError):
@@ -105,6 +106,7 @@ class PodmanService:
         self._lock: asyncio.Lock | None = None
         self._lock_loop: asyncio.AbstractEventLoop | None = None
         self.leftovers_removed: list[str] = []
+        _SERVICES.add(self)
 
     def _connect_lock(self) -> asyncio.Lock:
         # one lock per event loop: a lock that ever waited is bound to its loop (tests run many)
@@ -164,7 +166,7 @@ class PodmanService:
             # --time=0: never exit while idle; the service dies with this server (parent-death signal)
             self._service = subprocess.Popen(
                 [binary, "system", "service", "--time=0", f"unix://{sock}"], stdin=subprocess.DEVNULL,
-                stdout=log_file, stderr=log_file, preexec_fn=_die_with_parent)
+                stdout=log_file, stderr=log_file, preexec_fn=die_with_parent)
         return sock
 
     def connected_client(self) -> Any:
@@ -205,25 +207,6 @@ class PodmanService:
             self._socket_dir = None
 
 
-_service: PodmanService | None = None
-
-
-def podman_service() -> PodmanService:
-    """This server's podman connection (made on first use; a failure is retried next time)."""
-    global _service
-    if _service is None:
-        _service = PodmanService()
-    return _service
-
-
-def configure(url: str | None) -> None:
-    """Use this podman socket (``unix:///run/podman/podman.sock``) instead of starting a service."""
-    global _service
-    if _service is not None:
-        _service.close()
-    _service = PodmanService(url or None)
-
-
 class PodmanRuntime:
     """One engine container. Not reusable across restarts: make a new one per start.
 
@@ -233,10 +216,10 @@ class PodmanRuntime:
     kind = "podman"
     freezer = "podman pause"
 
-    def __init__(self, name: str, config: ModelConfig, service: PodmanService | None = None) -> None:
+    def __init__(self, name: str, config: ModelConfig, service: PodmanService) -> None:
         self.name = name
         self.config = config
-        self.service = service or podman_service()
+        self.service = service
         self.container: Any = None
         self.container_name: str | None = None
         self.frozen = False
@@ -444,5 +427,5 @@ def _remove_all_at_exit() -> None:
     # covered by the leftover sweep of the next server)
     for runtime in list(_LIVE):
         runtime.kill()
-    if _service is not None:
-        _service.close()
+    for service in list(_SERVICES):
+        service.close()

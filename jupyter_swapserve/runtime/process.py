@@ -28,7 +28,7 @@ _LIVE: weakref.WeakSet[ProcessRuntime] = weakref.WeakSet()
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: SIGKILL it if the server dies without a clean shutdown (even by
     SIGKILL, when no atexit handler runs). Linux only; elsewhere a no-op."""
     try:
@@ -143,10 +143,10 @@ class ProcessRuntime:
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                env=env, start_new_session=True, preexec_fn=_die_with_parent,
+                env=env, start_new_session=True, preexec_fn=die_with_parent,
             )
         except OSError as exc:
-            self._remove_cgroup()
+            self.remove_cgroup()
             self._close_gate()
             raise RuntimeStepError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
         finally:
@@ -236,7 +236,7 @@ class ProcessRuntime:
                 self.kill()
                 await self.proc.wait()
         self.kill()  # strays that left the group but stayed in the cgroup
-        self._remove_cgroup()
+        self.remove_cgroup()
 
     def _close_gate(self) -> None:
         if self.gate is not None:
@@ -265,7 +265,7 @@ class ProcessRuntime:
         except OSError:
             return []
 
-    def _remove_cgroup(self) -> None:
+    def remove_cgroup(self) -> None:
         if self.cgroup is None:
             return
         for _ in range(50):
@@ -285,4 +285,4 @@ def _kill_all_at_exit() -> None:
     # if the server exits without a clean shutdown, leave no engine behind
     for runtime in list(_LIVE):
         runtime.kill()
-        runtime._remove_cgroup()
+        runtime.remove_cgroup()

@@ -1,6 +1,9 @@
-"""The core of jupyter-swapserve: no Jupyter imports, pure asyncio, usable alone."""
+"""The core of jupyter-swapserve: no Jupyter imports, pure asyncio, usable alone. Built by
+:func:`build_service`; the rooms and what each may import: DESIGN.md beside this file."""
 
 from .core import ModelNotFound, QueueFull, SwapService, Ticket
-from .scheduler import EngineUnavailable
+from .factory import KernelOptions, Seams, ServiceConfig, build_service
+from .placement import EngineUnavailable
 
-__all__ = ["EngineUnavailable", "ModelNotFound", "QueueFull", "SwapService", "Ticket"]
+__all__ = ["EngineUnavailable", "KernelOptions", "ModelNotFound", "QueueFull", "Seams", "ServiceConfig", "SwapService",
+           "Ticket", "build_service"]

@@ -1,36 +1,26 @@
-"""One engine instance: its state machine, request accounting, rw-lock and swap steps.
+"""One engine instance: its request accounting, rw-lock and reservations; its states are the
+tenants' state machine (:mod:`.states`).
 
-States: stopped → starting → running ⇄ swapping_out → swapped_out ⇄ swapping_in → running,
-plus failed. Requests are forwarded only while ``running`` and under the read side of the
-rw-lock; a swap-out takes the write side, so it waits for in-flight requests and no new one
-is forwarded meanwhile.
+Requests are forwarded only while ``running`` and under the read side of the rw-lock; a swap-out
+takes the write side, so it waits for in-flight requests and no new one is forwarded meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 from ..config import ModelConfig
 from ..engines.base import EngineAdapter
+from .clock import Clock
 from .fairness import FairSlots
 from .reservations import Reservation, ReservationGroup
-
-
-class State(str, Enum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    RUNNING = "running"
-    SWAPPING_OUT = "swapping_out"
-    SWAPPED_OUT = "swapped_out"
-    SWAPPING_IN = "swapping_in"
-    FAILED = "failed"
+from .states import State, Tenant
+from .steps import StepTiming
 
 
 class DrainTimeout(TimeoutError):
@@ -85,68 +75,7 @@ class RWLock:
 
 
 @dataclass
-class StepTiming:
-    step: str
-    seconds: float
-    ok: bool = True
-
-
-class SwapStepError(RuntimeError):
-    def __init__(self, step: str, cause: BaseException, unwound: bool) -> None:
-        self.step, self.cause, self.unwound = step, cause, unwound
-        super().__init__(f"{step} failed: {cause}" + ("" if unwound else " (unwinding failed too)"))
-
-    @property
-    def cancelled(self) -> bool:
-        """The step was cut short by a task cancellation (server shutdown): a caller that handles
-        the failure must still let the cancellation through."""
-        return isinstance(self.cause, asyncio.CancelledError)
-
-
-class SwapSteps:
-    """Runs swap steps in order, timing each; on failure undoes the completed ones in reverse."""
-
-    def __init__(self) -> None:
-        self.timings: list[StepTiming] = []
-        self._undo: list[tuple[str, Callable[[], Awaitable[Any]]]] = []
-
-    async def run(self, step: str, action: Callable[[], Awaitable[Any]],
-                  undo: Callable[[], Awaitable[Any]] | None = None, undo_if_failed: bool = False) -> None:
-        """Run one step. ``undo_if_failed``: the step may have half-happened when it fails, and its
-        undo is safe either way (thaw after a failed freeze, wake after a failed sleep)."""
-        t0 = time.perf_counter()
-        try:
-            await action()
-        except BaseException as exc:
-            self.timings.append(StepTiming(step, time.perf_counter() - t0, ok=False))
-            if undo is not None and undo_if_failed:
-                self._undo.append((step, undo))
-            unwound = await self.unwind()
-            raise SwapStepError(step, exc, unwound) from exc
-        self.timings.append(StepTiming(step, time.perf_counter() - t0))
-        if undo is not None:
-            self._undo.append((step, undo))
-
-    async def unwind(self) -> bool:
-        ok = True
-        while self._undo:
-            step, undo = self._undo.pop()
-            t0 = time.perf_counter()
-            try:
-                await undo()
-                self.timings.append(StepTiming(f"undo {step}", time.perf_counter() - t0))
-            except Exception:
-                ok = False
-                self.timings.append(StepTiming(f"undo {step}", time.perf_counter() - t0, ok=False))
-        return ok
-
-    @property
-    def total(self) -> float:
-        return sum(t.seconds for t in self.timings)
-
-
-@dataclass
-class Backend:
+class Backend(Tenant):
     config: ModelConfig
     adapter: EngineAdapter
     state: State = State.STOPPED
@@ -184,6 +113,7 @@ class Backend:
     last_steps: list[StepTiming] = field(default_factory=list)
     swap_in_history: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=30))
     requests_total: int = 0
+    clock: Clock = field(default_factory=Clock, repr=False)
 
     def __post_init__(self) -> None:
         self.rw = RWLock()
@@ -207,13 +137,16 @@ class Backend:
         """The first (for most engines the only) device."""
         return self.config.devices[0]
 
-    def set_state(self, state: State, error: str | None = None) -> None:
-        self.state = state
-        if state == State.FAILED:
-            self.error = error
-        elif state == State.RUNNING:
-            self.error = None
-        self.on_change()
+    def arrived(self) -> None:
+        """On the device again (started or swapped in): used now, its residency quantum starts."""
+        self.last_used = self.clock.time()
+        self.resident_since = self.clock.monotonic()
+        self.served_since_swap_in = False
+
+    def swapped_in(self, seconds: float) -> None:
+        super().swapped_in(seconds)
+        self.slept = False
+        self.arrived()
 
     def release_reservation(self) -> None:
         """Give back what the engine frees by leaving the device (its residual stays, if kept)."""

@@ -1,5 +1,6 @@
-"""The swap service as one object: build it from a models file, admit requests, forward them,
-report status. Pure asyncio; the Jupyter extension is one of its users, tests are another."""
+"""The swap service as one object: admit requests, forward them, swap on an admin's request,
+report status. Pure asyncio; built by :func:`.factory.build_service`. The Jupyter extension is one
+of its users, tests are another."""
 
 from __future__ import annotations
 
@@ -12,16 +13,21 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
+
 from ..config import ModelsFile
-from ..engines import EngineError, adapter_for
-from ..gpu.checkpoint import make_checkpointer
 from ..gpu.monitor import GpuMonitor
+from ..runtime import Runtimes
 from .accounting import QuotaAccounting, QuotaLease
 from .backend import Backend, State
 from .events import Notifier
 from .identity import ANONYMOUS
+from .kernels import KernelTenants
+from .placement import EngineUnavailable, Placement
 from .quotas import DEFAULT_PRIORITY
-from .scheduler import EngineUnavailable, Scheduler
+from .reservations import ReservationManager
+from .scheduler import Scheduler
+from .steps import DriverSteps, SwapRecord
 from .upstream import Upstream, UpstreamResponse
 from .usage import estimate_tokens, prompt_text
 
@@ -58,51 +64,50 @@ class Ticket:
 
 
 class SwapService:
-    def __init__(self, models: ModelsFile, idle_check_interval: float = 1.0,
-                 accounting: QuotaAccounting | None = None) -> None:
-        self.models_file = models
+    """The service's face: admission, forwarding, admin operations, status. Composed by
+    :func:`.factory.build_service`, which hands it its parts."""
+
+    def __init__(self, *, models_file: ModelsFile, config_errors: list[str], backends: dict[str, Backend],
+                 notifier: Notifier, monitor: GpuMonitor, driver: DriverSteps, record: SwapRecord,
+                 placement: Placement, scheduler: Scheduler, kernels: KernelTenants | None,
+                 accounting: QuotaAccounting | None, upstream: Upstream, client: httpx.AsyncClient,
+                 runtimes: Runtimes, idle_check_interval: float = 1.0) -> None:
+        self.models_file = models_file
+        self.config_errors = config_errors
+        self.backends = backends
+        self.notifier = notifier
+        self.monitor = monitor
+        #: the checkpoint driver's steps (its ``checkpointer`` is the driver itself)
+        self.driver = driver
+        #: where every swap is recorded; its ``observers`` are told (metrics, event log)
+        self.record = record
+        self.placement = placement
+        self.scheduler = scheduler
+        #: notebook kernels as GPU tenants (None: they are not)
+        self.kernels = kernels
         #: quotas and usage per user; None: every request is admitted and nothing is counted
         self.accounting = accounting
-        self.config_errors = list(models.errors)
-        self.notifier = Notifier()
-        self.monitor = GpuMonitor(models.devices)
-        self.checkpointer = make_checkpointer(self.monitor.has_gpu)
-        self.backends: dict[str, Backend] = {}
-        for m in models.models:
-            missing = [d for d in m.devices if d >= len(self.monitor.devices)]
-            if missing:
-                self.config_errors.append(f"model '{m.name}': field 'device': {missing[0]} does not exist here")
-                continue
-            try:
-                adapter = adapter_for(m)
-            except EngineError as exc:
-                self.config_errors.append(f"model '{m.name}': field 'engine': {exc}")
-                continue
-            too_small = [d for d in m.devices
-                         if m.memory_gib is not None and m.memory_gib > self.monitor.devices[d].capacity_gib]
-            if too_small:
-                self.config_errors.append(
-                    f"model '{m.name}': field 'memory_gib': {m.memory_gib} GiB exceeds device {too_small[0]} "
-                    f"({self.monitor.devices[too_small[0]].capacity_gib:g} GiB)")
-                continue
-            self.backends[m.name] = Backend(config=m, adapter=adapter)
-        for err in self.config_errors:
-            log.error("models file: %s", err)
-        self.scheduler = Scheduler(self.backends, self.monitor, self.checkpointer, self.notifier)
-        self.upstream = Upstream()
+        self.upstream = upstream
+        self.client = client  # the engines' HTTP client (readiness, hooks, token counts)
+        self.runtimes = runtimes
+        self.metrics: Any = None  # SwapMetrics, when the factory was asked for metrics
         self._idle_interval = idle_check_interval
         self._tasks: list[asyncio.Task[None]] = []
-        self._closing = False
         self._waiting_priorities: dict[str, list[float]] = {}
         self.started_at = time.time()
-        #: notebook kernels as GPU tenants (set by the server extension; None elsewhere)
-        self.kernels: Any = None
+
+    @property
+    def reservations(self) -> dict[int, ReservationManager]:
+        """The reservation manager of each device, by index."""
+        return self.placement.managers
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        """Start every engine in the background (startup snapshot), and the idle sweeper."""
+        """Start every engine in the background (startup snapshot), the idle sweeper, the kernel sweeps."""
         self._tasks.append(asyncio.create_task(self._startup_snapshot(), name="swapserve-startup"))
         self._tasks.append(asyncio.create_task(self._idle_loop(), name="swapserve-idle"))
+        if self.kernels is not None:
+            self.kernels.start()
 
     async def _startup_snapshot(self) -> None:
         for backend in list(self.backends.values()):
@@ -113,11 +118,11 @@ class SwapService:
                     await self.scheduler.cold_start(backend, snapshot=True)
 
     async def _idle_loop(self) -> None:
-        while not self._closing:  # also ends a loop whose cancellation a swap step swallowed
+        while True:
             await asyncio.sleep(self._idle_interval)
             try:
                 await self.scheduler.swap_out_idle()
-                await self.scheduler.restore_residuals()
+                await self.scheduler.residuals.restore_all()
             except Exception:  # keep sweeping; one bad swap must not end idle handling
                 log.exception("idle swap-out failed")
 
@@ -127,14 +132,17 @@ class SwapService:
             await asyncio.wait_for(asyncio.shield(self._tasks[0]), timeout)
 
     async def close(self) -> None:
-        self._closing = True
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        if self.kernels is not None:
+            await self.kernels.close()
         await self.scheduler.close()
+        await self.client.aclose()
         await self.upstream.close()
+        self.runtimes.close()
         if self.accounting is not None:
             self.accounting.close()  # gives back its leases in a shared database
 
@@ -192,14 +200,14 @@ class SwapService:
                         backend.in_flight += 1
                         backend.requests_total += 1
                         backend.served_since_swap_in = True
-                        backend.last_used = backend.last_request = time.time()
+                        backend.last_used = backend.last_request = backend.clock.time()
                         ticket.queue_seconds = max(0.0, time.perf_counter() - arrived - ticket.swap_in_seconds)
                         self.notifier.notify()
                         try:
                             yield ticket
                         finally:
                             backend.in_flight -= 1
-                            backend.last_used = backend.last_request = time.time()
+                            backend.last_used = backend.last_request = backend.clock.time()
                             self.notifier.notify()
                         return
         finally:
@@ -231,7 +239,7 @@ class SwapService:
         backend = ticket.backend
         counted = None
         if backend.base_url:
-            counted = await backend.adapter.count_tokens(self.scheduler.client, backend.base_url, text)
+            counted = await backend.adapter.count_tokens(self.client, backend.base_url, text)
         return counted if counted is not None else estimate_tokens(text)
 
     # ---- admin operations ------------------------------------------------------------------
@@ -252,7 +260,7 @@ class SwapService:
     def status(self) -> dict[str, Any]:
         devices = []
         for d in self.monitor.devices:
-            manager = self.scheduler.reservations[d.index]
+            manager = self.placement.managers[d.index]
             devices.append({
                 "index": d.index, "name": d.name, "kind": d.kind, "capacity_gib": d.capacity_gib,
                 "reserved_gib": round(manager.granted_gib, 4), "free_gib": round(manager.free_gib, 4),
@@ -285,7 +293,7 @@ class SwapService:
             })
         return {
             "version": self.notifier.version,
-            "checkpointer": self.checkpointer.kind,
+            "checkpointer": self.driver.checkpointer.kind,
             "devices": devices,
             "models": models,
             "kernels": self.kernels.status() if self.kernels is not None else [],

@@ -3,9 +3,10 @@
 A kernel that holds GPU memory is a tenant like a model. It is ranked against models by the same
 preemption policy (:func:`.policy.choose_victims`) through :func:`kernel_snapshot`: a resident,
 idle kernel looks like an engine with nothing queued, last used at its last execution. A busy
-kernel (a cell is running) is never a victim: its snapshot is not ``running``, which the policy
-never evicts. Idle swap-out, a user's "release" and the per-user limit on kernel GPU memory are
-decided here too; the swapping itself is :mod:`.kernels`.
+kernel (a cell is running) is never a victim: its snapshot is ``busy``, which the policy never
+evicts. Kernels and models share one vocabulary of states (:mod:`.states`): a kernel holding its
+GPU memory is ``running`` (shown to users as "resident"). Idle swap-out, a user's "release" and
+the per-user limit on kernel GPU memory are decided here too; the swapping itself is :mod:`.kernels`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .policy import BackendSnapshot
+from .states import State
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,7 @@ class KernelView:
     name: str
     user: str
     device: int
-    state: str  # resident | swapping_out | swapped_out | swapping_in
+    state: State  # running (resident) | swapping_out | swapped_out | swapping_in
     busy: bool
     pinned: bool
     gib: float
@@ -34,15 +36,13 @@ class KernelView:
 def kernel_snapshot(k: KernelView) -> BackendSnapshot:
     """The kernel as the preemption policy sees it: a victim only while resident and idle."""
     return BackendSnapshot(
-        name=k.name, device=k.device,
-        state="running" if k.state == "resident" and not k.busy else ("busy" if k.busy else k.state),
-        memory_gib=k.gib, queued=0, in_flight=1 if k.busy else 0, last_used=k.last_execution,
-        pinned=k.pinned,
+        name=k.name, device=k.device, state=k.state, memory_gib=k.gib, queued=0, in_flight=1 if k.busy else 0,
+        last_used=k.last_execution, pinned=k.pinned, busy=k.busy,
     )
 
 
 def swappable(k: KernelView) -> bool:
-    return k.state == "resident" and not k.busy and not k.pinned and k.gib > 0
+    return k.state == State.RUNNING and not k.busy and not k.pinned and k.gib > 0
 
 
 def due_for_swap_out(kernels: Sequence[KernelView], now: float, idle_timeout: float | None) -> list[str]:
@@ -60,7 +60,7 @@ def over_user_limit(kernels: Sequence[KernelView], user: str, limit_gib: float |
     chosen). Returns the kernels and whether that is enough (busy and pinned ones cannot go)."""
     if limit_gib is None:
         return [], True
-    mine = [k for k in kernels if k.user == user and (k.state in ("resident", "swapping_in") or k.name == keep)]
+    mine = [k for k in kernels if k.user == user and (k.state in (State.RUNNING, State.SWAPPING_IN) or k.name == keep)]
     held = sum(k.gib for k in mine)
     chosen: list[str] = []
     for k in sorted((k for k in mine if k.name != keep and swappable(k)), key=lambda k: (k.last_execution, k.name)):

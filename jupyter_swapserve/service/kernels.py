@@ -5,8 +5,14 @@ swapped back in (reserve, evicting if needed → restore → unlock) before its 
 
 This module knows nothing of Jupyter: the server side (:mod:`jupyter_swapserve.kernel_watch`)
 reports each kernel's facts (:class:`KernelFacts`: pids, user, notebook, busy, last execution)
-with :meth:`KernelTenants.observe`; the decisions are the pure functions of
-:mod:`.kernel_policy`; the steps are timed and unwound like a model's (:class:`.backend.SwapSteps`).
+with :meth:`KernelTenants.observe`, or is asked for them (:class:`KernelFactsSource`); the
+decisions are the pure functions of :mod:`.kernel_policy`; the memory comes from the same placement
+as a model's (:mod:`.placement`: kernels are one of its tenant sources); the steps are the driver's
+pairs, timed and unwound like a model's (:mod:`.steps`), and kernels move through the same state
+machine (:mod:`.states`; a ``running`` kernel is shown as "resident").
+
+    swap-out: lock → checkpoint each GPU process → release the reservation       (never a freeze)
+    swap-in:  the user's limit (their other idle kernels out) → reserve (evicting) → restore → unlock
 """
 
 from __future__ import annotations
@@ -16,14 +22,20 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ..runtime.procfs import rss_bytes
-from .backend import StepTiming, SwapStepError, SwapSteps
+from .background import Background
+from .clock import Clock
+from .events import Notifier
 from .kernel_policy import KernelView, due_for_swap_out, kernel_snapshot, may_pin, over_user_limit
-from .policy import BackendSnapshot
+from .placement import Placement
+from .policy import BackendSnapshot, ResidualSnapshot
 from .reservations import Reservation
+from .states import KERNEL_LABELS, State, Tenant
+from .steps import DriverSteps, StepTiming, SwapRecord, SwapStepError, SwapSteps
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +60,29 @@ class KernelFacts:
     last_execution: float  # time.time()
 
 
+class KernelFactsSource(Protocol):
+    """Where the facts of the server's kernels come from (the Jupyter side: kernel_watch.py)."""
+
+    async def facts(self) -> list[KernelFacts]: ...
+
+
+#: a user's limits: (GiB their resident kernels may hold, GiB they may pin); None: no limit
+Limits = Callable[[str], tuple[float | None, float | None]]
+
+
+def no_limits(user: str) -> tuple[float | None, float | None]:
+    return None, None
+
+
 @dataclass
-class KernelTenant:
+class KernelTenant(Tenant):
     kernel_id: str
     user: str
     path: str
     device: int
     pids: tuple[int, ...] = ()
     gib: float = 0.0
-    state: str = "resident"
+    state: State = State.RUNNING  # a kernel becomes a tenant holding its memory
     busy: bool = False
     last_execution: float = 0.0
     pinned: bool = False
@@ -76,10 +102,16 @@ class KernelTenant:
     swap_in_history: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=50))
     error: str | None = None
     transition: asyncio.Lock = field(default_factory=asyncio.Lock)
+    on_change: Callable[[], None] = field(default=lambda: None, repr=False)
 
     @property
     def name(self) -> str:
         return PREFIX + self.kernel_id
+
+    @property
+    def state_label(self) -> str:
+        """The state as users read it ("resident" for a kernel holding its memory)."""
+        return KERNEL_LABELS.get(self.state, self.state.value)
 
     def view(self) -> KernelView:
         return KernelView(self.name, self.user, self.device, self.state, self.busy, self.pinned, self.gib,
@@ -88,7 +120,8 @@ class KernelTenant:
     def status(self) -> dict[str, Any]:
         return {
             "kernel_id": self.kernel_id, "name": self.name, "user": self.user, "path": self.path,
-            "device": self.device, "memory_gib": round(self.gib, 4), "state": self.state,
+            "device": self.device, "memory_gib": round(self.gib, 4),
+            "state": self.state_label,
             "busy": self.busy, "pinned": self.pinned, "last_execution": self.last_execution or None,
             "reserved_gib": round(self.reservation.gib, 4) if self.reservation is not None else 0.0,
             "last_swap_in_seconds": self.last_swap_in_seconds, "last_swap_out_seconds": self.last_swap_out_seconds,
@@ -101,31 +134,42 @@ class KernelTenant:
 
 class KernelTenants:
     """The kernels holding GPU memory on this server's devices, and their swaps. A tenant source of
-    the scheduler: its kernels are victims ranked by the same policy as models."""
+    placement (:class:`.placement.TenantSource`): its kernels are victims ranked by the same policy
+    as models, and its reservations come from the same code."""
 
-    def __init__(self, scheduler: Any, idle_timeout: float | None = None, virtual: bool = False) -> None:
-        self.scheduler = scheduler
-        self.monitor = scheduler.monitor
-        self.checkpointer = scheduler.checkpointer
+    def __init__(self, placement: Placement, driver: DriverSteps, record: SwapRecord, monitor: Any,
+                 notifier: Notifier, background: Background, *, idle_timeout: float | None = None,
+                 virtual: bool = False, limits: Limits = no_limits, facts: KernelFactsSource | None = None,
+                 interval: float = 2.0, clock: Clock | None = None) -> None:
+        self.placement = placement
+        self.driver = driver
+        self.record = record
+        self.monitor = monitor
+        self.notifier = notifier
+        self.background = background
         #: swap a kernel out after this many seconds without execution (None: only on demand)
         self.idle_timeout = idle_timeout
         #: count kernels on a virtual device by their resident host memory (demos and CPU tests:
         #: bookkeeping only, no checkpoint — nothing is on a GPU)
         self.virtual = virtual
-        #: per-user limits: (GiB a user's resident kernels may hold, GiB they may pin); None: no limit
-        self.limits: Any = lambda user: (None, None)
+        self.limits = limits
+        #: the kernels' facts, asked for every ``interval`` seconds and before acting on a user's request
+        self.facts = facts
+        self.interval = interval
+        self.clock = clock or Clock()
         self.tenants: dict[str, KernelTenant] = {}
-        #: a fresh sweep of the kernels' facts (set by the server), before acting on a user's request
-        self.refresh: Any = None
         self._growing: set[str] = set()
-        scheduler.tenant_sources.append(self)
+        self._sweeper: asyncio.Task[None] | None = None
 
-    # ---- the scheduler's view (TenantSource) ---------------------------------------------------
+    # ---- placement's view (TenantSource) -------------------------------------------------------
+    def owns(self, name: str) -> bool:
+        return self._by_name(name) is not None
+
+    def label(self, name: str) -> str:
+        return name
+
     def snapshots(self) -> list[BackendSnapshot]:
         return [kernel_snapshot(t.view()) for t in self.tenants.values()]
-
-    def owns(self, name: str) -> bool:
-        return name.startswith(PREFIX) and name[len(PREFIX):] in self.tenants
 
     def _by_name(self, name: str) -> KernelTenant | None:
         return self.tenants.get(name[len(PREFIX):]) if name.startswith(PREFIX) else None
@@ -136,7 +180,7 @@ class KernelTenants:
 
     def holds(self, name: str) -> bool:
         tenant = self._by_name(name)
-        return tenant is not None and tenant.state == "resident"
+        return tenant is not None and tenant.state == State.RUNNING
 
     def error(self, name: str) -> str | None:
         tenant = self._by_name(name)
@@ -146,6 +190,12 @@ class KernelTenants:
         return sum(t.reservation.gib for t in self.tenants.values()
                    if t.pinned and t.reservation is not None and t.device == device and t.name != requester)
 
+    def residuals(self, device: int) -> list[ResidualSnapshot]:
+        return []  # a kernel is never put to sleep: it has no residual
+
+    async def checkpoint_residual(self, name: str) -> None:
+        raise KeyError(name)
+
     # ---- facts from the server ---------------------------------------------------------------
     def _measure(self, pids: tuple[int, ...]) -> tuple[int, float]:
         """(device, GiB) the processes hold: NVML on a real GPU; host memory when counted virtually."""
@@ -153,9 +203,14 @@ class KernelTenants:
         if per_device:
             device = max(per_device, key=lambda d: per_device[d])
             return device, per_device[device]
-        if self.virtual and self.monitor.devices[0].virtual:
+        if self.virtual and self.monitor.all_virtual([0]):
             return 0, rss_bytes(pids) / 1024**3  # the measure of an engine on a virtual device, too
         return 0, 0.0
+
+    async def refresh(self) -> None:
+        """A fresh sweep of the kernels' facts (busy or idle as of now), when there is a source."""
+        if self.facts is not None:
+            await self.observe(await self.facts.facts())
 
     async def observe(self, facts: list[KernelFacts]) -> None:
         """One sweep: update every kernel, book what resident ones hold, forget the ones that are
@@ -171,27 +226,33 @@ class KernelTenants:
                 self.forget(f.kernel_id)
                 tenant = None
             if tenant is not None:
-                tenant.user, tenant.path, tenant.pids = f.user, f.path, f.pids
-                sent = tenant.execution_sent_at
-                in_grace = f.last_execution < sent and time.time() < sent + BUSY_GRACE_S
-                tenant.busy = f.busy or in_grace
-                tenant.last_execution = max(tenant.last_execution, f.last_execution)
-                if tenant.state == "swapped_out" and f.busy:
-                    self._background(self.swap_in(f.kernel_id), f"swap-in of busy kernel {f.kernel_id}")
-                elif tenant.state == "resident" and not tenant.transition.locked():
-                    self._rebook(tenant)
-                continue
-            device, gib = self._measure(f.pids)
-            if gib <= 0:
-                continue  # holds no GPU memory: not a tenant
-            tenant = KernelTenant(f.kernel_id, f.user, f.path, device, f.pids, gib, busy=f.busy,
-                                  last_execution=f.last_execution)
-            self.tenants[f.kernel_id] = tenant
-            log.info("kernel %s (%s, %s) holds %.2f GiB on device %d", f.kernel_id, f.user, f.path, gib, device)
-            self._rebook(tenant)
+                self._update(tenant, f)
+            else:
+                self._admit(f)
         for kernel_id in [k for k in self.tenants if k not in seen]:
             self.forget(kernel_id)
         await self.swap_out_due()
+
+    def _update(self, tenant: KernelTenant, f: KernelFacts) -> None:
+        tenant.user, tenant.path, tenant.pids = f.user, f.path, f.pids
+        sent = tenant.execution_sent_at
+        in_grace = f.last_execution < sent and self.clock.time() < sent + BUSY_GRACE_S
+        tenant.busy = f.busy or in_grace
+        tenant.last_execution = max(tenant.last_execution, f.last_execution)
+        if tenant.state == State.SWAPPED_OUT and f.busy:
+            self.background.spawn(self.swap_in(f.kernel_id), f"swap-in of busy kernel {f.kernel_id}")
+        elif tenant.state == State.RUNNING and not tenant.transition.locked():
+            self._rebook(tenant)
+
+    def _admit(self, f: KernelFacts) -> None:
+        device, gib = self._measure(f.pids)
+        if gib <= 0:
+            return  # holds no GPU memory: not a tenant
+        tenant = KernelTenant(f.kernel_id, f.user, f.path, device, f.pids, gib, busy=f.busy,
+                              last_execution=f.last_execution, on_change=self.notifier.notify)
+        self.tenants[f.kernel_id] = tenant
+        log.info("kernel %s (%s, %s) holds %.2f GiB on device %d", f.kernel_id, f.user, f.path, gib, device)
+        self._rebook(tenant)
 
     def _rebook(self, tenant: KernelTenant) -> None:
         """Keep a resident kernel's reservation equal to what it holds now. Shrinking is immediate;
@@ -201,12 +262,12 @@ class KernelTenants:
         if gib <= 0 and tenant.reservation is None:
             return
         tenant.gib = gib
-        manager = self.scheduler.reservations[tenant.device]
+        manager = self.placement.managers[tenant.device]
         if tenant.reservation is None:
             tenant.reservation = manager.try_acquire(tenant.name, min(gib, manager.capacity_gib))
             if tenant.reservation is None:
                 self._grow(tenant, gib)
-            self.scheduler.notifier.notify()
+            self.notifier.notify()
             return
         held = tenant.reservation.gib
         if gib < held - 1e-6:
@@ -224,8 +285,8 @@ class KernelTenants:
 
         async def grow() -> None:
             try:
-                extra = await self.scheduler.reserve_on(tenant.name, tenant.device, gib)
-                if self.tenants.get(tenant.kernel_id) is not tenant or tenant.state != "resident":
+                extra = await self.placement.reserve_on(tenant.name, tenant.device, gib)
+                if self.tenants.get(tenant.kernel_id) is not tenant or tenant.state != State.RUNNING:
                     extra.release()  # gone or swapped out meanwhile: nothing of it is on the GPU to book
                 elif tenant.reservation is None:
                     tenant.reservation = extra
@@ -235,7 +296,7 @@ class KernelTenants:
             finally:
                 self._growing.discard(tenant.kernel_id)
 
-        self._background(grow(), f"booking the GPU memory of kernel {tenant.kernel_id}")
+        self.background.spawn(grow(), f"booking the GPU memory of kernel {tenant.kernel_id}")
 
     def forget(self, kernel_id: str) -> None:
         """The kernel is gone (shut down, died): its memory with it."""
@@ -243,11 +304,11 @@ class KernelTenants:
         if tenant is not None and tenant.reservation is not None:
             tenant.reservation.release()
             tenant.reservation = None
-        self.scheduler.notifier.notify()
+        self.notifier.notify()
 
     async def swap_out_due(self) -> None:
         views = [t.view() for t in self.tenants.values()]
-        due = due_for_swap_out(views, time.time(), self.idle_timeout)
+        due = due_for_swap_out(views, self.clock.time(), self.idle_timeout)
         for user in {v.user for v in views}:
             over, _enough = over_user_limit(views, user, self.limits(user)[0])
             due += [name for name in over if name not in due]
@@ -260,10 +321,7 @@ class KernelTenants:
 
     # ---- swaps -------------------------------------------------------------------------------
     def _gpu_pids(self, tenant: KernelTenant) -> list[int]:
-        return [] if self.monitor.devices[tenant.device].virtual else self.monitor.gpu_pids(list(tenant.pids))
-
-    def _record(self, tenant: KernelTenant, what: str, steps: SwapSteps) -> None:
-        self.scheduler._record(tenant, what, steps)  # same observers and log line as the models' swaps
+        return [] if self.monitor.all_virtual([tenant.device]) else self.monitor.gpu_pids(list(tenant.pids))
 
     async def swap_out(self, kernel_id: str, reason: str) -> bool:
         """resident → swapped_out: lock → checkpoint each GPU process, then give the memory back.
@@ -272,35 +330,30 @@ class KernelTenants:
         if tenant is None:
             return False
         async with tenant.transition:
-            if tenant.state != "resident" or tenant.busy or tenant.pinned:
+            if tenant.state != State.RUNNING or tenant.busy or tenant.pinned:
                 return False
             t0 = time.perf_counter()
-            tenant.state = "swapping_out"
-            self.scheduler.notifier.notify()
+            tenant.set_state(State.SWAPPING_OUT)
             steps = SwapSteps()
             pids = self._gpu_pids(tenant)
             try:
-                await self.scheduler.checkpoint_gpu(steps, pids)  # and no freeze, ever
-            except (SwapStepError, asyncio.CancelledError) as exc:
-                self._record(tenant, "swap-out failed", steps)
-                tenant.state = "resident"
+                await self.driver.checkpoint(steps, pids)  # and no freeze, ever
+            except BaseException as exc:  # a failed step (SwapStepError) or a cancellation, both unwound
+                self.record.swap(tenant, "swap-out failed", steps)
+                tenant.set_state(State.RUNNING)
                 tenant.error = f"swap-out ({reason}) failed: {exc}"
-                self.scheduler.notifier.notify()
-                if isinstance(exc, asyncio.CancelledError) or exc.cancelled:
-                    raise asyncio.CancelledError from exc
-                return False
-            tenant.checkpointed_pids = pids
+                if isinstance(exc, SwapStepError):
+                    return False
+                raise
             tenant.release_requested = False
             tenant.error = None
             if tenant.reservation is not None:
                 tenant.reservation.release()
                 tenant.reservation = None
-            tenant.last_swap_out_seconds = time.perf_counter() - t0
+            tenant.swapped_out(time.perf_counter() - t0, pids)
             tenant.last_swap_out_reason = reason
-            tenant.swaps_out += 1
-            self._record(tenant, f"swap-out ({reason})", steps)
-            tenant.state = "swapped_out"
-            self.scheduler.notifier.notify()
+            self.record.swap(tenant, f"swap-out ({reason})", steps)
+            tenant.set_state(State.SWAPPED_OUT)
             return True
 
     async def swap_in(self, kernel_id: str) -> float:
@@ -310,53 +363,47 @@ class KernelTenants:
         if tenant is None:
             return 0.0
         async with tenant.transition:
-            if tenant.state == "resident":
+            if tenant.state == State.RUNNING:
                 return 0.0
             t0 = time.perf_counter()
-            tenant.state = "swapping_in"
-            self.scheduler.notifier.notify()
+            tenant.set_state(State.SWAPPING_IN)
             steps = SwapSteps()
             try:
-                limit = self.limits(tenant.user)[0]
-                over, enough = over_user_limit([t.view() for t in self.tenants.values()], tenant.user, limit,
-                                               keep=tenant.name)
-                for name in over:  # the user's other idle kernels make room within their limit first
-                    other = self._by_name(name)
-                    if other is not None:
-                        await self.swap_out(other.kernel_id, "its user's kernels are over their GPU memory limit")
-                if not enough:
-                    raise KernelSwapError(f"the kernels of '{tenant.user}' would hold more than their limit of "
-                                          f"{limit:g} GiB of GPU memory; shut down or release another kernel")
-                reservation = await self.scheduler.reserve_on(tenant.name, tenant.device, tenant.gib)
-                tenant.reservation = reservation
-                await self.scheduler.restore_gpu(steps, list(tenant.checkpointed_pids))
-            except BaseException as exc:
-                self._record(tenant, "swap-in failed", steps)
+                await self._within_user_limit(tenant)
+                tenant.reservation = await self.placement.reserve_on(tenant.name, tenant.device, tenant.gib)
+                await self.driver.restore(steps, list(tenant.checkpointed_pids))
+            except BaseException as exc:  # a failure or a cancellation: what it holds goes back
+                self.record.swap(tenant, "swap-in failed", steps)
                 if tenant.reservation is not None:
                     tenant.reservation.release()
                     tenant.reservation = None
-                tenant.state = "swapped_out"
+                tenant.set_state(State.SWAPPED_OUT)
                 tenant.error = f"swap-in failed: {exc}"
-                self.scheduler.notifier.notify()
-                if isinstance(exc, (asyncio.CancelledError, KernelSwapError)):
-                    raise
-                if isinstance(exc, SwapStepError) and exc.cancelled:
-                    raise asyncio.CancelledError from exc
-                raise KernelSwapError(f"the kernel's GPU state could not be restored: {exc}") from None
-            tenant.checkpointed_pids = []
+                if isinstance(exc, Exception) and not isinstance(exc, KernelSwapError):
+                    raise KernelSwapError(f"the kernel's GPU state could not be restored: {exc}") from None
+                raise
+            tenant.swapped_in(time.perf_counter() - t0)
             if self.tenants.get(kernel_id) is not tenant and tenant.reservation is not None:
                 tenant.reservation.release()  # the kernel was shut down during its swap-in
                 tenant.reservation = None
-            elapsed = time.perf_counter() - t0
-            tenant.last_swap_in_seconds = elapsed
-            tenant.swap_in_history.append((time.time(), elapsed))
-            tenant.swaps_in += 1
-            tenant.error = None
-            tenant.last_execution = time.time()  # about to execute: not idle (no immediate swap-out again)
-            self._record(tenant, "swap-in", steps)
-            tenant.state = "resident"
-            self.scheduler.notifier.notify()
-            return elapsed
+            tenant.last_execution = self.clock.time()  # about to execute: not idle (no immediate swap-out again)
+            self.record.swap(tenant, "swap-in", steps)
+            tenant.set_state(State.RUNNING)
+            return tenant.last_swap_in_seconds or 0.0
+
+    async def _within_user_limit(self, tenant: KernelTenant) -> None:
+        """The user's other idle kernels make room within their limit first; KernelSwapError when
+        even that is not enough."""
+        limit = self.limits(tenant.user)[0]
+        over, enough = over_user_limit([t.view() for t in self.tenants.values()], tenant.user, limit,
+                                       keep=tenant.name)
+        for name in over:
+            other = self._by_name(name)
+            if other is not None:
+                await self.swap_out(other.kernel_id, "its user's kernels are over their GPU memory limit")
+        if not enough:
+            raise KernelSwapError(f"the kernels of '{tenant.user}' would hold more than their limit of "
+                                  f"{limit:g} GiB of GPU memory; shut down or release another kernel")
 
     def begin_execution(self, kernel_id: str) -> bool:
         """An execution (or comm message) is about to reach the kernel: from now on it is busy (never
@@ -365,8 +412,8 @@ class KernelTenants:
         if tenant is None:
             return False
         tenant.busy = True
-        tenant.execution_sent_at = tenant.last_execution = time.time()
-        return tenant.state != "resident" or tenant.transition.locked()
+        tenant.execution_sent_at = tenant.last_execution = self.clock.time()
+        return tenant.state != State.RUNNING or tenant.transition.locked()
 
     # ---- the user's controls (%gpu) ------------------------------------------------------------
     def release(self, kernel_id: str) -> str:
@@ -376,8 +423,8 @@ class KernelTenants:
             return "not a GPU tenant: the kernel holds no GPU memory"
         if tenant.pinned:
             raise KernelSwapError("the kernel is pinned; unpin it first")
-        if tenant.state != "resident":
-            return f"already {tenant.state.replace('_', ' ')}"
+        if tenant.state != State.RUNNING:
+            return f"already {tenant.state.value.replace('_', ' ')}"
         tenant.release_requested = True
         return "will be swapped out as soon as the cell finishes"
 
@@ -392,33 +439,37 @@ class KernelTenants:
                                       f"'{tenant.user}' may pin")
         tenant.pinned = pinned
         tenant.release_requested = False
-        self.scheduler.notifier.notify()
+        self.notifier.notify()
         return "pinned: it stays on the GPU" if pinned else "unpinned"
 
     # ---- housekeeping --------------------------------------------------------------------------
-    def _background(self, coro: Any, what: str) -> None:
-        async def guarded() -> None:
-            try:
-                await coro
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("%s failed: %s", what, exc)
-
-        task = asyncio.create_task(guarded())
-        self.scheduler._background.add(task)
-        task.add_done_callback(self.scheduler._background.discard)
-
     def status(self) -> list[dict[str, Any]]:
         return [t.status() for t in self.tenants.values()]
+
+    def start(self) -> None:
+        """Sweep the kernels' facts every ``interval`` seconds (when there is a source)."""
+        if self.facts is not None:
+            self._sweeper = asyncio.create_task(self._sweep_loop(), name="swapserve-kernels")
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # keep watching; one bad sweep must not end kernel tenancy
+                log.exception("kernel sweep failed")
+            await asyncio.sleep(self.interval)
 
     async def close(self) -> None:
         """Server shutdown: restore what was checkpointed (a kernel outliving the server, e.g. one
         owned by an external kernel provisioner, must not be left without its GPU state)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         for tenant in list(self.tenants.values()):
-            if tenant.state == "swapped_out" and tenant.checkpointed_pids:
-                for step, call in (("restore", self.checkpointer.restore), ("unlock", self.checkpointer.unlock)):
+            if tenant.state == State.SWAPPED_OUT and tenant.checkpointed_pids:
+                for step in ("restore", "unlock"):
                     for pid in tenant.checkpointed_pids:
                         with contextlib.suppress(Exception):
-                            await self.scheduler._driver(step, call, pid)
+                            await self.driver.call(step, pid)
             self.forget(tenant.kernel_id)

@@ -14,12 +14,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .states import State
+
 
 @dataclass(frozen=True)
 class BackendSnapshot:
     name: str
     device: int
-    state: str
+    state: State
     memory_gib: float
     queued: int
     in_flight: int
@@ -32,6 +34,8 @@ class BackendSnapshot:
     resident_for: float = float("inf")
     #: how long it keeps the device while it has waiting requests (see residency_quantum)
     quantum: float = 0.0
+    #: working now and never to be interrupted (a kernel running a cell): not a victim
+    busy: bool = False
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,8 @@ def protected(s: BackendSnapshot) -> bool:
 def evictable(s: BackendSnapshot, device: int, requester: str) -> bool:
     return (
         s.device == device
-        and s.state == "running"
+        and s.state == State.RUNNING
+        and not s.busy
         and not s.pinned
         and s.name != requester
         and not protected(s)

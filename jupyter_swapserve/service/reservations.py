@@ -27,14 +27,15 @@ class Reservation:
     """Memory granted to ``owner`` on one device until released."""
 
     def __init__(self, manager: ReservationManager, owner: str, gib: float) -> None:
-        self._manager = manager
+        #: the device's manager, which alone changes the books (release, resize, transfer)
+        self.manager = manager
         self.owner = owner
         self.gib = gib
         self.released = False
 
     @property
     def device(self) -> int:
-        return self._manager.device
+        return self.manager.device
 
     @property
     def total_gib(self) -> float:
@@ -46,25 +47,23 @@ class Reservation:
         if self.released:
             return False
         self.released = True
-        self._manager._on_release(self)
+        self.manager.released(self)
         return True
 
     def resize(self, gib: float) -> None:
         """Shrink (always allowed) or grow (only into free memory) a granted reservation."""
         if self.released:
             raise RuntimeError("reservation already released")
-        self._manager._resize(self, gib)
+        self.manager.resized(self, gib)
 
     def transfer_to(self, other: Reservation, gib: float) -> None:
         """Move ``gib`` from this reservation to another of the same device; the total is unchanged,
         so nothing is freed in between for a waiter to take."""
-        if self.released or other.released or other._manager is not self._manager:
+        if self.released or other.released or other.manager is not self.manager:
             raise RuntimeError("transfer needs two granted reservations of one device")
         if gib < 0 or gib > self.gib + EPSILON:
             raise ValueError(f"cannot transfer {gib:.2f} GiB out of {self.gib:.2f}")
-        self.gib -= gib
-        other.gib += gib
-        self._manager._on_change()
+        self.manager.transferred(self, other, gib)
 
     def __repr__(self) -> str:
         state = "released" if self.released else "granted"
@@ -215,12 +214,18 @@ class ReservationManager:
             waiter = heapq.heappop(self._waiters)
             waiter.future.set_result(self._grant(waiter.owner, waiter.gib))
 
-    def _on_release(self, reservation: Reservation) -> None:
+    # ---- called by a reservation on itself (the only ways its books change) ---------------------
+    def released(self, reservation: Reservation) -> None:
         self._granted.remove(reservation)
         self._on_change()
         self._grant_waiters()
 
-    def _resize(self, reservation: Reservation, gib: float) -> None:
+    def transferred(self, source: Reservation, target: Reservation, gib: float) -> None:
+        source.gib -= gib
+        target.gib += gib
+        self._on_change()
+
+    def resized(self, reservation: Reservation, gib: float) -> None:
         self._check_size(gib)
         growth = gib - reservation.gib
         if growth > EPSILON and not self._fits(growth):
