@@ -3,11 +3,14 @@ http.server as the engine) on a device treated as a GPU whose checkpoint driver 
 stand-in (tests/test_checkpoint.py's FakeDriver, through the real ctypes layer): a lock that
 times out, a checkpoint that fails after the lock, a restore that fails on swap-in. After each:
 the failed steps are unwound, no reservation is leaked, the model serves again, and the metrics
-and the event log record the failure."""
+and the event log record the failure. And a client that goes away during a swap-in: the step in
+progress ends, everything is undone, the cancellation goes through, the books are exact."""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import threading
 from pathlib import Path
 
 import pytest
@@ -139,3 +142,63 @@ async def test_a_request_whose_only_victim_cannot_be_swapped_out_is_refused_not_
         assert svc.backends["a"].state == State.RUNNING
     finally:
         await svc.close()
+
+
+class SlowRestore(FakeDriver):
+    """A driver whose restore takes until the test lets it finish (a big model's restore takes seconds)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.restoring, self.finish = threading.Event(), threading.Event()
+
+    def _fn(self, name: str):
+        call = super()._fn(name)
+        if name != "cuCheckpointProcessRestore":
+            return call
+
+        def slow(pid: ctypes.c_int, args: object) -> int:
+            self.restoring.set()
+            self.finish.wait(60)
+            return call(pid, args)
+        return slow
+
+
+async def test_a_client_gone_mid_swap_in_leaves_exact_books_and_a_valid_engine(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    driver = SlowRestore()
+    svc, metrics, _ = await gpu_service(tmp_path, monkeypatch, driver)  # room for one
+    try:
+        a = svc.backends["a"]
+        assert a.state == State.SWAPPED_OUT and a.checkpointed_pids
+        pid = a.checkpointed_pids[0]
+
+        async def client() -> None:
+            async with svc.admit("a"):
+                raise AssertionError("never served: the client went away during the swap-in")
+
+        request = asyncio.create_task(client())
+        assert await asyncio.to_thread(driver.restoring.wait, 30)
+        driver.calls.clear()
+        request.cancel()  # what the route does when the client disconnects
+        driver.finish.set()  # the restore in progress runs to its end, then is undone
+        with pytest.raises(asyncio.CancelledError):
+            await request  # the cancellation itself, not an EngineUnavailable in a cancelled task
+        assert [(s.step, s.ok) for s in a.last_steps] == [("thaw", True), ("restore", True),
+                                                          ("undo restore", True), ("undo thaw", True)]
+        assert driver.calls == [("cuCheckpointProcessRestore", pid), ("cuCheckpointProcessCheckpoint", pid)]
+        # the books: nothing reserved, nothing queued or in flight, the engine swapped out as before
+        assert a.state == State.SWAPPED_OUT and a.runtime.frozen and a.error is None
+        assert a.reservation is None and svc.reservations[0].granted_gib == 0 and svc.reservations[0].waiting() == []
+        assert (a.queued, a.in_flight, a.checkpointed_pids) == (0, 0, [pid])
+        no_leak(svc)
+        assert metrics.registry.get_sample_value(
+            "swapserve_swaps_total", {"model": "a", "direction": "in", "outcome": "failed"}) == 1
+        # and valid: the next request swaps it in through every step and is served
+        async with svc.admit("a") as ticket:
+            assert ticket.backend.state == State.RUNNING
+        assert [s.step for s in a.last_steps] == ["thaw", "restore", "unlock"]
+        no_leak(svc)
+    finally:
+        driver.finish.set()
+        await svc.close()
+    assert svc.reservations[0].granted_gib == 0

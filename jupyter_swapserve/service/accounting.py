@@ -121,7 +121,7 @@ class QuotaLease:
             return
         self.recorded = True
         self.prompt_tokens, self.completion_tokens = max(0, prompt_tokens), max(0, completion_tokens)
-        self.accounting._record(self)
+        self.accounting.lease_recorded(self)
 
     def release(self) -> None:
         if self.released:
@@ -129,7 +129,7 @@ class QuotaLease:
         self.released = True
         if not self.recorded:
             self.record(0, 0)  # the request counts even when it produced nothing (refused upstream, cut off)
-        self.accounting._release(self)
+        self.accounting.lease_released(self)
 
 
 class Books(Protocol):
@@ -403,13 +403,15 @@ class QuotaAccounting:
             lease_id, limits = self.books.admit(user, model, now, judge)
         return QuotaLease(self, user, model, limits, lease_id)
 
-    def _release(self, lease: QuotaLease) -> None:
+    def lease_released(self, lease: QuotaLease) -> None:
+        """Called by the lease itself, once, when its request is over."""
         try:
             self.books.release(lease)
         except sa.exc.SQLAlchemyError:  # a shared lease lapses by itself; the response was already served
             log.exception("could not give back the lease of %s on %s", lease.user, lease.model)
 
-    def _record(self, lease: QuotaLease) -> None:
+    def lease_recorded(self, lease: QuotaLease) -> None:
+        """Called by the lease itself, once, with the tokens its request used."""
         day = utc_day(self.clock())
         self.books.recorded(lease, day)
         try:

@@ -1,10 +1,11 @@
 """Swap steps: run in order, timed, undone in reverse when one fails; the driver's step pairs; the
 record of every swap.
 
-Invariant: when :meth:`SwapSteps.run` returns or raises, every completed step is either kept
-(success) or undone (failure, cancellation), and ``steps.unwound`` says whether every undo
-worked. A failure raises :class:`SwapStepError`; a cancellation is re-raised as itself, after the
-unwind, so a cancelled task stays cancelled (callers give back what they hold in ``finally``).
+Invariant: when :meth:`SwapSteps.run` returns or raises, no step is half done: every step ran to
+its end and is either kept (success) or undone (failure, cancellation), and ``steps.unwound``
+says whether every undo worked. A failure raises :class:`SwapStepError`; a cancellation is
+re-raised as itself, after the step in progress ended and the unwind, so a cancelled task stays
+cancelled (callers give back what they hold on the way out, whatever the way).
 
 The driver's pairs, each with its undo (design.md §2: order matters):
 
@@ -54,40 +55,71 @@ class SwapSteps:
     async def run(self, step: str, action: Callable[[], Awaitable[Any]],
                   undo: Callable[[], Awaitable[Any]] | None = None, undo_if_failed: bool = False) -> None:
         """Run one step. ``undo_if_failed``: the step may have half-happened when it fails, and its
-        undo is safe either way (thaw after a failed freeze, wake after a failed sleep)."""
+        undo is safe either way (thaw after a failed freeze, wake after a failed sleep).
+
+        A cancellation (a client gone, shutdown) never cuts a step in half: the step in progress
+        runs to its end (every step is bounded: driver calls by their timeouts, hooks by the HTTP
+        client's), then every completed step is undone, and the cancellation is raised again."""
         t0 = time.perf_counter()
-        try:
-            await action()
-        except BaseException as exc:
-            self.timings.append(StepTiming(step, time.perf_counter() - t0, ok=False))
-            if undo is not None and undo_if_failed:
-                self._undo.append((step, undo))
-            unwound = await self.unwind()
-            if isinstance(exc, asyncio.CancelledError):
-                raise  # the cancellation itself, the steps undone
-            raise SwapStepError(step, exc, unwound) from exc
-        self.timings.append(StepTiming(step, time.perf_counter() - t0))
-        if undo is not None:
+        work = asyncio.ensure_future(action())
+        cancellation = await _to_its_end(work)
+        failure = _failure(work)
+        self.timings.append(StepTiming(step, time.perf_counter() - t0, ok=failure is None))
+        if undo is not None and (failure is None or undo_if_failed):
             self._undo.append((step, undo))
+        if failure is None and cancellation is None:
+            return
+        unwound = await self.unwind()
+        if cancellation is not None:
+            raise cancellation  # the cancellation itself, the steps undone
+        assert failure is not None
+        raise SwapStepError(step, failure, unwound) from failure
 
     async def unwind(self) -> bool:
-        """Undo the completed steps, last first. True when every undo worked."""
+        """Undo the completed steps, last first, each to its end (a cancellation meanwhile is raised
+        once all are undone). True when every undo worked."""
         ok = True
+        cancellation: asyncio.CancelledError | None = None
         while self._undo:
             step, undo = self._undo.pop()
             t0 = time.perf_counter()
-            try:
-                await undo()
-                self.timings.append(StepTiming(f"undo {step}", time.perf_counter() - t0))
-            except Exception:
-                ok = False
-                self.timings.append(StepTiming(f"undo {step}", time.perf_counter() - t0, ok=False))
+            work = asyncio.ensure_future(undo())
+            cancellation = await _to_its_end(work) or cancellation
+            failed = _failure(work) is not None
+            ok = ok and not failed
+            self.timings.append(StepTiming(f"undo {step}", time.perf_counter() - t0, ok=not failed))
         self.unwound = self.unwound and ok
+        if cancellation is not None:
+            raise cancellation
         return ok
 
     @property
     def total(self) -> float:
         return sum(t.seconds for t in self.timings)
+
+
+async def _to_its_end(work: asyncio.Future[Any]) -> asyncio.CancelledError | None:
+    """Wait until ``work`` is done, even when this task is cancelled meanwhile (and again). Returns
+    the cancellation of this task, if there was one."""
+    cancellation: asyncio.CancelledError | None = None
+    while True:
+        try:
+            await asyncio.shield(work)
+            return cancellation
+        except asyncio.CancelledError as exc:
+            if work.cancelled():  # the step itself was cancelled, not this task: its failure
+                return cancellation
+            if work.done():
+                return cancellation or exc
+            cancellation = cancellation or exc
+        except Exception:  # the step failed: _failure() tells
+            return cancellation
+
+
+def _failure(work: asyncio.Future[Any]) -> BaseException | None:
+    if work.cancelled():
+        return asyncio.CancelledError("the step was cancelled")
+    return work.exception()
 
 
 class Checkpointer(Protocol):
