@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
 
 
@@ -21,3 +23,25 @@ def load_ipython_extension(ipython) -> None:
     from .kernel.magics import load_ipython_extension as _load
 
     _load(ipython)
+
+
+# ---- in a notebook kernel (kernel/): the OpenAI client on the swap route, found like %%llm finds it ----
+def openai_client(url: str | None = None, token: str | None = None, **kwargs: Any) -> Any:
+    """An ``openai.OpenAI`` client of the swap service this kernel reaches (see kernel/openai_client.py)."""
+    from .kernel.openai_client import openai_client as make
+
+    return make(url, token, **kwargs)
+
+
+def async_openai_client(url: str | None = None, token: str | None = None, **kwargs: Any) -> Any:
+    """An ``openai.AsyncOpenAI`` client of the swap service this kernel reaches."""
+    from .kernel.openai_client import async_openai_client as make
+
+    return make(url, token, **kwargs)
+
+
+def connection(url: str | None = None, token: str | None = None) -> Any:
+    """The swap service this kernel reaches: ``base_url``, ``token``, ``api_url``."""
+    from .kernel.openai_client import connection as find
+
+    return find(url, token)

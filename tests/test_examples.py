@@ -1,9 +1,11 @@
 """The example notebooks run top to bottom in a real kernel started by the real demo server, from
-examples/ as JupyterLab runs them, and say what they promise."""
+examples/ as JupyterLab runs them, and say what they promise; and unchanged in a kernel the server
+did not start (nbclient, as `jupyter nbconvert --execute` runs them)."""
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,3 +105,38 @@ def test_swap_benchmark_notebook_plots_the_committed_results(demo_server: Server
     assert "cold start" in nb.text and "faster than vLLM's cold start" in nb.text
     if not contention:
         assert "no contention results yet" in nb.text
+
+
+def run_elsewhere(server: ServerHandle, name: str, tmp_path: Path) -> str:
+    """Run a notebook as ``jupyter nbconvert --execute`` does: nbclient starts its own kernel, which
+    inherits nothing from the server. The kernel sees only the server's entry in a Jupyter runtime
+    directory of its own (the machine's is shared with other servers)."""
+    from jupyter_core.paths import jupyter_runtime_dir
+    from nbclient import NotebookClient
+
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    entry = Path(jupyter_runtime_dir()) / f"jpserver-{server.proc.pid}.json"
+    (runtime / entry.name).write_text(entry.read_text())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SWAPSERVE_", "JUPYTERHUB_"))}
+    env["JUPYTER_RUNTIME_DIR"] = str(runtime)
+    nb = nbformat.read(EXAMPLES / name, as_version=4)
+    nb.cells.insert(0, nbformat.v4.new_code_cell(
+        'import os\nassert "SWAPSERVE_URL" not in os.environ and "SWAPSERVE_TOKEN" not in os.environ'))
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(EXAMPLES)}}
+                   ).execute(env=env)
+    return "\n".join(out.get("text", "") + out.get("data", {}).get("text/plain", "")
+                     for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs)
+
+
+def test_the_quickstart_runs_unchanged_in_a_kernel_the_server_did_not_start(
+        demo_server: ServerHandle, tmp_path: Path) -> None:
+    text = run_elsewhere(demo_server, "01-quickstart.ipynb", tmp_path)
+    assert "Paris" in text and "swap-in seconds:" in text  # %%llm and openai_client() both found it
+
+
+def test_the_openai_notebook_runs_unchanged_in_a_kernel_the_server_did_not_start(
+        demo_server: ServerHandle, tmp_path: Path) -> None:
+    text = run_elsewhere(demo_server, "02-openai-client.ipynb", tmp_path)
+    assert f"{demo_server.url}swapserve/v1" in text  # client.base_url: the server from the runtime directory
+    assert "6 answers in" in text and "last steps:" in text  # async_openai_client() and connection()
