@@ -442,7 +442,7 @@ async def test_a_waiting_engine_is_granted_and_served_while_the_victims_sleep_ho
             await svc.close()
     assert gpu.violations == []
     assert gpu.failures == []
-    assert gpu.checks > 0 and svc.scheduler.reservations[0].granted_gib == 0
+    assert gpu.checks > 0 and svc.reservations[0].granted_gib == 0
 
 
 async def test_overlapped_eviction_hands_the_weights_over_while_the_victim_checkpoints(
