@@ -111,7 +111,8 @@ class KernelTenant(Tenant):
     @property
     def state_label(self) -> str:
         """The state as users read it ("resident" for a kernel holding its memory)."""
-        return KERNEL_LABELS.get(self.state, self.state.value)
+        state = State(self.state)  # also a plain string: a status built by hand (tests, schema checks)
+        return KERNEL_LABELS.get(state, state.value)
 
     def view(self) -> KernelView:
         return KernelView(self.name, self.user, self.device, self.state, self.busy, self.pinned, self.gib,
