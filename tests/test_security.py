@@ -267,13 +267,26 @@ def test_a_browser_logs_in_to_the_service_through_the_hub(world: World) -> None:
     assert not world.leaks(Answer(r.status_code, r.headers, r.content))
 
 
-def test_the_service_token_grants_nothing_at_the_hub_and_nothing_at_the_service(world: World) -> None:
+def test_the_service_token_lists_user_names_at_the_hub_and_nothing_more(world: World) -> None:
     """docs/security.md: what someone holding the service's token could do. The example grants the
-    service no role, so its token identifies it to the hub and carries no scope."""
+    services one role (swapserve-service: the hub's user names, for the admins' quota form); the
+    token identifies the service to the hub, lists names and can do nothing else there. At the
+    service itself it is refused on every route (the matrix's "service-token" identity)."""
     hub, header = world.hub, {"Authorization": f"token {world.service_token}"}
     me = httpx.get(hub.url + "hub/api/user", headers=header, timeout=30)
-    assert me.status_code == 200 and me.json()["kind"] == "service" and me.json()["scopes"] == []
-    assert httpx.get(hub.url + "hub/api/users", headers=header, timeout=30).status_code == 403
+    assert me.status_code == 200 and me.json()["kind"] == "service"
+    assert sorted(me.json()["scopes"]) == ["list:users", "read:users:name"]
+    users = httpx.get(hub.url + "hub/api/users", headers=header, timeout=30)
+    assert users.status_code == 200 and {"alice", "bob"} <= {u["name"] for u in users.json()}
+    # names (and the hub's admin flag, which JupyterHub adds to every user model): nothing of a
+    # user's servers, groups, roles, activity or auth state comes with them
+    assert all(set(u) <= {"name", "kind", "admin", "user_info"} and u.get("user_info") is None
+               for u in users.json()), users.json()
+    for method, path in [("GET", "hub/api/users/alice/tokens"), ("POST", "hub/api/users/alice/tokens"),
+                         ("POST", "hub/api/users/alice/server"), ("DELETE", "hub/api/users/alice/server"),
+                         ("GET", "hub/api/services"), ("POST", "hub/api/users"), ("GET", "hub/api/groups")]:
+        r = httpx.request(method, hub.url + path, headers=header, json={} if method == "POST" else None, timeout=30)
+        assert r.status_code in (403, 404), (method, path, r.status_code, r.text[:200])
 
 
 # ---- the crawl --------------------------------------------------------------------------------

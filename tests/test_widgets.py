@@ -97,7 +97,7 @@ def test_chat_box_streams_and_remembers(kernel: ServerKernel) -> None:
         c = ChatBox("smollm2", max_tokens=24, temperature=0, seed=1)
         display(c)
         print(c.transcript.model_id)
-        c.prompt.value = "My name is Ada Lovelace. Please remember it."
+        c.prompt.value = "Hi, I am Ada Lovelace."
         c.send_button.click()
         c.wait()
     """)
@@ -109,7 +109,7 @@ def test_chat_box_streams_and_remembers(kernel: ServerKernel) -> None:
     assert "Ada Lovelace" in str(values[-1])
 
     run = kernel.run("""
-        c.send("What is my name?")
+        c.send("Who am I?")
         c.wait()
         import json
         print(json.dumps(c.conversation))
