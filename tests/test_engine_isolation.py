@@ -102,6 +102,12 @@ models:
     api: chat
     memory_gib: 0.3
     args: ["--device", "cpu", "--max-model-len", "128"]
+  - name: any
+    engine: command  # a command line that names {socket}: behind a gate like the engines above
+    command: "{python} -m jupyter_swapserve.reference --model shape:tiny --served-model-name any --uds {socket}"
+    api: chat
+    memory_gib: 0.3
+    args: ["--device", "cpu", "--max-model-len", "128"]
 """
     binary = llama_server_binary()
     if binary is not None:
@@ -184,7 +190,7 @@ def engine_endpoints(server: ServerHandle) -> dict[str, dict]:
 @pytest.mark.engines
 def test_engines_listen_on_no_port_and_their_socket_directory_is_owner_only(server: ServerHandle) -> None:
     endpoints = engine_endpoints(server)
-    assert {"gemma", "tiny"} <= set(endpoints)
+    assert {"gemma", "tiny", "any"} <= set(endpoints)
     for name, endpoint in endpoints.items():
         assert endpoint["tcp_listeners"] == 0, f"{name} listens on a TCP port"
         directory = Path(endpoint["socket"]).parent

@@ -104,6 +104,19 @@ def test_command_lines(runtime: str) -> None:
     assert spec.argv == ["llama-server", "-m", "/models/q.gguf", "--alias", "m", "--host", sock, "--port", "8005",
                          "--parallel", "1", "--metrics"] and spec.unix_socket == sock
 
+    # any server: on a port every local user can reach, unless its command line names {socket}
+    spec = adapter_for(model("command", command="srv --port {port} --host {host}", **extra)).launch_spec(8006)
+    assert spec.argv == ["srv", "--port", "8006", "--host", host] and spec.unix_socket is None
+    spec = adapter_for(model("command", command=["srv", "--uds={socket}"], **extra)).launch_spec(8007)
+    sock = str(engine_socket_dir() / "8007.sock")
+    assert spec.argv == ["srv", f"--uds={sock}"] and spec.unix_socket == sock and spec.port == 8007
+
+
+@pytest.mark.parametrize("command", ["srv {sockett}", "srv {port.x}", "srv {", "srv {0}"])
+def test_a_command_with_a_bad_placeholder_is_refused_naming_the_field(command: str) -> None:
+    with pytest.raises(EngineError, match="field 'command': bad placeholder"):
+        adapter_for(model("command", command=command)).launch_spec(8008)
+
 
 def test_llamacpp_in_a_container_binds_the_host_gguf_and_uses_the_image_python(tmp_path: Path) -> None:
     gguf = tmp_path / "tiny.gguf"
