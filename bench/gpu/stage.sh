@@ -15,8 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 S=.stage
 B=$S/build
-FIRST_PART_MIB=${FIRST_PART_MIB:-24}   # the first part travels with .whl (31 MiB) and the llama.cpp source
-PART_MIB=${PART_MIB:-60}
+CARRY_MIB=${CARRY_MIB:-63}   # what one call may carry with the working tree (the device tool's limit is 64 MiB)
 VLLM=0.26.0
 LLAMA_BIN=11434.0.0
 mkdir -p "$B/vllm" "$B/deps"
@@ -124,7 +123,15 @@ if [ ! -f "$S/llama-src.tar.xz" ]; then
   rm -rf "$tmp"
 fi
 
-# --- one tar of the wheels, in parts: the first small (it travels with .whl), then PART_MIB each ---------
+# --- one tar of the wheels, in parts: each as large as its call's carry leaves room for (the working tree
+# travels every call; the first part also with .whl and the llama.cpp source) --------------------------------
+tracked=$(git ls-files -z | xargs -0 stat -c %s 2>/dev/null | awk '{s+=$1} END {print s}')
+untracked=$(git ls-files -z --others --exclude-standard | xargs -0 -r stat -c %s 2>/dev/null | awk '{s+=$1} END {print s+0}')
+whl=$(du -cb .whl 2>/dev/null | tail -1 | cut -f1)
+tree_mib=$(( (tracked + untracked + 1048575) / 1048576 ))
+FIRST_PART_MIB=${FIRST_PART_MIB:-$(( CARRY_MIB - tree_mib - (whl + $(stat -c %s "$S/llama-src.tar.xz") + 4096 + 1048575) / 1048576 ))}
+PART_MIB=${PART_MIB:-$(( CARRY_MIB - tree_mib ))}
+[ "$FIRST_PART_MIB" -ge 1 ] || { echo "stage.sh: .whl, the llama.cpp source and the tree leave no room in call 1" >&2; exit 1; }
 rm -f "$S"/vllm.tar.part* "$S/vllm.tar"
 mkdir -p "$S/tar/vllm" "$S/tar/deps"
 ln -f "$wheel.trimmed" "$S/tar/vllm/$(basename "$wheel")"
@@ -137,9 +144,6 @@ tail -c +$((FIRST_PART_MIB * 1048576 + 1)) "$S/vllm.tar" | split -b "${PART_MIB}
 rm -f "$S/vllm.tar"
 
 # --- what each call carries, checked against the 64 MiB limit ----------------------------------------------
-tracked=$(git ls-files -z | xargs -0 stat -c %s 2>/dev/null | awk '{s+=$1} END {print s}')
-untracked=$(git ls-files -z --others --exclude-standard | xargs -0 -r stat -c %s 2>/dev/null | awk '{s+=$1} END {print s+0}')
-whl=$(du -cb .whl 2>/dev/null | tail -1 | cut -f1)
 mib() { awk -v b="$1" 'BEGIN {printf "%.1f", b / 1048576}'; }
 {
   echo "working tree that travels every call: $(mib $((tracked + untracked))) MiB"
