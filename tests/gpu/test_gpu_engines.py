@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,11 +32,16 @@ def engine_models(engine: str) -> list[dict]:
     if engine == "vllm":
         if not (VLLM_SITE / "vllm").is_dir() or not (MODELS / "hf" / "config.json").exists():
             pytest.skip(f"vLLM at {VLLM_SITE} or the HF model under {MODELS} is missing")
-        env = {"PYTHONPATH": str(VLLM_SITE), "PATH": f"{VLLM_SITE}/bin:{os.environ.get('PATH', '')}",
-               "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
+        # as bench/engines_gpu.py starts it on the H200: the interpreter and vLLM's module (the staged
+        # install's console script is not relied on: on 2026-12-02 a later `pip --target` deleted it), and
+        # PyTorch's sampling (FlashInfer is not staged; without this vLLM 0.26's engine core dies at start)
+        env = {"PYTHONPATH": str(VLLM_SITE), "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
+               "VLLM_USE_FLASHINFER_SAMPLER": "0"}
+        command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve"]
         args = ["--max-model-len", "1024", "--dtype", "bfloat16", "--gpu-memory-utilization", "0.3"]
-        return [{"name": f"vllm-l{level}", "engine": "vllm", "model": str(MODELS / "hf"), "api": "completion",
-                 "env": env, "args": args, "sleep_level": level, "residual": "checkpoint", "start_timeout": 900}
+        return [{"name": f"vllm-l{level}", "engine": "vllm", "command": command, "model": str(MODELS / "hf"),
+                 "api": "completion", "env": env, "args": args, "sleep_level": level, "residual": "checkpoint",
+                 "start_timeout": 900}
                 for level in (1, 2)]
     if not LLAMA_SERVER.exists() or not (MODELS / "model-f16.gguf").exists():
         pytest.skip(f"llama-server at {LLAMA_SERVER} or the GGUF under {MODELS} is missing")
