@@ -86,6 +86,17 @@ def browser() -> Iterator[Browser]:
             b.close()
 
 
+def show_panel(page: Page, timeout: float = 90_000) -> None:
+    """Opens the sidebar's panel once JupyterLab has restored its layout. The saved workspace (shared by
+    the tests of a module) may open the panel itself, and JupyterLab restores it after the tab is
+    there, behind its splash screen: a click decided before that toggles the open panel shut."""
+    page.wait_for_selector(TAB, timeout=timeout)
+    page.wait_for_selector("#jupyterlab-splash", state="detached", timeout=timeout)
+    if not page.locator(PANEL).is_visible():
+        page.click(TAB)
+    expect(page.locator(PANEL)).to_be_visible()
+
+
 def open_lab(browser: Browser, server: ServerHandle) -> Page:
     page = browser.new_page(viewport={"width": 1280, "height": 900}, device_scale_factor=2)
     page.set_default_timeout(30_000)
@@ -96,9 +107,7 @@ def open_lab(browser: Browser, server: ServerHandle) -> Page:
     except Exception:
         pytest.fail("JupyterLab has no SwapServe sidebar tab: is the labextension built and installed? "
                     "(`pip install -e .` builds it; `jupyter labextension list` should list jupyter-swapserve)")
-    if not page.locator(PANEL).is_visible():
-        page.click(TAB)
-    expect(page.locator(PANEL)).to_be_visible()
+    show_panel(page)
     return page
 
 
@@ -267,9 +276,7 @@ def test_sidebar_shows_403(lab: ServerHandle, browser: Browser) -> None:
     page.route("**/swapserve/api/**", lambda route: route.fulfill(
         status=403, body=body, headers={"Content-Type": "application/json"}))
     page.goto(f"{lab.url}lab?token={lab.token}")
-    page.wait_for_selector(TAB, timeout=90_000)
-    if not page.locator(PANEL).is_visible():
-        page.click(TAB)
+    show_panel(page)
     alert = page.locator(f"{PANEL} [role=alert]")
     expect(alert).to_be_visible()
     expect(alert).to_contain_text("Permission denied (403): User 'bob' may not read swapserve.")
@@ -315,9 +322,7 @@ def test_sidebar_gpu_rendering(lab: ServerHandle, browser: Browser) -> None:
     page.route("**/swapserve/api/events*", lambda route: route.fulfill(
         status=200, body=f"event: status\ndata: {doc}\n\n", headers={"Content-Type": "text/event-stream"}))
     page.goto(f"{lab.url}lab?token={lab.token}")
-    page.wait_for_selector(TAB, timeout=90_000)
-    if not page.locator(PANEL).is_visible():
-        page.click(TAB)
+    show_panel(page)
     expect(page.locator(f"{PANEL} .jp-SwapServe-model")).to_have_count(4)
     expect(page.locator(f"{PANEL} .jp-SwapServe-kind")).to_have_text("GPU")
     expect(page.locator(f"{PANEL} .jp-SwapServe-usedMarker")).to_be_visible()

@@ -24,7 +24,7 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect
 
 from ..hub import Hub, hub_available, run_hub
-from .test_sidebar import PANEL, TAB, browser, card, screenshot, stat  # noqa: F401 (fixtures)
+from .test_sidebar import PANEL, browser, card, screenshot, show_panel, stat  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.engines, pytest.mark.skipif(hub_available() is not None, reason=str(hub_available()))]
 
@@ -73,9 +73,7 @@ def lab_as(browser: Browser, hub: Hub, name: str, height: int = 1400) -> Iterato
         page.click("#login_submit")
         page.wait_for_url(re.compile(r"/(hub/home|hub/spawn|user/)"), timeout=60_000)
         page.goto(f"{hub.user_url(name)}lab")
-        page.wait_for_selector(TAB, timeout=120_000)
-        if not page.locator(PANEL).is_visible():
-            page.click(TAB)
+        show_panel(page, timeout=120_000)
         expect(page.locator(f"{PANEL} .jp-SwapServe-model")).to_have_count(2)
         yield page
     finally:
