@@ -1139,6 +1139,19 @@ void swi_op_wake(swi_buf *out) {
 }
 
 /* ---------------------------------------------------------------- prepare / release_staging */
+/* Pinned host memory is a context's, and the control thread has none of its own: the sleep's sync
+ * makes the engine's current before it stages, prepare and release_staging must too (without it the
+ * driver answers CUDA_ERROR_INVALID_CONTEXT: the H200, 2026-12-02). Called with the books held;
+ * 0 when there is no segment yet (nothing to pin). */
+static CUresult make_engine_context_current(char *err, size_t errlen) {
+    CUcontext ctx = NULL;
+    for (size_t i = 0; i < nsegs && !ctx; i++) ctx = context_of(segs[i]);
+    if (!ctx) return CUDA_SUCCESS;
+    CUresult r = swi_real.cuCtxSetCurrent(ctx);
+    if (r != CUDA_SUCCESS) snprintf(err, errlen, "cuCtxSetCurrent: %s", swi_error_name(r));
+    return r;
+}
+
 void swi_op_prepare(swi_buf *out) {
     swi_steps st;
     steps_begin(&st);
@@ -1151,12 +1164,13 @@ void swi_op_prepare(swi_buf *out) {
             n++;
         }
     int st_now = state;
+    CUresult r = st_now == SWI_BROKEN ? CUDA_SUCCESS : make_engine_context_current(err, sizeof err);
     pthread_mutex_unlock(&books);
     if (st_now == SWI_BROKEN) {
         write_result(out, "prepare", 0, &st, bytes, n, "state", broken_reason, 0, 0);
         return;
     }
-    CUresult r = ensure_staging(bytes, err, sizeof err);
+    if (r == CUDA_SUCCESS) r = ensure_staging(bytes, err, sizeof err);
     step_done(&st, "stage");
     if (r != CUDA_SUCCESS)
         write_result(out, "prepare", 0, &st, bytes, n, "stage", err, 1, 0);
@@ -1174,6 +1188,8 @@ void swi_op_release_staging(swi_buf *out) {
         pthread_mutex_unlock(&books);
         return;
     }
+    char err[512] = "";
+    (void)make_engine_context_current(err, sizeof err); /* best effort: the frees report nothing */
     pthread_mutex_lock(&staging);
     size_t freed = staging_total, count = nchunks;
     for (size_t i = 0; i < nchunks; i++) unpin_chunk(&chunks[i]);

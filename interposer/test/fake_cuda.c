@@ -604,6 +604,9 @@ EXPORT CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, CUstr
 EXPORT CUresult cuMemHostAlloc(void **pp, size_t size, unsigned int flags) {
     (void)flags;
     configure();
+    /* as the driver: pinned memory is a context's (a thread without a current one gets this; the H200,
+     * 2026-12-02, to the interposer's control thread on prepare) */
+    if (!current) return CUDA_ERROR_INVALID_CONTEXT;
     if (!pp || size == 0) return CUDA_ERROR_INVALID_VALUE;
     pthread_mutex_lock(&mu);
     int e = fault("cuMemHostAlloc", CUDA_ERROR_OUT_OF_MEMORY);
@@ -641,6 +644,9 @@ static struct {
 EXPORT CUresult cuMemHostRegister_v2(void *p, size_t size, unsigned int flags) {
     (void)flags;
     configure();
+    /* as the driver: pinned memory is a context's (a thread without a current one gets this; the H200,
+     * 2026-12-02, to the interposer's control thread on prepare) */
+    if (!current) return CUDA_ERROR_INVALID_CONTEXT;
     if (!p || size == 0) return CUDA_ERROR_INVALID_VALUE;
     pthread_mutex_lock(&mu);
     int e = fault("cuMemHostRegister", CUDA_ERROR_OUT_OF_MEMORY);
