@@ -112,6 +112,17 @@ def test_model_not_allowed_and_max_tokens_per_request(server: ServerHandle) -> N
     with pytest.raises(PermissionDeniedError) as err:
         client(server).chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}])
     assert err.value.body["code"] == "model_not_allowed" and "gemma" in err.value.body["message"]
+    # "Use now" (the prefetch hint) is refused by the same check, and moves nothing
+    r = httpx.post(api(server, "models/smollm2/swap-out"), headers=server.headers(), timeout=120)
+    assert r.status_code == 200, r.text
+    r = httpx.post(api(server, "models/smollm2/prefetch"), headers=server.headers(), timeout=30)
+    assert r.status_code == 403, r.text
+    assert r.json() == {"error": {"message": "Your quota does not include the model 'smollm2' (allowed: gemma).",
+                                  "type": "permission_error", "param": "model", "code": "model_not_allowed"}}
+    status = httpx.get(api(server, "status"), headers=server.headers(), timeout=30).json()
+    assert next(m for m in status["models"] if m["name"] == "smollm2")["state"] == "swapped_out"
+    r = httpx.post(api(server, "models/gemma/prefetch"), headers=server.headers(), timeout=30)
+    assert r.status_code in (200, 202) and r.json()["model"] == "gemma", r.text
     r = httpx.post(server.api + "/completions", headers=server.headers(), timeout=60,
                    json={"model": "gemma", "prompt": "The capital of France is", "max_tokens": 50})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens" and "4" in r.json()["error"]["message"]

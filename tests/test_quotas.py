@@ -17,6 +17,7 @@ from jupyter_swapserve.service.quotas import (
     decide,
     effective_limits,
     iso,
+    model_refusal,
     next_utc_midnight,
     usage_of,
     validate_row,
@@ -77,6 +78,7 @@ def test_decide_checks_each_limit_with_code_and_reset() -> None:
     assert decide(limits, UsageNow(), "gemma", 10, NOW) is None
     r = decide(limits, UsageNow(), "smollm2", 10, NOW)
     assert r and (r.status, r.code, r.param) == (403, "model_not_allowed", "model")
+    assert model_refusal(limits, "smollm2") == r and model_refusal(limits, "gemma") is None  # the prefetch hint's check
     r = decide(limits, UsageNow(), "gemma", 65, NOW)
     assert r and (r.status, r.code, r.param) == (400, "max_tokens_exceeded", "max_tokens") and "64" in r.message
     r = decide(limits, UsageNow(concurrent=2), "gemma", None, NOW)

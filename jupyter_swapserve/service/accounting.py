@@ -45,6 +45,7 @@ from .quotas import (
     decide,
     effective_limits,
     iso,
+    model_refusal,
     next_utc_midnight,
     usage_of,
     utc_day,
@@ -379,6 +380,13 @@ class QuotaAccounting:
         return effective_limits(rows, user, model)
 
     # ---- admission -------------------------------------------------------------------------
+    def check_model(self, user: str, model: str) -> None:
+        """Raise :class:`QuotaExceeded` (403 ``model_not_allowed``) when the user's quota excludes
+        the model: the admission's first check, for what asks for a model without calling it."""
+        refusal = model_refusal(self.limits(user, model), model)
+        if refusal is not None:
+            raise QuotaExceeded(refusal)
+
     def tokens_today(self, user: str, model: str | None = None) -> int:
         usage = self.usage_now(user, model or "", self.clock())
         return usage.tokens_today_model if model is not None else usage.tokens_today

@@ -246,9 +246,14 @@ class SwapService:
     async def swap_in(self, name: str) -> float:
         return await self.scheduler.ensure_running(self.backend(name))
 
-    def prefetch(self, name: str) -> str:
-        """An intent hint (a cell about to ask this model): see Scheduler.prefetch."""
-        return self.scheduler.prefetch(self.backend(name))
+    def prefetch(self, name: str, user: str | None = None) -> str:
+        """An intent hint (a cell about to ask this model): see Scheduler.prefetch. Raises
+        ModelNotFound, or QuotaExceeded when the user's quota excludes the model: a hint moves
+        nothing for a model its sender may not call."""
+        backend = self.backend(name)
+        if self.accounting is not None:
+            self.accounting.check_model(user or ANONYMOUS, name)
+        return self.scheduler.prefetch(backend)
 
     async def swap_out(self, name: str) -> bool:
         backend = self.backend(name)

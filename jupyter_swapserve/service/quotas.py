@@ -300,12 +300,21 @@ def window_reset(recent: tuple[float, ...], limit: int, now: float) -> float:
     return recent[max(0, excess)] + WINDOW_SECONDS
 
 
-def decide(limits: Limits, usage: UsageNow, model: str, max_tokens: int | None, now: float) -> Refusal | None:
-    """None to admit; else why not (checked in this order: model, size, concurrency, rate, tokens)."""
+def model_refusal(limits: Limits, model: str) -> Refusal | None:
+    """Why the user may not call ``model`` at all (their allowed models), or None. The first check of
+    :func:`decide`, and the whole check of anything that asks for a model without calling it (the
+    prefetch hint)."""
     if limits.allowed_models is not None and model not in limits.allowed_models:
         allowed = ", ".join(limits.allowed_models) or "none"
         return Refusal(403, "model_not_allowed",
                        f"Your quota does not include the model '{model}' (allowed: {allowed}).", param="model")
+    return None
+
+
+def decide(limits: Limits, usage: UsageNow, model: str, max_tokens: int | None, now: float) -> Refusal | None:
+    """None to admit; else why not (checked in this order: model, size, concurrency, rate, tokens)."""
+    if (refusal := model_refusal(limits, model)) is not None:
+        return refusal
     if limits.max_tokens_per_request is not None and max_tokens is not None \
             and max_tokens > limits.max_tokens_per_request:
         return Refusal(400, "max_tokens_exceeded",
