@@ -44,6 +44,12 @@ export interface IClientOptions {
 
 const CLOSED = 2;
 
+/** The route of an action on a model, on its node where one is given (client mode). */
+export function modelPath(model: string, action: string, node?: string): string {
+  const path = `models/${encodeURIComponent(model)}/${action}`;
+  return node ? `${path}?node=${encodeURIComponent(node)}` : path;
+}
+
 export class StatusClient {
   private es: IEventSourceLike | null = null;
   private sseLive = false;
@@ -97,10 +103,15 @@ export class StatusClient {
     }
   }
 
-  async swap(model: string, action: SwapAction): Promise<{ result: ISwapResult } | { error: IPanelError }> {
+  /** A manual swap; `node` (client mode): on that node service (the server routes by `?node=`). */
+  async swap(
+    model: string,
+    action: SwapAction,
+    node?: string
+  ): Promise<{ result: ISwapResult } | { error: IPanelError }> {
     let r: IHttpResponse;
     try {
-      r = await this.options.request(`models/${encodeURIComponent(model)}/${action}`, { method: 'POST' });
+      r = await this.options.request(modelPath(model, action, node), { method: 'POST' });
     } catch (e) {
       r = { status: 0, body: String(e) };
     }
@@ -120,10 +131,10 @@ export class StatusClient {
    * 'starting', or 'declined: why'. Any user who may call the model may send it; it never moves a
    * model someone is using, which is why it is offered where the manual swaps are not.
    */
-  async prefetch(model: string): Promise<{ prefetch: string } | { error: IPanelError }> {
+  async prefetch(model: string, node?: string): Promise<{ prefetch: string } | { error: IPanelError }> {
     let r: IHttpResponse;
     try {
-      r = await this.options.request(`models/${encodeURIComponent(model)}/prefetch`, { method: 'POST' });
+      r = await this.options.request(modelPath(model, 'prefetch', node), { method: 'POST' });
     } catch (e) {
       r = { status: 0, body: String(e) };
     }

@@ -1,6 +1,7 @@
 /**
  * The panel's DOM. Built once; every update patches text and attributes in place, keyed by device
- * index and model name, so nothing flickers, scroll stays put and a focused button keeps focus.
+ * and model (`node/index`, `node/name` in client mode, where every node has a device 0 and a model
+ * may be on several nodes), so nothing flickers, scroll stays put and a focused button keeps focus.
  */
 
 import { createChart, summaryParts, updateChart } from './chart';
@@ -12,16 +13,19 @@ import {
   IDeviceView,
   IModelView,
   IPanelState,
-  modelView
+  modelView,
+  nodeViews
 } from './state';
-import { CardAction, SwapAction } from './types';
+import { CardAction, IModelRef, INode, modelKey, SwapAction } from './types';
 
 export interface IPanelCallbacks {
-  swap(model: string, action: SwapAction): void;
+  /** a manual swap of the model on its node */
+  swap(model: IModelRef, action: SwapAction): void;
   /** "Use now": ask for the model ahead of need (the prefetch hint); never evicts a busy model */
-  prefetch(model: string): void;
+  prefetch(model: IModelRef): void;
   retry(): void;
-  dismiss(model: string): void;
+  /** dismiss the message of the model's row (its modelKey) */
+  dismiss(key: string): void;
 }
 
 const COLORS = 6;
@@ -29,6 +33,7 @@ const COLORS = 6;
 interface IDeviceRow {
   root: HTMLElement;
   title: HTMLElement;
+  node: HTMLElement;
   kind: HTMLElement;
   capacity: HTMLElement;
   bar: HTMLElement;
@@ -44,6 +49,7 @@ interface IModelRow {
   root: HTMLElement;
   swatch: HTMLElement;
   name: HTMLElement;
+  node: HTMLElement;
   subtitle: HTMLElement;
   pinned: HTMLElement;
   state: HTMLElement;
@@ -59,6 +65,7 @@ interface IModelRow {
   messageText: HTMLElement;
   messageClose: HTMLButtonElement;
   error: HTMLElement;
+  notAllowed: HTMLElement;
   swapIn: HTMLButtonElement;
   swapOut: HTMLButtonElement;
   prefetch: HTMLButtonElement;
@@ -83,14 +90,17 @@ export class PanelView {
   private errorBox: HTMLElement;
   private errorText: HTMLElement;
   private configErrors: HTMLElement;
+  private nodesSection: HTMLElement;
+  private nodesList: HTMLElement;
   private devicesSection: HTMLElement;
   private devicesList: HTMLElement;
   private modelsSection: HTMLElement;
   private modelsHeading: HTMLElement;
   private modelsList: HTMLElement;
   private empty: HTMLElement;
-  private devices = new Map<number, IDeviceRow>();
+  private devices = new Map<string, IDeviceRow>();
   private models = new Map<string, IModelRow>();
+  private nodeItems = new Map<string, { root: HTMLElement; name: HTMLElement; state: HTMLElement; models: HTMLElement }>();
   /** Extra sections (e.g. admin quotas) appended after the models. */
   readonly extra: HTMLElement;
 
@@ -129,6 +139,15 @@ export class PanelView {
     this.configErrors.hidden = true;
     node.appendChild(this.configErrors);
 
+    // client mode with several nodes: which node services there are, up or not, and their models
+    this.nodesSection = h('section', 'jp-SwapServe-section jp-SwapServe-nodes');
+    this.nodesSection.setAttribute('aria-label', 'Nodes');
+    this.nodesSection.appendChild(h('h3', 'jp-SwapServe-sectionTitle', 'Nodes'));
+    this.nodesList = h('ul', 'jp-SwapServe-nodeList');
+    this.nodesSection.appendChild(this.nodesList);
+    this.nodesSection.hidden = true;
+    node.appendChild(this.nodesSection);
+
     this.devicesSection = h('section', 'jp-SwapServe-section jp-SwapServe-devices');
     this.devicesSection.setAttribute('aria-label', 'Devices');
     this.devicesSection.appendChild(h('h3', 'jp-SwapServe-sectionTitle', 'Devices'));
@@ -153,7 +172,8 @@ export class PanelView {
     node.appendChild(this.extra);
   }
 
-  update(state: IPanelState, nowMs: number): void {
+  /** `allowedModels`: the models the user's quota allows (their usage document), null for every one. */
+  update(state: IPanelState, nowMs: number, allowedModels: readonly string[] | null = null): void {
     setAttr(this.conn, 'data-mode', state.connection);
     setText(this.connText, connectionText(state, nowMs));
     setAttr(
@@ -185,21 +205,27 @@ export class PanelView {
     const admin = status.user?.admin !== false;
 
     this.updateConfigErrors(status.config_errors ?? []);
+    const severalNodes = (status.nodes ?? []).length > 1;
+    this.updateNodes(severalNodes ? status.nodes! : [], nowMs);
 
     setHidden(this.devicesSection, status.devices.length === 0);
+    const modelKeys = status.models.map(m => modelKey(m));
     const deviceRows: HTMLElement[] = [];
+    const deviceKeys = new Set<string>();
     for (const d of status.devices) {
-      let row = this.devices.get(d.index);
+      const view = deviceView(d, status.models, severalNodes);
+      let row = this.devices.get(view.key);
       if (!row) {
         row = this.createDevice();
-        this.devices.set(d.index, row);
+        this.devices.set(view.key, row);
       }
-      this.patchDevice(row, deviceView(d, status.models), status.models.map(m => m.name));
+      this.patchDevice(row, view, modelKeys);
       deviceRows.push(row.root);
+      deviceKeys.add(view.key);
     }
-    for (const [index, row] of this.devices) {
-      if (!status.devices.some(d => d.index === index)) {
-        this.devices.delete(index);
+    for (const [key, row] of this.devices) {
+      if (!deviceKeys.has(key)) {
+        this.devices.delete(key);
         row.root.remove();
       }
     }
@@ -210,22 +236,63 @@ export class PanelView {
     setHidden(this.empty, status.models.length > 0);
     const modelRows: HTMLElement[] = [];
     status.models.forEach((m, i) => {
-      let row = this.models.get(m.name);
+      const key = modelKeys[i];
+      let row = this.models.get(key);
       if (!row) {
-        row = this.createModel(m.name);
-        this.models.set(m.name, row);
+        row = this.createModel({ name: m.name, node: m.node });
+        this.models.set(key, row);
       }
-      const view = modelView(m, status.devices, state.pending[m.name], state.messages[m.name], nowMs / 1000, admin);
+      const view = modelView(
+        m,
+        status.devices,
+        state.pending[key],
+        state.messages[key],
+        nowMs / 1000,
+        admin,
+        allowedModels,
+        severalNodes
+      );
       this.patchModel(row, view, i);
       modelRows.push(row.root);
     });
-    for (const [name, row] of this.models) {
-      if (!status.models.some(m => m.name === name)) {
-        this.models.delete(name);
+    const wanted = new Set(modelKeys);
+    for (const [key, row] of this.models) {
+      if (!wanted.has(key)) {
+        this.models.delete(key);
         row.root.remove();
       }
     }
     reorder(this.modelsList, modelRows);
+  }
+
+  private updateNodes(nodes: INode[], nowMs: number): void {
+    setHidden(this.nodesSection, nodes.length === 0);
+    const items: HTMLElement[] = [];
+    for (const v of nodeViews(nodes, nowMs / 1000)) {
+      let item = this.nodeItems.get(v.name);
+      if (!item) {
+        const root = h('li', 'jp-SwapServe-node');
+        root.dataset.node = v.name;
+        const name = h('span', 'jp-SwapServe-nodeName', v.name);
+        const state = h('span', 'jp-SwapServe-nodeState');
+        const models = h('span', 'jp-SwapServe-nodeModels');
+        root.append(name, state, models);
+        item = { root, name, state, models };
+        this.nodeItems.set(v.name, item);
+      }
+      setAttr(item.root, 'data-up', v.up ? 'true' : 'false');
+      setAttr(item.root, 'title', v.title);
+      setText(item.state, v.stateText);
+      setText(item.models, v.modelsText);
+      items.push(item.root);
+    }
+    for (const [name, item] of this.nodeItems) {
+      if (!nodes.some(n => n.name === name)) {
+        this.nodeItems.delete(name);
+        item.root.remove();
+      }
+    }
+    reorder(this.nodesList, items);
   }
 
   private updateConfigErrors(errors: string[]): void {
@@ -246,8 +313,10 @@ export class PanelView {
     const root = h('div', 'jp-SwapServe-device');
     const head = h('div', 'jp-SwapServe-rowHead');
     const title = h('span', 'jp-SwapServe-deviceName');
+    const node = h('span', 'jp-SwapServe-badge jp-SwapServe-nodeBadge');
+    node.hidden = true;
     const kind = h('span', 'jp-SwapServe-badge jp-SwapServe-kind');
-    head.append(title, kind);
+    head.append(title, node, kind);
     const capacity = h('span', 'jp-SwapServe-legendItem jp-SwapServe-capacity');
     const bar = h('div', 'jp-SwapServe-bar jp-SwapServe-deviceBar');
     bar.setAttribute('role', 'img');
@@ -262,13 +331,17 @@ export class PanelView {
     const waiting = h('div', 'jp-SwapServe-waiting');
     waiting.setAttribute('aria-live', 'polite');
     root.append(head, bar, legend, waiting);
-    return { root, title, kind, capacity, bar, segs, used, reserved, free, usedLegend, waiting };
+    return { root, title, node, kind, capacity, bar, segs, used, reserved, free, usedLegend, waiting };
   }
 
   private patchDevice(row: IDeviceRow, v: IDeviceView, modelOrder: string[]): void {
     setAttr(row.root, 'data-device', String(v.index));
+    setAttr(row.root, 'data-node', v.node);
     setText(row.title, v.title);
     setAttr(row.title, 'title', v.title);
+    setHidden(row.node, !v.nodeText);
+    setText(row.node, v.nodeText ? `on ${v.nodeText}` : '');
+    setAttr(row.node, 'title', v.nodeText ? `A device of the node ${v.nodeText}` : null);
     setText(row.kind, v.kindText);
     setClass(row.kind, 'jp-mod-virtual', v.virtual);
     setAttr(
@@ -293,7 +366,7 @@ export class PanelView {
         el = h('div', 'jp-SwapServe-seg');
         el.dataset.label = s.label;
       }
-      const color = s.label ? modelOrder.indexOf(s.label) % COLORS : -1;
+      const color = s.key ? modelOrder.indexOf(s.key) % COLORS : -1;
       setAttr(el, 'data-color', String(color));
       setStyle(el, 'width', `${s.percent.toFixed(2)}%`);
       setAttr(el, 'title', `${s.label || 'other reservations'}: ${s.gib.toFixed(2)} GiB`);
@@ -313,10 +386,14 @@ export class PanelView {
   }
 
   // ---- models ---------------------------------------------------------------------------
-  private createModel(name: string): IModelRow {
+  private createModel(ref: IModelRef): IModelRow {
+    const name = ref.name;
     const root = h('article', 'jp-SwapServe-model');
     root.dataset.model = name;
-    const headId = `jp-SwapServe-model-${name.replace(/[^a-zA-Z0-9_-]/g, '_')}`;
+    if (ref.node) {
+      root.dataset.node = ref.node;
+    }
+    const headId = `jp-SwapServe-model-${modelKey(ref).replace(/[^a-zA-Z0-9_-]/g, '_')}`;
     root.setAttribute('aria-labelledby', headId);
 
     const head = h('div', 'jp-SwapServe-rowHead');
@@ -335,7 +412,9 @@ export class PanelView {
     state.appendChild(h('span', 'jp-SwapServe-stateIcon'));
     const stateText = h('span', 'jp-SwapServe-stateText');
     state.appendChild(stateText);
-    head.append(swatch, nameEl);
+    const nodeEl = h('span', 'jp-SwapServe-badge jp-SwapServe-nodeBadge');
+    nodeEl.hidden = true;
+    head.append(swatch, nameEl, nodeEl);
     subRow.append(subtitle, pinned, state);
 
     const mem = h('div', 'jp-SwapServe-memory');
@@ -375,26 +454,30 @@ export class PanelView {
     const messageText = h('span', '');
     const messageClose = h('button', 'jp-SwapServe-iconButton', '×');
     messageClose.type = 'button';
-    messageClose.setAttribute('aria-label', `Dismiss the message about ${name}`);
-    messageClose.addEventListener('click', () => this.callbacks.dismiss(name));
+    messageClose.setAttribute('aria-label', `Dismiss the message about ${name}${ref.node ? ` on ${ref.node}` : ''}`);
+    messageClose.addEventListener('click', () => this.callbacks.dismiss(modelKey(ref)));
     message.append(messageText, messageClose);
     message.hidden = true;
 
     const error = h('div', 'jp-SwapServe-modelError');
     error.hidden = true;
 
+    const notAllowed = h('div', 'jp-SwapServe-notAllowed');
+    notAllowed.hidden = true;
+
     const actions = h('div', 'jp-SwapServe-actions');
-    const swapIn = this.actionButton(name, 'swap-in');
-    const swapOut = this.actionButton(name, 'swap-out');
-    const prefetch = this.actionButton(name, 'prefetch');
+    const swapIn = this.actionButton(ref, 'swap-in');
+    const swapOut = this.actionButton(ref, 'swap-out');
+    const prefetch = this.actionButton(ref, 'prefetch');
     prefetch.hidden = true;
     actions.append(swapIn, swapOut, prefetch);
 
-    root.append(head, subRow, mem, stats, chartBox, message, error, actions);
+    root.append(head, subRow, mem, stats, chartBox, message, error, notAllowed, actions);
     return {
       root,
       swatch,
       name: nameEl,
+      node: nodeEl,
       subtitle,
       pinned,
       state,
@@ -410,13 +493,14 @@ export class PanelView {
       messageText,
       messageClose,
       error,
+      notAllowed,
       swapIn,
       swapOut,
       prefetch
     };
   }
 
-  private actionButton(name: string, action: CardAction): HTMLButtonElement {
+  private actionButton(ref: IModelRef, action: CardAction): HTMLButtonElement {
     const b = h('button', `jp-SwapServe-button jp-SwapServe-${action}`);
     b.type = 'button';
     b.dataset.action = action;
@@ -424,9 +508,9 @@ export class PanelView {
     b.addEventListener('click', () => {
       if (b.getAttribute('aria-disabled') !== 'true') {
         if (action === 'prefetch') {
-          this.callbacks.prefetch(name);
+          this.callbacks.prefetch(ref);
         } else {
-          this.callbacks.swap(name, action);
+          this.callbacks.swap(ref, action);
         }
       }
     });
@@ -437,6 +521,9 @@ export class PanelView {
     setAttr(row.root, 'data-state', v.state);
     setClass(row.root, 'jp-mod-busy', v.busy);
     setAttr(row.swatch, 'data-color', String(index % COLORS));
+    setHidden(row.node, !v.nodeText);
+    setText(row.node, v.nodeText ? `on ${v.nodeText}` : '');
+    setAttr(row.node, 'title', v.nodeText ? `Served by the swap service of the node ${v.nodeText}` : null);
     setText(row.subtitle, v.subtitle);
     setHidden(row.pinned, !v.pinned);
     const stateCls = `jp-SwapServe-state ${v.stateClass}${v.busy ? ' jp-mod-busy' : ''}`;
@@ -444,7 +531,7 @@ export class PanelView {
       row.state.className = stateCls;
     }
     setText(row.stateText, v.stateText);
-    setAttr(row.state, 'aria-label', `${v.name}: ${v.stateText}`);
+    setAttr(row.state, 'aria-label', `${v.name}${v.nodeText ? ` on ${v.nodeText}` : ''}: ${v.stateText}`);
 
     setStyle(row.memFill, 'width', `${v.memoryPercent.toFixed(2)}%`);
     setAttr(row.memFill, 'data-color', String(index % COLORS));
@@ -489,29 +576,36 @@ export class PanelView {
     setHidden(row.error, !v.error);
     setText(row.error, v.error ? `Error: ${v.error}` : '');
 
+    // a model the user's quota does not include: said once, and "Use now" is not offered for it
+    setHidden(row.notAllowed, !v.notAllowedText);
+    setText(row.notAllowed, v.notAllowedText);
+
     // admins swap by hand; everyone else may only ask for a model ahead of need ("Use now")
+    const on = v.nodeText ? ` on ${v.nodeText}` : '';
     setHidden(row.swapIn, !v.admin);
     setHidden(row.swapOut, !v.admin);
-    setHidden(row.prefetch, v.admin || !(v.canPrefetch || v.pendingAction === 'prefetch'));
+    setHidden(row.prefetch, !v.offersPrefetch);
     this.patchButton(
       row.prefetch,
       v.pendingAction === 'prefetch' ? 'Asking…' : 'Use now',
       v.canPrefetch,
-      `Use ${v.name} now: swap it in ahead of your request, if that pushes out no model in use`,
+      v.notAllowedText
+        ? v.notAllowedText
+        : `Use ${v.name}${on} now: swap it in ahead of your request, if that pushes out no model in use`,
       v.pendingAction === 'prefetch'
     );
     this.patchButton(
       row.swapIn,
       v.pendingAction === 'swap-in' ? `${v.swapInLabel === 'Start' ? 'Starting' : 'Swapping in'}…` : v.swapInLabel,
       v.canSwapIn,
-      `${v.swapInLabel} ${v.name}`,
+      `${v.swapInLabel} ${v.name}${on}`,
       v.pendingAction === 'swap-in'
     );
     this.patchButton(
       row.swapOut,
       v.pendingAction === 'swap-out' ? 'Swapping out…' : v.swapOutLabel,
       v.canSwapOut,
-      v.pinned ? `${v.name} is pinned and is never swapped out` : `${v.swapOutLabel} ${v.name}`,
+      v.pinned ? `${v.name}${on} is pinned and is never swapped out` : `${v.swapOutLabel} ${v.name}${on}`,
       v.pendingAction === 'swap-out'
     );
   }

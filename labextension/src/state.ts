@@ -15,7 +15,7 @@ import {
   stateLabel,
   swapMethodText
 } from './format';
-import { CardAction, IDevice, IModel, ISwapResult, IStatus, SwapAction } from './types';
+import { CardAction, deviceKey, IDevice, IModel, INode, ISwapResult, IStatus, modelKey, SwapAction } from './types';
 
 /** How the panel gets its updates. */
 export type ConnectionMode = 'connecting' | 'live' | 'polling' | 'offline';
@@ -50,9 +50,9 @@ export interface IPanelState {
   error: IPanelError | null;
   /** Local time (ms) of the last status received. */
   lastUpdate: number | null;
-  /** Swap requests sent from this panel that have not answered yet, by model. */
+  /** Swap requests sent from this panel that have not answered yet, by model key (modelKey). */
   pending: Record<string, IPending>;
-  /** The outcome of the last swap request per model, when worth showing. */
+  /** The outcome of the last swap request per model key, when worth showing. */
   messages: Record<string, IActionMessage>;
 }
 
@@ -93,6 +93,7 @@ export function withConnection(state: IPanelState, connection: ConnectionMode): 
 
 export function withPending(
   state: IPanelState,
+  /** the model's key (modelKey): the same name on two nodes is two models */
   model: string,
   action: CardAction,
   now: number
@@ -135,13 +136,16 @@ export function withActionDone(
  */
 export function withPrefetchDone(
   state: IPanelState,
+  /** the model's key (modelKey) */
   model: string,
-  outcome: { prefetch: string } | { error: IPanelError }
+  outcome: { prefetch: string } | { error: IPanelError },
+  /** the model's name, where the key is `node/name` */
+  name: string = model
 ): IPanelState {
   const pending = { ...state.pending };
   delete pending[model];
   const messages = { ...state.messages };
-  messages[model] = prefetchMessage(model, outcome);
+  messages[model] = prefetchMessage(name, outcome);
   return { ...state, pending, messages };
 }
 
@@ -263,7 +267,13 @@ export function isStatus(doc: unknown): doc is IStatus {
 // ---- derived views ------------------------------------------------------------------------
 
 export interface IModelView {
+  /** the row's key: `node/name` in client mode, else the name */
+  key: string;
   name: string;
+  /** the node service that serves it (client mode), or null */
+  node: string | null;
+  /** the node's name on the card: only where several nodes are shown, so one name reads apart from another */
+  nodeText: string;
   subtitle: string;
   state: string;
   stateText: string;
@@ -289,6 +299,10 @@ export interface IModelView {
   canSwapIn: boolean;
   canSwapOut: boolean;
   canPrefetch: boolean;
+  /** "Use now" is offered (enabled or not): the model is not running and the user may not swap by hand */
+  offersPrefetch: boolean;
+  /** why the user may not use the model (their quota's allowed models), or '' */
+  notAllowedText: string;
   swapInLabel: string;
   swapOutLabel: string;
   pendingAction: CardAction | null;
@@ -322,17 +336,35 @@ export function lastRequest(model: IModel): number | null {
   return model.requests ? model.last_used : null;
 }
 
+/** The device a model runs on: the one of the same index on the same node. */
+export function deviceOf(model: IModel, devices: IDevice[]): IDevice | undefined {
+  return devices.find(d => d.index === model.device && (d.node ?? null) === (model.node ?? null));
+}
+
+/** Why the user may not call a model, from their quota's allowed models (null: every model), or ''. */
+export function notAllowedReason(model: string, allowedModels: readonly string[] | null | undefined): string {
+  if (!Array.isArray(allowedModels) || allowedModels.includes(model)) {
+    return '';
+  }
+  return allowedModels.length
+    ? `Your quota does not include ${model} (allowed: ${allowedModels.join(', ')}); ask an admin.`
+    : `Your quota includes no model; ask an admin.`;
+}
+
 /** What a model's row shows, given the status, the pending requests, the time and who looks
- * (`admin`: may swap by hand; others may only ask for the model ahead of need). */
+ * (`admin`: may swap by hand; others may only ask for the model ahead of need; `allowedModels`:
+ * the models the user's quota allows, null for every one). `severalNodes`: name the node on the card. */
 export function modelView(
   model: IModel,
   devices: IDevice[],
   pending: IPending | undefined,
   message: IActionMessage | undefined,
   nowSeconds: number,
-  admin = true
+  admin = true,
+  allowedModels: readonly string[] | null = null,
+  severalNodes = false
 ): IModelView {
-  const device = devices.find(d => d.index === model.device);
+  const device = deviceOf(model, devices);
   const kind = model.device_kind ?? device?.kind;
   const virtual = kind === 'virtual';
   let state = model.state;
@@ -360,8 +392,13 @@ export function modelView(
   if (model.state !== 'running' && size !== null && !isTransitional(model.state)) {
     memoryNote = held > 0.005 ? `keeps ${formatGiB(held)} on ${where}; ${formatGiB(size)} when running` : `${formatGiB(size)} when running`;
   }
+  const notAllowedText = admin ? '' : notAllowedReason(model.name, allowedModels);
+  const offersPrefetch = !admin && (state === 'swapped_out' || state === 'stopped' || pending?.action === 'prefetch');
   return {
+    key: modelKey(model),
     name: model.name,
+    node: model.node ?? null,
+    nodeText: severalNodes && model.node ? model.node : '',
     subtitle: parts.filter(Boolean).join(' · '),
     state,
     stateText: stateLabel(state),
@@ -392,7 +429,9 @@ export function modelView(
     admin,
     canSwapIn: admin && !busy && (state === 'swapped_out' || startable),
     canSwapOut: admin && !busy && state === 'running' && !model.pinned,
-    canPrefetch: !admin && !busy && (state === 'swapped_out' || state === 'stopped'),
+    canPrefetch: !admin && !busy && !notAllowedText && (state === 'swapped_out' || state === 'stopped'),
+    offersPrefetch,
+    notAllowedText,
     swapInLabel: startable ? 'Start' : 'Swap in',
     swapOutLabel: 'Swap out',
     pendingAction: pending ? pending.action : null,
@@ -405,12 +444,19 @@ export function modelView(
 export interface ISegment {
   /** A model's name, or '' for memory used outside any model's reservation. */
   label: string;
+  /** the model's key (modelKey), or '' */
+  key: string;
   gib: number;
   percent: number;
 }
 
 export interface IDeviceView {
+  /** the row's key: `node/index` in client mode, else the index */
+  key: string;
   index: number;
+  node: string | null;
+  /** the node's name on the row, where several nodes are shown */
+  nodeText: string;
   title: string;
   kindText: string;
   virtual: boolean;
@@ -425,21 +471,21 @@ export interface IDeviceView {
   ariaText: string;
 }
 
-export function deviceView(device: IDevice, models: IModel[]): IDeviceView {
+export function deviceView(device: IDevice, models: IModel[], severalNodes = false): IDeviceView {
   const cap = device.capacity_gib;
   const segments: ISegment[] = [];
   let known = 0;
   for (const m of models) {
-    const gib = m.device === device.index ? m.reserved_gib ?? 0 : 0;
+    const gib = deviceOf(m, [device]) ? m.reserved_gib ?? 0 : 0;
     if (gib > 0) {
-      segments.push({ label: m.name, gib, percent: percent(gib, cap) });
+      segments.push({ label: m.name, key: modelKey(m), gib, percent: percent(gib, cap) });
       known += gib;
     }
   }
   // reservations not attributed to a listed model (e.g. a kernel): one anonymous segment
   const rest = device.reserved_gib - known;
   if (rest > 0.005) {
-    segments.push({ label: '', gib: rest, percent: percent(rest, cap) });
+    segments.push({ label: '', key: '', gib: rest, percent: percent(rest, cap) });
   }
   const virtual = device.kind === 'virtual';
   const used = device.used_gib;
@@ -452,7 +498,10 @@ export function deviceView(device: IDevice, models: IModel[]): IDeviceView {
     .map(w => `${w.model} (${formatGiB(w.gib)})`)
     .join(', ');
   return {
+    key: deviceKey(device),
     index: device.index,
+    node: device.node ?? null,
+    nodeText: severalNodes && device.node ? device.node : '',
     title: device.name,
     kindText: deviceKindLabel(device.kind),
     virtual,
@@ -463,7 +512,7 @@ export function deviceView(device: IDevice, models: IModel[]): IDeviceView {
     legend,
     waitingText,
     ariaText:
-      `${device.name}: ${legend.reserved} reserved, ${legend.free} free of ${formatGiB(cap)}` +
+      `${device.name}${severalNodes && device.node ? ` on ${device.node}` : ''}: ${legend.reserved} reserved, ${legend.free} free of ${formatGiB(cap)}` +
       (used === null || used === undefined ? '' : `, ${legend.used} used`)
   };
 }
@@ -480,9 +529,17 @@ export function headerView(status: IStatus): IHeaderView {
   const name = status.user?.name || null;
   const admin = status.user?.admin !== false;
   const shared = status.mode === 'service';
+  const nodes = status.nodes ?? [];
   let who: string;
   let whoTitle: string;
-  if (shared) {
+  if (nodes.length > 1) {
+    who = `The shared swap services of ${nodes.length} GPU nodes · ${admin ? `you${name ? ` (${name})` : ''} are their admin` : `signed in as ${name ?? 'you'}`}`;
+    whoTitle =
+      'One service per GPU node, each with its own engines, for every user of this JupyterHub; a request goes to a node that serves its model. ' +
+      (admin
+        ? "As an admin you swap models by hand on each node and set everyone's quotas."
+        : 'Your requests count against one quota on all nodes; admins swap models and set quotas.');
+  } else if (shared) {
     who = `The node's shared swap service · ${admin ? `you${name ? ` (${name})` : ''} are its admin` : `signed in as ${name ?? 'you'}`}`;
     whoTitle = admin
       ? "One set of engines for every user of this JupyterHub. As an admin you swap models by hand and set everyone's quotas."
@@ -493,8 +550,53 @@ export function headerView(status: IStatus): IHeaderView {
       ? 'The engines run inside this Jupyter server; its user administers them.'
       : 'The engines run inside this Jupyter server; the admins named in its configuration swap them and set quotas.';
   }
-  const gpu = status.devices.some(d => d.kind === 'nvidia');
-  return { who, whoTitle, how: swapMethodText(status.checkpointer, gpu) };
+  return { who, whoTitle, how: howText(status) };
+}
+
+/** How a swap moves an engine; nodes that differ (client mode) each say theirs. */
+function howText(status: IStatus): string {
+  const c = status.checkpointer;
+  if (c === null || c === undefined || typeof c === 'string') {
+    return swapMethodText(c, status.devices.some(d => d.kind === 'nvidia'));
+  }
+  const texts = new Map<string, string[]>();
+  for (const [node, checkpointer] of Object.entries(c)) {
+    const text = swapMethodText(checkpointer, status.devices.some(d => d.node === node && d.kind === 'nvidia'));
+    if (text) {
+      texts.set(text, [...(texts.get(text) ?? []), node]);
+    }
+  }
+  if (texts.size === 1) {
+    return [...texts.keys()][0];
+  }
+  return [...texts].map(([text, nodes]) => `${nodes.join(', ')}: ${text}`).join('; ');
+}
+
+export interface INodeView {
+  name: string;
+  up: boolean;
+  /** "up" or "not answering" */
+  stateText: string;
+  /** "2 models: gemma, smollm2" */
+  modelsText: string;
+  /** the whole line, for a title and screen readers */
+  title: string;
+}
+
+/** The node strip (client mode with several nodes): each node, up or not, and the models it offers. */
+export function nodeViews(nodes: INode[] | undefined, nowSeconds: number): INodeView[] {
+  return (nodes ?? []).map(n => {
+    const models = n.models ?? [];
+    const modelsText = models.length
+      ? `${models.length === 1 ? '1 model' : `${models.length} models`}: ${models.join(', ')}`
+      : 'no models';
+    const since = typeof n.since === 'number' && n.since > 0 ? formatAgo(n.since, nowSeconds) : '';
+    const stateText = n.up ? 'up' : 'not answering';
+    const title = n.up
+      ? `${n.name} is up${since ? ` (came up ${since})` : ''}; ${modelsText}`
+      : `${n.name} is not answering${since ? ` (stopped ${since})` : ''}${n.error ? `: ${n.error}` : ''}; its models are unavailable until it answers again`;
+    return { name: n.name, up: n.up, stateText, modelsText, title };
+  });
 }
 
 /** The connection line of the header. */

@@ -28,6 +28,8 @@ export interface IDevice {
   free_gib: number;
   used_gib: number | null;
   waiting: IWaiting[];
+  /** client mode with several nodes: the node service that has this device (device 0 is on every node) */
+  node?: string;
 }
 
 export interface ISwapSample {
@@ -70,11 +72,29 @@ export interface IModel {
   swap_in_history?: ISwapSample[];
   last_steps?: IStep[];
   error?: string | null;
+  /** client mode: the node service that serves this model (the same name may be on several nodes) */
+  node?: string;
+}
+
+/** Client mode: one node service of the hub, as the user's server sees it (service/nodes.py). */
+export interface INode {
+  name: string;
+  url?: string;
+  /** whether its event stream answers now */
+  up: boolean;
+  /** why not, while it is down */
+  error?: string | null;
+  /** since when (unix seconds) it is up, or down */
+  since?: number;
+  /** the models it offers */
+  models: string[];
+  devices?: number;
 }
 
 export interface IStatus {
   version: number;
-  checkpointer?: string;
+  /** how swaps move memory; client mode with nodes that differ: one per node */
+  checkpointer?: string | Record<string, string | null>;
   devices: IDevice[];
   models: IModel[];
   /** notebook kernels holding GPU memory (standalone servers with kernel tenancy) */
@@ -84,6 +104,24 @@ export interface IStatus {
   user?: { name?: string | null; admin?: boolean } | null;
   /** 'service': the node's shared swap service (JupyterHub); 'standalone': this server's own engines */
   mode?: 'standalone' | 'service' | string;
+  /** client mode: the node services this server forwards to, up or down */
+  nodes?: INode[];
+}
+
+/** Which model a button is about: its name, and the node that serves it (client mode). */
+export interface IModelRef {
+  name: string;
+  node?: string;
+}
+
+/** The key of a model's row, pending request and message: a name is unique only on its node. */
+export function modelKey(m: IModelRef): string {
+  return m.node ? `${m.node}/${m.name}` : m.name;
+}
+
+/** The key of a device's row: every node has a device 0. */
+export function deviceKey(d: { index: number; node?: string }): string {
+  return d.node ? `${d.node}/${d.index}` : String(d.index);
 }
 
 export interface ISwapResult {

@@ -22,7 +22,7 @@ import {
   withPrefetchDone,
   withStatus
 } from './state';
-import { SwapAction } from './types';
+import { IModelRef, modelKey, SwapAction } from './types';
 
 /** Requests under <base>/swapserve/api/ with the page's credentials (cookie + XSRF header, or token). */
 export function makeRequester(settings: ServerConnection.ISettings): Requester {
@@ -92,7 +92,7 @@ export class SwapServePanel extends Widget {
       swap: (model, action) => void this.swap(model, action),
       prefetch: model => void this.useNow(model),
       retry: () => void this.client.refresh(),
-      dismiss: model => this.setState(dismissMessage(this.state, model))
+      dismiss: key => this.setState(dismissMessage(this.state, key))
     });
     this.quotas = new QuotaSection(this.request);
     this.quotas.onChanged = () => this.refreshQuotas();
@@ -168,24 +168,29 @@ export class SwapServePanel extends Widget {
     }
   }
 
-  /** "Use now": the intent hint, for users who may not swap by hand (and anyone who wants it). */
-  async useNow(model: string): Promise<void> {
-    if (this.state.pending[model]) {
+  /** "Use now": the intent hint, for users who may not swap by hand (and anyone who wants it);
+   * a model of a given node (client mode) is asked for on that node. */
+  async useNow(model: IModelRef | string): Promise<void> {
+    const ref = typeof model === 'string' ? { name: model } : model;
+    const key = modelKey(ref);
+    if (this.state.pending[key]) {
       return;
     }
-    this.setState(withPending(this.state, model, 'prefetch', Date.now()));
-    const outcome = await this.client.prefetch(model);
-    this.setState(withPrefetchDone(this.state, model, outcome));
+    this.setState(withPending(this.state, key, 'prefetch', Date.now()));
+    const outcome = await this.client.prefetch(ref.name, ref.node);
+    this.setState(withPrefetchDone(this.state, key, outcome, ref.name));
   }
 
-  /** For tests and the command palette: swap from code. */
-  async swap(model: string, action: SwapAction): Promise<void> {
-    if (this.state.pending[model]) {
+  /** For tests and the command palette: swap from code (on the model's node, where one is given). */
+  async swap(model: IModelRef | string, action: SwapAction): Promise<void> {
+    const ref = typeof model === 'string' ? { name: model } : model;
+    const key = modelKey(ref);
+    if (this.state.pending[key]) {
       return;
     }
-    this.setState(withPending(this.state, model, action, Date.now()));
-    const outcome = await this.client.swap(model, action);
-    this.setState(withActionDone(this.state, model, action, outcome));
+    this.setState(withPending(this.state, key, action, Date.now()));
+    const outcome = await this.client.swap(ref.name, action, ref.node);
+    this.setState(withActionDone(this.state, key, action, outcome));
   }
 
   dispose(): void {
@@ -260,7 +265,7 @@ export class SwapServePanel extends Widget {
   }
 
   private render(): void {
-    this.view.update(this.state, Date.now());
+    this.view.update(this.state, Date.now(), this.usageDoc?.limits?.allowed_models ?? null);
     this.quotas.update(this.quotaDoc, this.state.status);
     this.usage.update(this.usageDoc, Date.now(), this.usageArrivedAt);
     this.kernels.update(this.state.status?.kernels, Date.now() / 1000);

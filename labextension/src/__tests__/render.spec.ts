@@ -1,14 +1,14 @@
 import { PanelView } from '../render';
 import { classifyError, initialState, IPanelState, withError, withPending, withStatus } from '../state';
-import { SwapAction } from '../types';
+import { modelKey, SwapAction } from '../types';
 import { model, status } from './fixtures';
 
 function mount() {
   const swaps: [string, SwapAction][] = [];
   const prefetches: string[] = [];
   const view = new PanelView({
-    swap: (m, a) => swaps.push([m, a]),
-    prefetch: m => prefetches.push(m),
+    swap: (m, a) => swaps.push([modelKey(m), a]),
+    prefetch: m => prefetches.push(modelKey(m)),
     retry: () => undefined,
     dismiss: () => undefined
   });
@@ -115,6 +115,37 @@ describe('PanelView', () => {
     view.update(pending, 0);
     expect(useNow.textContent).toBe('Asking…');
     expect(card(view.node, 'gemma').getAttribute('data-state')).toBe('swapped_out'); // a hint may be declined
+  });
+
+  it("disables 'Use now' with a one-line reason for a model the user's quota does not include", () => {
+    const { view, prefetches } = mount();
+    const st = status({ user: { name: 'bob', admin: false }, mode: 'service' });
+    st.models.push(model({ name: 'phi' }));
+    view.update(withStatus(initialState(), st, 0, 'sse'), 0, ['smollm2', 'phi']);
+    const gemma = card(view.node, 'gemma');
+    const useNow = gemma.querySelector<HTMLButtonElement>('.jp-SwapServe-prefetch')!;
+    expect(useNow.hidden).toBe(false);
+    expect(useNow.getAttribute('aria-disabled')).toBe('true');
+    const reason = 'Your quota does not include gemma (allowed: smollm2, phi); ask an admin.';
+    expect(useNow.getAttribute('aria-label')).toBe(reason);
+    const note = gemma.querySelector<HTMLElement>('.jp-SwapServe-notAllowed')!;
+    expect(note.hidden).toBe(false);
+    expect(note.textContent).toBe(reason);
+    useNow.click();
+    expect(prefetches).toEqual([]);
+    // an allowed model: no note, the button works
+    expect(card(view.node, 'phi').querySelector<HTMLElement>('.jp-SwapServe-notAllowed')!.hidden).toBe(true);
+    card(view.node, 'phi').querySelector<HTMLButtonElement>('.jp-SwapServe-prefetch')!.click();
+    expect(prefetches).toEqual(['phi']);
+    // the quota changes to every model: the note goes, the button comes back
+    view.update(withStatus(initialState(), st, 0, 'sse'), 0, null);
+    expect(note.hidden).toBe(true);
+    expect(useNow.getAttribute('aria-disabled')).toBe(null);
+    // an admin is never told: admins swap by hand whatever their own quota says
+    const admin = status({ user: { name: 'teacher', admin: true }, mode: 'service' });
+    view.update(withStatus(initialState(), admin, 0, 'sse'), 0, ['smollm2']);
+    expect(note.hidden).toBe(true);
+    expect(gemma.querySelector<HTMLElement>('.jp-SwapServe-swap-in')!.getAttribute('aria-disabled')).toBe(null);
   });
 
   it("says when this is the node's shared service and you are its admin", () => {

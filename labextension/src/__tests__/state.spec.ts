@@ -207,6 +207,22 @@ describe('modelView', () => {
     expect(modelView(st.models[0], st.devices, undefined, undefined, NOW, true).canPrefetch).toBe(false);
   });
 
+  it("does not offer 'Use now' for a model the user's quota excludes, and says why", () => {
+    const user = (allowed: string[] | null, m = st.models[0]) =>
+      modelView(m, st.devices, undefined, undefined, NOW, false, allowed);
+    expect(user(['smollm2']).canPrefetch).toBe(false);
+    expect(user(['smollm2']).offersPrefetch).toBe(true); // shown, disabled, with the reason
+    expect(user(['smollm2']).notAllowedText).toBe('Your quota does not include gemma (allowed: smollm2); ask an admin.');
+    expect(user([]).notAllowedText).toBe('Your quota includes no model; ask an admin.');
+    expect(user(['gemma']).canPrefetch).toBe(true);
+    expect(user(['gemma']).notAllowedText).toBe('');
+    expect(user(null).canPrefetch).toBe(true);
+    // a running model the user may not call: the reason still shows, nothing to offer
+    const running = user(['smollm2'], model({ state: 'running' }));
+    expect([running.offersPrefetch, running.notAllowedText !== '']).toEqual([false, true]);
+    expect(modelView(st.models[0], st.devices, undefined, undefined, NOW, true, ['smollm2']).notAllowedText).toBe('');
+  });
+
   it('offers Start for a failed or stopped model and shows its error', () => {
     const v = modelView(model({ state: 'failed', error: 'start failed: boom' }), st.devices, undefined, undefined, NOW);
     expect(v.canSwapIn).toBe(true);
@@ -241,7 +257,7 @@ describe('deviceView', () => {
   it('splits the reservations by model and reports free memory', () => {
     const st = status();
     const v = deviceView(st.devices[0], st.models);
-    expect(v.segments).toEqual([{ label: 'smollm2', gib: 0.5, percent: 50 }]);
+    expect(v.segments).toEqual([{ label: 'smollm2', key: 'smollm2', gib: 0.5, percent: 50 }]);
     expect(v.reservedPercent).toBe(50);
     expect(v.usedPercent).toBeNull();
     expect(v.legend).toEqual({ used: null, reserved: '0.50 GiB', free: '0.50 GiB' }); // nothing to measure
