@@ -313,10 +313,11 @@ export class PanelView {
     const root = h('div', 'jp-SwapServe-device');
     const head = h('div', 'jp-SwapServe-rowHead');
     const title = h('span', 'jp-SwapServe-deviceName');
-    const node = h('span', 'jp-SwapServe-badge jp-SwapServe-nodeBadge');
-    node.hidden = true;
     const kind = h('span', 'jp-SwapServe-badge jp-SwapServe-kind');
-    head.append(title, node, kind);
+    head.append(title, kind);
+    // its node, on a line of its own: a narrow sidebar keeps the device's name whole
+    const node = h('div', 'jp-SwapServe-onNode');
+    node.hidden = true;
     const capacity = h('span', 'jp-SwapServe-legendItem jp-SwapServe-capacity');
     const bar = h('div', 'jp-SwapServe-bar jp-SwapServe-deviceBar');
     bar.setAttribute('role', 'img');
@@ -330,7 +331,7 @@ export class PanelView {
     legend.append(reserved, free, usedLegend, capacity);
     const waiting = h('div', 'jp-SwapServe-waiting');
     waiting.setAttribute('aria-live', 'polite');
-    root.append(head, bar, legend, waiting);
+    root.append(head, node, bar, legend, waiting);
     return { root, title, node, kind, capacity, bar, segs, used, reserved, free, usedLegend, waiting };
   }
 
@@ -412,10 +413,11 @@ export class PanelView {
     state.appendChild(h('span', 'jp-SwapServe-stateIcon'));
     const stateText = h('span', 'jp-SwapServe-stateText');
     state.appendChild(stateText);
-    const nodeEl = h('span', 'jp-SwapServe-badge jp-SwapServe-nodeBadge');
+    // its node (several nodes), first on the line under the name: the name stays whole
+    const nodeEl = h('span', 'jp-SwapServe-onNode');
     nodeEl.hidden = true;
-    head.append(swatch, nameEl, nodeEl);
-    subRow.append(subtitle, pinned, state);
+    head.append(swatch, nameEl);
+    subRow.append(nodeEl, subtitle, pinned, state);
 
     const mem = h('div', 'jp-SwapServe-memory');
     const memLabel = h('span', 'jp-SwapServe-label', 'Memory');

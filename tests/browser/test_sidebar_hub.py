@@ -60,8 +60,9 @@ def wait_service_models(hub: Hub, timeout: float = 300) -> dict:
 
 
 @contextlib.contextmanager
-def lab_as(browser: Browser, hub: Hub, name: str, height: int = 1400) -> Iterator[Page]:  # noqa: F811
-    """The user logs in on the hub's page (the demo's dummy authenticator) and opens their JupyterLab."""
+def lab_as(browser: Browser, hub: Hub, name: str, height: int = 1400, models: int = 2) -> Iterator[Page]:  # noqa: F811
+    """The user logs in on the hub's page (the demo's dummy authenticator) and opens their JupyterLab,
+    whose sidebar shows ``models`` model cards."""
     context: BrowserContext = browser.new_context(viewport={"width": 1280, "height": height}, device_scale_factor=2)
     page = context.new_page()
     page.set_default_timeout(30_000)
@@ -74,7 +75,7 @@ def lab_as(browser: Browser, hub: Hub, name: str, height: int = 1400) -> Iterato
         page.wait_for_url(re.compile(r"/(hub/home|hub/spawn|user/)"), timeout=60_000)
         page.goto(f"{hub.user_url(name)}lab")
         show_panel(page, timeout=120_000)
-        expect(page.locator(f"{PANEL} .jp-SwapServe-model")).to_have_count(2)
+        expect(page.locator(f"{PANEL} .jp-SwapServe-model")).to_have_count(models)
         yield page
     finally:
         context.close()

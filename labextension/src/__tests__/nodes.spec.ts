@@ -65,8 +65,8 @@ describe('several nodes', () => {
     expect(cardOn(view.node, GPU1, 'smollm2').querySelector('.jp-SwapServe-stat-requests dd')!.textContent).toBe('3');
     expect(cardOn(view.node, GPU2, 'smollm2').querySelector('.jp-SwapServe-stat-requests dd')!.textContent).toBe('0');
     // each card says which node serves it
-    expect(cardOn(view.node, GPU2, 'smollm2').querySelector('.jp-SwapServe-nodeBadge')!.textContent).toBe(`on ${GPU2}`);
-    expect(cardOn(view.node, GPU1, 'gemma').querySelector('.jp-SwapServe-nodeBadge')!.textContent).toBe(`on ${GPU1}`);
+    expect(cardOn(view.node, GPU2, 'smollm2').querySelector('.jp-SwapServe-onNode')!.textContent).toBe(`on ${GPU2}`);
+    expect(cardOn(view.node, GPU1, 'gemma').querySelector('.jp-SwapServe-onNode')!.textContent).toBe(`on ${GPU1}`);
     // a change on one node's smollm2 patches its own card only
     const gpu1Card = cardOn(view.node, GPU1, 'smollm2');
     const next = union();
@@ -86,7 +86,7 @@ describe('several nodes', () => {
       [GPU2, '0']
     ]);
     expect(devices.map(d => d.querySelector('.jp-SwapServe-deviceName')!.textContent)).toEqual(['gpu1-cpu', 'gpu2-cpu']);
-    expect(devices.map(d => d.querySelector('.jp-SwapServe-nodeBadge')!.textContent)).toEqual([`on ${GPU1}`, `on ${GPU2}`]);
+    expect(devices.map(d => d.querySelector('.jp-SwapServe-onNode')!.textContent)).toEqual([`on ${GPU1}`, `on ${GPU2}`]);
     // gpu1's bar holds gpu1's smollm2 (0.5 GiB); gpu2's holds gpu2's gemma-b (0.6 GiB), not gpu1's smollm2
     const segs = devices.map(d => [...d.querySelectorAll<HTMLElement>('.jp-SwapServe-seg')].map(s => s.title));
     expect(segs).toEqual([['smollm2: 0.50 GiB'], ['gemma-b: 0.60 GiB']]);
@@ -199,7 +199,7 @@ describe('several nodes', () => {
     one.mode = 'service';
     view.update(withStatus(initialState(), one, 0, 'sse'), 0);
     expect(view.node.querySelector<HTMLElement>('.jp-SwapServe-nodes')!.hidden).toBe(true);
-    expect(cardOn(view.node, GPU1, 'smollm2').querySelector<HTMLElement>('.jp-SwapServe-nodeBadge')!.hidden).toBe(true);
+    expect(cardOn(view.node, GPU1, 'smollm2').querySelector<HTMLElement>('.jp-SwapServe-onNode')!.hidden).toBe(true);
     expect(view.node.querySelector('.jp-SwapServe-who')!.textContent).toBe(
       "The node's shared swap service · signed in as bob"
     );
