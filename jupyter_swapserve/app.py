@@ -13,16 +13,21 @@ from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebso
 from traitlets import Bool, Enum, Float, List, Unicode
 
 from .config import ConfigError, ModelsFile, load_models_file
+from .gpu.checkpoint import make_checkpointer
+from .gpu.monitor import GpuMonitor
 from .handlers import handlers
 from .handlers.fallback import fallback_handlers
 from .handlers.proxy import proxy_handlers
+from .kernel_connection import SETTING as KERNEL_GATE
 from .kernel_connection import SwapServeKernelConnection
+from .kernel_reporter import KernelReporter
 from .kernel_watch import KernelWatcher
 from .runtime import Runtimes
 from .service import KernelOptions, Seams, ServiceConfig, SwapService, build_service
 from .service.accounting import QuotaAccounting
 from .service.identity import AdminRule
 from .service.nodes import NodeDirectory, node_name_of
+from .service.steps import DriverSteps
 from .service.storage import QuotaStore, StorageError
 
 
@@ -93,9 +98,23 @@ class SwapServe(ExtensionApp):
     )
     kernel_tenants = Bool(
         True, config=True,
-        help="Standalone mode: this server's notebook kernels that hold GPU memory are tenants of the GPUs "
-             "like the models: listed in the status, evicted by the same policy when idle, checkpointed "
-             "(never frozen) and restored before their next cell runs.",
+        help="Notebook kernels that hold GPU memory are tenants of the GPUs like the models: listed in the "
+             "status, evicted by the same policy when idle, checkpointed (never frozen) and restored before "
+             "their next cell runs. Standalone: this server's kernels. Under JupyterHub, a user's server "
+             "(client mode) reports its kernels to the shared service and swaps them when it says so; the "
+             "service (service mode) books and ranks the kernels its users' servers report.",
+    )
+    kernel_lease = Float(
+        15.0, config=True,
+        help="Service mode: a user's server's kernel report holds this many seconds. A server that stops "
+             "reporting loses its kernels' bookings: they are then counted by what their processes hold "
+             "(NVML) until those end, and are never victims.",
+    )
+    kernel_command_timeout = Float(
+        10.0, config=True,
+        help="Service mode: seconds a user's server has to take a command (swap a kernel out or in) before "
+             "the service gives up on it (and picks another victim); the work itself may then take longer, "
+             "by the GiB to move.",
     )
     kernel_idle_timeout = Float(
         None, allow_none=True, config=True,
@@ -171,6 +190,7 @@ class SwapServe(ExtensionApp):
                                                              self.hub_admins_are_admins)
         self.service: SwapService | None = None
         self.nodes: NodeDirectory | None = None
+        self.kernel_reporter: KernelReporter | None = None
         if nodes:
             # the hub's token for this server, owned by its user: the services see that user
             token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
@@ -179,6 +199,8 @@ class SwapServe(ExtensionApp):
             self.settings["swapserve_nodes"] = self.nodes
             self.log.info("jupyter-swapserve: client mode, /swapserve/ forwarded to %s",
                           ", ".join(f"{name} ({url})" for name, url in nodes))
+            if self._kernels_are_tenants():
+                self._report_kernels(token)
             return
         models = ModelsFile(devices=None, models=[], errors=[])
         if self.models_file:
@@ -202,7 +224,23 @@ class SwapServe(ExtensionApp):
         self.service.metrics.register_globally()  # also at jupyter_server's /metrics
         if self.service.kernels is not None:
             self.settings["swapserve_kernels"] = self.service.kernels
+        if self.service.kernels is not None and self.resolved_mode == "standalone":
+            self.settings[KERNEL_GATE] = self.service.kernels
             self.settings["kernel_websocket_connection_class"] = SwapServeKernelConnection
+
+    def _report_kernels(self, token: str) -> None:
+        """Client mode: this server's kernels reported to the shared service, swapped on its commands."""
+        assert self.nodes is not None
+        directory = self.nodes
+        monitor = GpuMonitor(None)
+        self.kernel_reporter = KernelReporter(
+            KernelWatcher(self.serverapp, os.environ.get("JUPYTERHUB_USER") or self.settings["swapserve_local_user"]),
+            monitor, DriverSteps(make_checkpointer(monitor.has_gpu)),
+            lambda: [node.url for node in directory.nodes.values()], token,
+            os.environ.get("JUPYTERHUB_SERVER_NAME", ""), virtual=self.kernel_tenants_on_virtual_device,
+            interval=self.kernel_check_interval)
+        self.settings[KERNEL_GATE] = self.kernel_reporter
+        self.settings["kernel_websocket_connection_class"] = SwapServeKernelConnection
 
     def _service_config(self) -> tuple[ServiceConfig, Seams]:
         """The core's configuration and seams, from this extension's traits."""
@@ -211,7 +249,13 @@ class SwapServe(ExtensionApp):
         config = ServiceConfig(idle_check_interval=self.idle_check_interval, accounting=self._make_accounting(),
                                kernels=None, metrics=True, event_log=event_log)
         seams = Seams(runtimes=Runtimes(self.podman_url))
-        if self._kernels_are_tenants():
+        if self.kernel_tenants and self.resolved_mode == "service":
+            # the kernels of users' servers, which report them and act on the service's commands
+            config.kernels = KernelOptions(idle_timeout=self.kernel_idle_timeout,
+                                           on_virtual_device=self.kernel_tenants_on_virtual_device,
+                                           interval=min(self.kernel_check_interval, 1.0), remote=True,
+                                           lease_s=self.kernel_lease, answer_timeout_s=self.kernel_command_timeout)
+        elif self._kernels_are_tenants():
             config.kernels = KernelOptions(idle_timeout=self.kernel_idle_timeout,
                                            on_virtual_device=self.kernel_tenants_on_virtual_device,
                                            interval=self.kernel_check_interval)
@@ -219,9 +263,10 @@ class SwapServe(ExtensionApp):
         return config, seams
 
     def _kernels_are_tenants(self) -> bool:
-        """Kernels as GPU tenants, standalone only: their websocket connection swaps a checkpointed
-        kernel back in before its next cell, so it must be ours (or Jupyter's own, which it wraps)."""
-        if not self.kernel_tenants or self.resolved_mode != "standalone":
+        """This server's kernels as GPU tenants (standalone, or reported by a user's server in client
+        mode): their websocket connection swaps a checkpointed kernel back in before its next cell, so
+        it must be ours (or Jupyter's own, which it wraps)."""
+        if not self.kernel_tenants or self.resolved_mode not in ("standalone", "client"):
             return False
         configured = self.settings.get("kernel_websocket_connection_class")
         if configured not in (None, ZMQChannelsWebsocketConnection, SwapServeKernelConnection):
@@ -239,6 +284,8 @@ class SwapServe(ExtensionApp):
             self.service.start()
         if self.nodes is not None:
             self.nodes.start()
+        if self.kernel_reporter is not None:
+            self.kernel_reporter.start()
         if self.export_env and self.resolved_mode != "service":
             os.environ["SWAPSERVE_URL"] = serverapp.connection_url.rstrip("/") + "/swapserve/v1"
             token = getattr(serverapp.identity_provider, "token", "") or ""
@@ -254,5 +301,7 @@ class SwapServe(ExtensionApp):
             self.settings["swapserve_metrics"].unregister_globally()
         if self.service is not None:
             await self.service.close()
+        if self.kernel_reporter is not None:
+            await self.kernel_reporter.close()
         if self.nodes is not None:
             await self.nodes.close()

@@ -5,13 +5,17 @@ This one looks at messages on the shell channel first: an ``execute_request`` or
 to a kernel whose GPU memory is checkpointed is held (with everything after it, in order) while
 the swap service restores the kernel, and delivered right after, preceded by one status line in
 the cell's output ("GPU state restored in 0.9 s"). Everything else passes through unchanged.
+
+Who restores depends on the mode, behind one small interface (:class:`KernelGate`): on a standalone
+server its own kernel tenants (service/kernels.py); on a user's server under JupyterHub the kernel
+reporter (kernel_reporter.py), which asks the shared service for the memory and restores when told.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import Any, Protocol
 
 from jupyter_client.jsonutil import json_default
 from jupyter_server.services.kernels.connection.base import (
@@ -21,11 +25,20 @@ from jupyter_server.services.kernels.connection.base import (
 )
 from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebsocketConnection
 
-from .service.kernels import KernelTenants
-
 V1 = "v1.kernel.websocket.jupyter.org"
 #: the messages that run code in the kernel, and so need its GPU state
 NEEDS_GPU = frozenset({"execute_request", "comm_msg", "comm_open"})
+#: where the server's settings hold the gate (set by app.py in standalone and client mode)
+SETTING = "swapserve_kernel_gate"
+
+
+class KernelGate(Protocol):
+    """What the connection needs of kernel tenancy: standalone, service.kernels.KernelTenants; on a
+    user's server under a hub, kernel_reporter.KernelReporter."""
+
+    def tracks(self, kernel_id: str) -> bool: ...
+    def begin_execution(self, kernel_id: str) -> bool: ...
+    async def swap_in(self, kernel_id: str) -> float: ...
 
 
 class SwapServeKernelConnection(ZMQChannelsWebsocketConnection):
@@ -34,8 +47,8 @@ class SwapServeKernelConnection(ZMQChannelsWebsocketConnection):
     _held: list[Any] | None = None
 
     @property
-    def _tenants(self) -> KernelTenants | None:
-        return self.websocket_handler.settings.get("swapserve_kernels")
+    def _gate(self) -> KernelGate | None:
+        return self.websocket_handler.settings.get(SETTING)
 
     def _peek(self, ws_msg: Any) -> tuple[str, dict[str, Any]]:
         """(channel, header) of a websocket message, in any of the protocols Jupyter accepts."""
@@ -52,19 +65,19 @@ class SwapServeKernelConnection(ZMQChannelsWebsocketConnection):
         if self._held is not None:  # a swap-in is under way: keep the order of everything sent
             self._held.append(incoming_msg)
             return
-        tenants = self._tenants
-        if tenants is not None and self.kernel_id in tenants.tenants:
+        gate = self._gate
+        if gate is not None and gate.tracks(self.kernel_id):
             channel, header = self._peek(incoming_msg)
-            if channel == "shell" and header.get("msg_type") in NEEDS_GPU and tenants.begin_execution(self.kernel_id):
+            if channel == "shell" and header.get("msg_type") in NEEDS_GPU and gate.begin_execution(self.kernel_id):
                 self._held = [incoming_msg]
-                task = asyncio.ensure_future(self._swap_in_then_deliver(tenants, header))
+                task = asyncio.ensure_future(self._swap_in_then_deliver(gate, header))
                 task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
                 return
         super().handle_incoming_message(incoming_msg)
 
-    async def _swap_in_then_deliver(self, tenants: KernelTenants, header: dict[str, Any]) -> None:
+    async def _swap_in_then_deliver(self, gate: KernelGate, header: dict[str, Any]) -> None:
         try:
-            seconds = await tenants.swap_in(self.kernel_id)
+            seconds = await gate.swap_in(self.kernel_id)
             note, stream = f"GPU state restored in {seconds:.1f} s", "stdout"
         except Exception as exc:
             # deliver anyway: code that does not touch the GPU runs; a CUDA call waits for the

@@ -6,6 +6,7 @@ from .admin import SchemaHandler, StatusHandler, SwapHandler
 from .embeddings import EmbeddingsHandler
 from .events import EventsHandler
 from .fallback import fallback_handlers
+from .kernel_reports import KernelAnswerHandler, KernelCommandsHandler, KernelReportHandler
 from .kernels import ACTIONS, KernelActionHandler, KernelHandler, KernelListHandler
 from .metrics import MetricsHandler
 from .openai import CompletionsHandler, ModelsHandler
@@ -28,6 +29,10 @@ def handlers() -> list[tuple]:
         (r"/swapserve/api/kernels", KernelListHandler),
         (r"/swapserve/api/kernels/([^/]+)", KernelHandler),
         (rf"/swapserve/api/kernels/([^/]+)/({'|'.join(ACTIONS)})", KernelActionHandler),
+        # between users' servers and the shared service (issue 21): reports, commands, answers
+        (r"/swapserve/api/kernel-reports", KernelReportHandler),
+        (r"/swapserve/api/kernel-commands", KernelCommandsHandler),
+        (r"/swapserve/api/kernel-commands/([^/]+)", KernelAnswerHandler),
         (r"/swapserve/api/quotas", QuotasHandler),
         (r"/swapserve/api/quotas/([^/]+)", UserQuotaHandler),
         (r"/swapserve/api/usage", UsageHandler),

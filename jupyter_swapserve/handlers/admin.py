@@ -7,15 +7,14 @@ from typing import Any
 from ..config import schema
 from ..service import EngineUnavailable, ModelNotFound
 from .base import OpenAIError, SwapServeHandler
+from .kernels import visible_status
 
 
 def viewer_status(handler: SwapServeHandler) -> dict[str, Any]:
     """The status as the caller sees it: who they are and whether they administer the service (the
     sidebar offers manual swaps and the quota form to admins only), and whether this is a node's
     shared service (``mode``: service) or a server's own engines (standalone)."""
-    status = handler.service.status()
-    identity = handler.identity()
-    status["user"] = {"name": identity.name, "admin": identity.admin}
+    status = visible_status(handler.service.status(), handler.identity())  # a user's own kernels only
     status["mode"] = handler.settings.get("swapserve_mode") or "standalone"
     return status
 

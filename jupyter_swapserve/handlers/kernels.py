@@ -9,10 +9,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..service.identity import Identity
 from ..service.kernels import KernelSwapError, KernelTenant, KernelTenants
+from ..service.remote_kernels import RemoteKernels
 from .base import OpenAIError, SwapServeHandler
 
 ACTIONS = ("release", "swap-out", "swap-in", "pin", "unpin")
+
+
+def visible_status(status: dict[str, Any], identity: Identity) -> dict[str, Any]:
+    """The status as ``identity`` may see it: on the shared service a user sees their own kernels
+    only (admins all); ``user`` says who looks."""
+    if not identity.admin:
+        status["kernels"] = [k for k in status.get("kernels", []) if k.get("user") == identity.name]
+    status["user"] = {"name": identity.name, "admin": identity.admin}
+    return status
 
 
 class KernelsBase(SwapServeHandler):
@@ -20,8 +31,8 @@ class KernelsBase(SwapServeHandler):
     def tenants(self) -> KernelTenants:
         tenants = self.settings.get("swapserve_kernels")
         if tenants is None:
-            raise OpenAIError(404, "kernels are not GPU tenants on this server (SwapServe.kernel_tenants is off, "
-                                   "or this is not a standalone server)", code="kernels_not_tracked")
+            raise OpenAIError(404, "kernels are not GPU tenants on this server (SwapServe.kernel_tenants is off)",
+                              code="kernels_not_tracked")
         return tenants
 
     def visible(self, tenant: KernelTenant) -> bool:
@@ -34,9 +45,9 @@ class KernelsBase(SwapServeHandler):
         if tenant is not None and not self.visible(tenant):
             raise OpenAIError(403, f"kernel '{kernel_id}' belongs to another user", param="kernel_id",
                               code="forbidden")
-        if tenant is None and kernel_id not in self.kernel_manager:
-            raise OpenAIError(404, f"no kernel '{kernel_id}' on this server", param="kernel_id",
-                              code="kernel_not_found")
+        if tenant is None and (isinstance(self.tenants, RemoteKernels) or kernel_id not in self.kernel_manager):
+            where = "booked on this swap service" if isinstance(self.tenants, RemoteKernels) else "on this server"
+            raise OpenAIError(404, f"no kernel '{kernel_id}' {where}", param="kernel_id", code="kernel_not_found")
         return tenant
 
 

@@ -36,6 +36,8 @@ NODE_HEADER = "x-swapserve-node"
 MODEL_ROUTES = ("v1/chat/completions", "v1/completions", "v1/embeddings")
 MODEL_ACTION = re.compile(r"api/models/([^/]+)/(swap-in|swap-out|prefetch)")
 EVENTS_MIN_INTERVAL, EVENTS_KEEPALIVE = 0.1, 15.0
+#: routes the service offers to users' servers themselves (their kernels' reports and commands)
+OWNER_ROUTES = ("api/kernel-reports", "api/kernel-commands")
 
 
 class Unreachable(Exception):
@@ -71,6 +73,11 @@ class ProxyHandler(SwapServeHandler):
     async def _handle(self, path: str) -> None:
         self.require_user("execute" if self.request.method == "POST" and path.startswith("v1/") else
                           "read" if self.request.method == "GET" else "write")
+        if path.startswith(OWNER_ROUTES):
+            # a server's own reports and command channel go to the service with the server's token
+            # (kernel_reporter.py), never through this proxy on a browser's or a client's behalf
+            raise OpenAIError(404, f"/swapserve/{path} is between this server and the swap service; it is not "
+                                   "forwarded", code="not_forwarded")
         self._task = asyncio.current_task()
         try:
             await self.directory.first_status()

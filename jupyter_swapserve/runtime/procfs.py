@@ -106,3 +106,33 @@ def tcp_socket_uid(local: tuple[str, int], remote: tuple[str, int], proc: Path =
                 if len(fields) > 7 and address(fields[1]) == local and address(fields[2]) == remote:
                     return int(fields[7])
     return None
+
+
+def environ(pid: int, proc: Path = PROC) -> dict[str, str] | None:
+    """A process's environment as it was started; None when it is gone or not ours to read (another
+    user's process, for a service that is not root)."""
+    try:
+        raw = (proc / str(pid) / "environ").read_bytes()
+    except OSError:
+        return None
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+def boot_id(proc: Path = PROC) -> str:
+    """This machine's boot: the same for every process of one host (containers included), different
+    on another host, so it tells whether two programs can see the same processes and GPUs."""
+    try:
+        return (proc / "sys" / "kernel" / "random" / "boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def owner_uid(pid: int, proc: Path = PROC) -> int | None:
+    """The real user id a process runs as; None when it is gone."""
+    try:
+        for line in (proc / str(pid) / "status").read_text().splitlines():
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -27,9 +27,11 @@ from .background import Background
 from .clock import Clock
 from .core import SwapService
 from .events import Notifier
+from .kernel_owners import OwnerChannels
 from .kernels import KernelFactsSource, KernelTenants
 from .launcher import EngineLauncher
 from .placement import Placement
+from .remote_kernels import RemoteKernels
 from .reservations import ReservationManager
 from .residuals import Residuals
 from .scheduler import ModelTenants, Scheduler
@@ -56,12 +58,18 @@ class Seams:
 
 @dataclass
 class KernelOptions:
-    """Notebook kernels as GPU tenants (standalone servers)."""
+    """Notebook kernels as GPU tenants: of this server (standalone), or of users' servers that
+    report them to this shared service (``remote``, service/remote_kernels.py)."""
 
     idle_timeout: float | None = None
     #: count kernels on a virtual device by their host memory (demos and tests)
     on_virtual_device: bool = False
     interval: float = 2.0
+    #: the kernels are users' servers' (the shared service): they report them and act on commands
+    remote: bool = False
+    #: remote: a server's report holds this long; a command's first answer is awaited this long
+    lease_s: float = 15.0
+    answer_timeout_s: float = 10.0
 
 
 @dataclass
@@ -150,9 +158,16 @@ def _kernel_tenants(config: ServiceConfig, seams: Seams, placement: Placement, d
         quota = accounting.limits(user)
         return quota.kernel_gpu_gib, quota.kernel_pin_gib
 
-    kernels = KernelTenants(placement, driver, record, monitor, notifier, background,
-                            idle_timeout=options.idle_timeout, virtual=options.on_virtual_device, limits=limits,
-                            facts=seams.kernel_facts, interval=options.interval, clock=clock)
+    shared = dict(idle_timeout=options.idle_timeout, virtual=options.on_virtual_device, limits=limits,
+                  interval=options.interval, clock=clock)
+    kernels: KernelTenants
+    if options.remote:
+        kernels = RemoteKernels(placement, driver, record, monitor, notifier, background, **shared,
+                                owners=OwnerChannels(), lease_s=options.lease_s,
+                                answer_timeout_s=options.answer_timeout_s)
+    else:
+        kernels = KernelTenants(placement, driver, record, monitor, notifier, background, **shared,
+                                facts=seams.kernel_facts)
     placement.register(kernels)
     return kernels
 

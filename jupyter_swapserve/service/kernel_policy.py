@@ -31,18 +31,23 @@ class KernelView:
     last_execution: float
     #: the user asked (%gpu release) to swap it out as soon as it is idle
     release_requested: bool = False
+    #: whoever swaps it can be asked now: always for a kernel of this server; for a kernel of a
+    #: user's server (service/remote_kernels.py), while that server reports, holds its command
+    #: channel open and answered its last command in time. A kernel nobody can move is never a victim.
+    owner_answers: bool = True
 
 
 def kernel_snapshot(k: KernelView) -> BackendSnapshot:
-    """The kernel as the preemption policy sees it: a victim only while resident and idle."""
+    """The kernel as the preemption policy sees it: a victim only while resident, idle and movable
+    (its owner answers)."""
     return BackendSnapshot(
         name=k.name, device=k.device, state=k.state, memory_gib=k.gib, queued=0, in_flight=1 if k.busy else 0,
-        last_used=k.last_execution, pinned=k.pinned, busy=k.busy,
+        last_used=k.last_execution, pinned=k.pinned, busy=k.busy or not k.owner_answers,
     )
 
 
 def swappable(k: KernelView) -> bool:
-    return k.state == State.RUNNING and not k.busy and not k.pinned and k.gib > 0
+    return k.state == State.RUNNING and not k.busy and not k.pinned and k.gib > 0 and k.owner_answers
 
 
 def due_for_swap_out(kernels: Sequence[KernelView], now: float, idle_timeout: float | None) -> list[str]:

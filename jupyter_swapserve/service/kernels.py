@@ -406,6 +406,10 @@ class KernelTenants:
             raise KernelSwapError(f"the kernels of '{tenant.user}' would hold more than their limit of "
                                   f"{limit:g} GiB of GPU memory; shut down or release another kernel")
 
+    def tracks(self, kernel_id: str) -> bool:
+        """Whether the kernel is a tenant (its websocket then watches for executions)."""
+        return kernel_id in self.tenants
+
     def begin_execution(self, kernel_id: str) -> bool:
         """An execution (or comm message) is about to reach the kernel: from now on it is busy (never
         a victim). True when its GPU state must come back first (swapped out, or in a swap)."""
