@@ -63,6 +63,8 @@ class OwnedKernel:
     execution_sent_at: float = 0.0
     #: as the service last said (it decides; this server remembers it for a service that restarts)
     pinned: bool = False
+    #: the swaps this server has done of it (orders its reports against its answers at the service)
+    moves: int = 0
     #: the nodes (their base URLs) that booked it
     booked_by: set[str] = field(default_factory=set)
     transition: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -70,7 +72,7 @@ class OwnedKernel:
     def as_report(self) -> dict[str, Any]:
         return {"kernel_id": self.kernel_id, "path": self.path, "pids": list(self.pids), "start": self.start,
                 "busy": self.busy, "last_execution": self.last_execution, "resident": self.resident,
-                "gib": round(self.gib, 6), "pinned": self.pinned}
+                "gib": round(self.gib, 6), "pinned": self.pinned, "moves": self.moves}
 
 
 class KernelReporter:
@@ -269,7 +271,7 @@ class KernelReporter:
         """lock → checkpoint, never while a cell runs; undone if a step fails."""
         async with kernel.transition:
             if not kernel.resident:
-                return {"status": "done", "pids": kernel.checkpointed, "steps": []}
+                return {"status": "done", "pids": kernel.checkpointed, "steps": [], "moves": kernel.moves}
             self._update(await self.facts.facts())  # busy or idle as of now
             if kernel.busy:
                 return {"status": "failed", "busy": True, "error": "a cell is running in the kernel"}
@@ -280,20 +282,22 @@ class KernelReporter:
             except SwapStepError as exc:
                 return {"status": "failed", "error": str(exc), "steps": timings(steps)}
             kernel.resident, kernel.checkpointed = False, pids
-            return {"status": "done", "pids": pids, "steps": timings(steps)}
+            kernel.moves += 1
+            return {"status": "done", "pids": pids, "steps": timings(steps), "moves": kernel.moves}
 
     async def _restore_here(self, kernel: OwnedKernel) -> dict[str, Any]:
         """restore → unlock (the node has reserved the memory)."""
         async with kernel.transition:
             if kernel.resident:
-                return {"status": "done", "steps": []}
+                return {"status": "done", "steps": [], "moves": kernel.moves}
             steps = SwapSteps()
             try:
                 await self.driver.restore(steps, kernel.checkpointed)
             except SwapStepError as exc:
                 return {"status": "failed", "error": str(exc), "steps": timings(steps)}
             kernel.resident, kernel.checkpointed = True, []
-            return {"status": "done", "steps": timings(steps)}
+            kernel.moves += 1
+            return {"status": "done", "steps": timings(steps), "moves": kernel.moves}
 
     async def _swap_in_logged(self, kernel_id: str) -> None:
         try:

@@ -182,9 +182,10 @@ class Hub:
 
 @contextlib.contextmanager
 def run_hub(models_file: Path | str = DEMO_MODELS, admins: str = "teacher", nodes: dict[str, Path] | None = None,
-            quota_db_url: str | None = None) -> Iterator[Hub]:
+            quota_db_url: str | None = None, extra_config: str = "") -> Iterator[Hub]:
     """A hub with the example's one managed service, or with ``nodes`` (node name → models file):
-    one external swap service per node, ``swapserve-<node>``, started here, sharing ``quota_db_url``."""
+    one external swap service per node, ``swapserve-<node>``, started here, sharing ``quota_db_url``.
+    ``extra_config``: lines of hub configuration after all that (a test's own settings)."""
     workdir = Path(tempfile.mkdtemp(prefix="swapserve-hub-"))
     port, service_port, api_port = free_port(), free_port(), free_port()
     admin_token = os.urandom(16).hex()
@@ -207,6 +208,7 @@ def run_hub(models_file: Path | str = DEMO_MODELS, admins: str = "teacher", node
           f"    if service['name'] in {sorted(external)!r}:\n"
           "        del service['command'], service['environment']\n"
           f"        service['api_token'] = {external!r}[service['name']]\n"
+        + extra_config
     )
     env = {
         **os.environ,

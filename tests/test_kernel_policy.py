@@ -70,3 +70,14 @@ def test_pinning_is_allowed_within_the_users_pin_limit() -> None:
     assert may_pin(kernels, "ada", "kernel b", 5.0)
     assert not may_pin(kernels, "ada", "kernel b", 4.0)
     assert not may_pin(kernels, "bob", "kernel z", 0.0)  # 0: the user may not pin
+
+
+def test_a_kernel_whose_owner_does_not_answer_is_never_a_victim_nor_due() -> None:
+    """A kernel of a user's server that is not connected, let a command time out, or stopped
+    reporting: nobody can move it, so the policy passes it over for the next one."""
+    silent = KernelView("kernel silent", "ada", 0, State.RUNNING, False, False, 2.0, 1.0, True, owner_answers=False)
+    snaps = [kernel_snapshot(silent), kernel_snapshot(kernel("kernel next", last=50.0))]
+    plan = choose_victims(snaps, device=0, need_gib=1.0, free_gib=0.0, requester="m")
+    assert plan.victims == ("kernel next",) and plan.sufficient
+    assert due_for_swap_out([silent], now=100.0, idle_timeout=1.0) == []
+    assert over_user_limit([silent], "ada", 1.0) == ([], False)

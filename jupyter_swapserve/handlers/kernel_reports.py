@@ -129,6 +129,13 @@ def number(body: dict[str, Any], key: str, param: str) -> float:
     return float(value)
 
 
+def count(body: dict[str, Any], key: str, param: str) -> int:
+    value = body.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**62:
+        raise _bad(param, "a whole number ≥ 0")
+    return value
+
+
 def flag(body: dict[str, Any], key: str, param: str, default: bool = False) -> bool:
     value = body.get(key, default)
     if not isinstance(value, bool):
@@ -157,7 +164,7 @@ def kernel_reports(body: dict[str, Any]) -> tuple[KernelReport, ...]:
             start=text(k, "start", 32, f"{at}.start"), busy=flag(k, "busy", f"{at}.busy"),
             last_execution=number(k, "last_execution", f"{at}.last_execution"),
             resident=flag(k, "resident", f"{at}.resident", default=True), gib=number(k, "gib", f"{at}.gib"),
-            pinned=flag(k, "pinned", f"{at}.pinned")))
+            pinned=flag(k, "pinned", f"{at}.pinned"), moves=count(k, "moves", f"{at}.moves")))
     return tuple(out)
 
 
@@ -176,4 +183,4 @@ def owner_answer(body: dict[str, Any], status: str) -> OwnerAnswer | None:
     return OwnerAnswer(ok=status == "done", error=str(error)[:2000] if error else None,
                        steps=tuple(StepTiming(s["step"][:64], float(s["seconds"]), bool(s.get("ok", True)))
                                    for s in steps[:64]),
-                       pids=tuple(pids[:MAX_PIDS]), busy=body.get("busy") is True)
+                       pids=tuple(pids[:MAX_PIDS]), busy=body.get("busy") is True, moves=count(body, "moves", "moves"))

@@ -55,7 +55,8 @@ class Command:
     kernel_id: str
     action: str  # "swap-out" | "swap-in"
     reason: str
-    #: wall-clock time after which the owner must not act on it any more (the service gave up)
+    #: wall-clock time after which the owner must not start on it any more (the service gave up
+    #: waiting for its ``started``): a server that was stopped and resumes does not act on old news
     deadline: float
 
     def as_event(self) -> dict[str, Any]:
@@ -75,6 +76,8 @@ class OwnerAnswer:
     pids: tuple[int, ...] = ()
     #: the owner refused because a cell is running in the kernel
     busy: bool = False
+    #: how many swaps the owner has done of this kernel, this one included (orders its reports)
+    moves: int = 0
 
 
 @dataclass
@@ -141,8 +144,7 @@ class OwnerChannels:
         if not channels:
             raise OwnerUnreachable(f"the server '{server or 'default'}' of {user} has no command channel open",
                                    sent=False)
-        limit = answer_timeout + work_timeout(gib)
-        command = Command(secrets.token_hex(8), kernel_id, action, reason, time.time() + limit)
+        command = Command(secrets.token_hex(8), kernel_id, action, reason, time.time() + answer_timeout)
         pending = _Pending(user, server, command, channels[-1])
         self.pending[command.id] = pending
         channels[-1].queue.put_nowait(command)

@@ -70,6 +70,9 @@ class KernelReport:
     resident: bool  # False: the server checkpointed it
     gib: float  # what the server measured (of what it moved, when swapped out)
     pinned: bool = False
+    #: how many swaps its server has done of it: a report that crossed a swap's answer on the way
+    #: (made before, taken after) has fewer, and says nothing about where the memory is now
+    moves: int = 0
 
 
 @dataclass(frozen=True)
@@ -87,13 +90,16 @@ class ReportRefused(PermissionError):
 @dataclass
 class RemoteKernelTenant(KernelTenant):
     server: str = ""
-    start: str = ""
     #: monotonic time until which the last report holds
     lease_until: float = 0.0
     #: time.time() when its server stopped reporting; None while it reports
     owner_lost_at: float | None = None
     #: monotonic time until which its server is not asked (it let a command time out)
     unanswered_until: float = 0.0
+    #: the start time of each of its processes, as this service saw them (a reused pid is not them)
+    starts: dict[int, str] = field(default_factory=dict)
+    #: the swaps its server has done, as last heard (its answers and reports)
+    moves: int = 0
     #: whether its owner can be asked now (given by RemoteKernels)
     answering: Callable[[], bool] = field(default=lambda: False, repr=False)
 
@@ -157,8 +163,8 @@ class RemoteKernels(KernelTenants):
                 raise ReportRefused(f"kernel '{k.kernel_id}' is not a kernel of a user's server")
             if isinstance(tenant, RemoteKernelTenant) and tenant.server != report.server:
                 raise ReportRefused(f"kernel '{k.kernel_id}' is reported by another server of {report.user}")
-            if report.host != self.host or procfs.start_ticks(k.pids[0]) != k.start:
-                continue  # not a process this service can see: nothing of it is booked here
+            if report.host != self.host or not visible(k.pids[0], k.start):
+                continue  # not a process this service can see (or one ending): nothing of it is booked here
             if not process_of(k.pids[0], report.user):
                 raise ReportRefused(f"process {k.pids[0]} of kernel '{k.kernel_id}' is not a process of "
                                     f"{report.user}'s servers")
@@ -173,8 +179,9 @@ class RemoteKernels(KernelTenants):
             log.info("kernel %s restarted: its GPU state starts afresh", k.kernel_id)
             self.forget(k.kernel_id)
             tenant = None
-        if procfs.start_ticks(k.pids[0]) != k.start:
-            return {"booked": False, "note": "its process is not visible to this service (another PID namespace?)"}
+        if not visible(k.pids[0], k.start):
+            return {"booked": False, "note": "its process is not visible to this service (another PID namespace?), "
+                                             "or it has ended"}
         if tenant is None:
             tenant = self._admit_report(report, k)
             if tenant is None:
@@ -198,7 +205,8 @@ class RemoteKernels(KernelTenants):
         tenant = RemoteKernelTenant(k.kernel_id, report.user, k.path, device, k.pids, gib,
                                     state=State.RUNNING if k.resident else State.SWAPPED_OUT, busy=k.busy,
                                     last_execution=k.last_execution, on_change=self.notifier.notify,
-                                    server=report.server, start=k.start)
+                                    server=report.server, moves=k.moves,
+                                    starts={pid: start for pid in k.pids if (start := procfs.start_ticks(pid))})
         tenant.answering = lambda: self._answers(tenant)
         self.tenants[k.kernel_id] = tenant
         if k.pinned and may_pin([t.view() for t in self.tenants.values()], report.user, tenant.name,
@@ -212,17 +220,19 @@ class RemoteKernels(KernelTenants):
 
     def _update_report(self, tenant: RemoteKernelTenant, k: KernelReport) -> None:
         tenant.path, tenant.pids, tenant.busy = k.path, k.pids, k.busy
+        tenant.starts = {pid: start for pid in k.pids if (start := procfs.start_ticks(pid)) is not None}
         tenant.last_execution = max(tenant.last_execution, k.last_execution)
-        if tenant.transition.locked():
-            return  # a swap is under way: its end sets the books
+        if tenant.transition.locked() or k.moves < tenant.moves:
+            return  # a swap is under way (its end sets the books), or the report is older than its answer
+        moved, tenant.moves = k.moves > tenant.moves, k.moves
         if tenant.state == State.RUNNING and k.resident:
             self._rebook(tenant)
-        elif tenant.state == State.RUNNING and not self._held(tenant):
+        elif tenant.state == State.RUNNING and moved and not self._held(tenant):
             # its server checkpointed it without being asked now (a command it answered too late)
             log.info("kernel %s: its server swapped it out; the memory is free", tenant.kernel_id)
             tenant.set_state(State.SWAPPING_OUT)
             self._free(tenant, tuple(tenant.pids), 0.0, SwapSteps(), "swap-out (by its server)")
-        elif tenant.state == State.SWAPPED_OUT and k.resident:
+        elif tenant.state == State.SWAPPED_OUT and k.resident and moved:
             log.info("kernel %s: its server restored it; booking what it holds", tenant.kernel_id)
             tenant.set_state(State.SWAPPING_IN)
             tenant.set_state(State.RUNNING)
@@ -256,8 +266,9 @@ class RemoteKernels(KernelTenants):
         self.record.swap(tenant, what, steps)
         tenant.set_state(State.SWAPPED_OUT)
 
-    def _alive(self, tenant: RemoteKernelTenant) -> bool:
-        return bool(tenant.pids) and procfs.start_ticks(tenant.pids[0]) == tenant.start
+    def _living(self, tenant: RemoteKernelTenant) -> tuple[int, ...]:
+        """Its processes that are still the ones it reported (a worker may outlive the kernel)."""
+        return tuple(pid for pid, start in tenant.starts.items() if procfs.start_ticks(pid) == start)
 
     # ---- swaps, done by the owner ----------------------------------------------------------------
     async def swap_out(self, kernel_id: str, reason: str) -> bool:
@@ -281,6 +292,7 @@ class RemoteKernels(KernelTenants):
                 if isinstance(exc, (OwnerUnreachable, KernelSwapError)):
                     return False
                 raise
+            tenant.moves = max(tenant.moves, answer.moves)
             if not answer.ok:
                 tenant.busy = tenant.busy or answer.busy
                 self._not_moved(tenant, KernelSwapError(answer.error or "its server refused"), f"swap-out ({reason})")
@@ -294,9 +306,9 @@ class RemoteKernels(KernelTenants):
         """A swap-out that did not happen: the kernel is resident, and booked for what it holds."""
         if isinstance(exc, OwnerUnreachable):
             tenant.unanswered_until = self.clock.monotonic() + UNANSWERED_BACKOFF_S
-        tenant.error = f"{what} failed: {exc}"
-        log.warning("kernel %s: %s", tenant.kernel_id, tenant.error)
         tenant.set_state(State.RUNNING)
+        tenant.error = f"{what} failed: {exc}"  # after the move: running again would clear it
+        log.warning("kernel %s: %s", tenant.kernel_id, tenant.error)
         self._rebook(tenant)
 
     async def swap_in(self, kernel_id: str) -> float:
@@ -327,6 +339,7 @@ class RemoteKernels(KernelTenants):
                     raise KernelSwapError(f"the kernel's GPU state could not be restored: {exc}") from None
                 raise
             assert answer is not None
+            tenant.moves = max(tenant.moves, answer.moves)
             tenant.unanswered_until = 0.0
             tenant.swapped_in(time.perf_counter() - t0)
             tenant.last_execution = self.clock.time()  # about to execute: not idle
@@ -338,19 +351,19 @@ class RemoteKernels(KernelTenants):
                       commanded: bool) -> None:
         """A swap-in that did not end as asked. When the owner was told to restore and did not say how
         it ended, the kernel may hold its memory: it stays booked (resident) until a report says more."""
-        tenant.error = f"swap-in failed: {exc}"
-        log.warning("kernel %s: %s", tenant.kernel_id, tenant.error)
+        log.warning("kernel %s: swap-in failed: %s", tenant.kernel_id, exc)
         self.record.swap(tenant, "swap-in failed", steps_of(answer or OwnerAnswer(ok=False)))
         if isinstance(exc, OwnerUnreachable):
             tenant.unanswered_until = self.clock.monotonic() + UNANSWERED_BACKOFF_S
         never_sent = isinstance(exc, OwnerUnreachable) and not exc.sent
         if commanded and answer is None and not never_sent:
             tenant.set_state(State.RUNNING)
-            return
-        if tenant.reservation is not None:
-            tenant.reservation.release()
-            tenant.reservation = None
-        tenant.set_state(State.SWAPPED_OUT)
+        else:
+            if tenant.reservation is not None:
+                tenant.reservation.release()
+                tenant.reservation = None
+            tenant.set_state(State.SWAPPED_OUT)
+        tenant.error = f"swap-in failed: {exc}"
 
     # ---- leases ---------------------------------------------------------------------------------
     def expire(self) -> None:
@@ -366,10 +379,13 @@ class RemoteKernels(KernelTenants):
                 self.notifier.notify()
             if tenant.owner_lost_at is None or tenant.transition.locked():
                 continue
-            if not self._alive(tenant):
-                log.info("kernel %s of %s: its process ended; its booking with it", tenant.kernel_id, tenant.user)
+            living = self._living(tenant)
+            if not living:
+                log.info("kernel %s of %s: its processes ended; its booking with them", tenant.kernel_id,
+                         tenant.user)
                 self.forget(tenant.kernel_id)
             elif tenant.state == State.RUNNING:
+                tenant.pids = living  # what is measured: the survivors only (a pid reused is not theirs)
                 self._rebook(tenant)
 
     def start(self) -> None:
@@ -406,12 +422,19 @@ def steps_of(answer: OwnerAnswer) -> SwapSteps:
     return steps
 
 
+def visible(pid: int, start: str) -> bool:
+    """Whether ``pid`` is, here, the live process that started at ``start`` (not one that has ended
+    and waits for its parent, not another that got the same number, not one of another namespace)."""
+    fields = procfs.stat_fields(pid)
+    return bool(fields) and len(fields) > 19 and fields[0] not in ("Z", "X") and fields[19] == start  # type: ignore[index]
+
+
 def process_of(pid: int, user: str) -> bool:
     """Whether process ``pid`` is visibly one of ``user``'s: started by a JupyterHub server of theirs
     (``JUPYTERHUB_USER`` in its environment), or, where the service may not read that, running as
     the user's system account. Unknown counts as no."""
     env = procfs.environ(pid)
-    if env is not None:
+    if env:
         return env.get("JUPYTERHUB_USER") == user
     uid = procfs.owner_uid(pid)
     with contextlib.suppress(KeyError):
