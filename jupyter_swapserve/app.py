@@ -125,7 +125,8 @@ class SwapServe(ExtensionApp):
     kernel_tenants_on_virtual_device = Bool(
         False, config=True,
         help="On a server without a GPU (virtual device 0), count kernels as tenants by their host "
-             "memory: demos and tests of kernel swapping (bookkeeping only, nothing is checkpointed).",
+             "memory: demos and tests of kernel swapping (bookkeeping only, nothing is checkpointed). Under "
+             "JupyterHub, set it on the users' servers and on the shared service alike.",
     )
     event_log = Unicode(
         "", config=True,
@@ -233,6 +234,8 @@ class SwapServe(ExtensionApp):
         assert self.nodes is not None
         directory = self.nodes
         monitor = GpuMonitor(None)
+        if not monitor.has_gpu and not self.kernel_tenants_on_virtual_device:
+            return  # no GPU here: no kernel of this server can hold GPU memory
         self.kernel_reporter = KernelReporter(
             KernelWatcher(self.serverapp, os.environ.get("JUPYTERHUB_USER") or self.settings["swapserve_local_user"]),
             monitor, DriverSteps(make_checkpointer(monitor.has_gpu)),

@@ -96,6 +96,7 @@ class KernelReporter:
         self.connected: set[str] = set()
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None))
         self._report_now = asyncio.Event()
+        self._reported_some = False
         self._reporting = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listening: dict[str, asyncio.Task[None]] = {}
@@ -179,6 +180,9 @@ class KernelReporter:
         async with self._reporting:
             self._update(await self.facts.facts())
             kernels = [k.as_report() for k in self.kernels.values() if k.gib > 0 or not k.resident]
+            if not kernels and not self._reported_some:
+                return  # nothing to book, nothing booked: no report needed
+            self._reported_some = bool(kernels)  # once more when the last one is gone, then quiet
             body = {"server": self.server, "host": self.host, "kernels": kernels}
             await asyncio.gather(*(self._report_to(node, body) for node in self.nodes()))
 

@@ -226,9 +226,11 @@ def test_an_idle_kernel_yields_to_another_users_model_and_comes_back_on_its_next
             assert out["last_swap_out_reason"] == "preempted for tiny" and out["user"] == "bob"
             exact_books(service_status(hub))
 
-            (lines,) = run_cells(endpoint(hub, "bob"), kernel, "print(secret, len(ballast))")
+            lines, magic = run_cells(endpoint(hub, "bob"), kernel, "print(secret, len(ballast))",
+                                     "%load_ext jupyter_swapserve\n%gpu")
             assert lines[0].startswith("GPU state restored in "), lines
             assert lines[1:] == [f"42 {600 << 20}\n"]
+            assert magic[0].startswith("GPU: ") and "resident" in magic[0], magic  # %gpu, through bob's server
             back = kernel_entry(hub, kernel)
             assert back is not None and back["state"] == "resident" and back["swaps_in"] == 1
             assert back["reserved_gib"] > 0.6
@@ -342,7 +344,16 @@ def test_a_user_reports_and_moves_only_their_own_kernels(hub: Hub) -> None:
         assert r.status_code == 400 and r.json()["error"]["param"] == "kernels[0].pids", r.text
         r = httpx.post(service + "kernel-commands/nope", headers=bob, json={"status": "done"}, timeout=30)
         assert r.status_code == 404 and r.json()["error"]["code"] == "command_not_found"
-        # the admin may release it: the service asks alice's server, which swaps it out
+        # alice releases it herself, as the sidebar's button does: her server swaps it out once idle
+        r = httpx.post(hub.user_url("alice") + f"swapserve/api/kernels/{kernel}/release", headers=hub.headers("alice"),
+                       json={}, timeout=30)
+        assert r.status_code == 200 and "as soon as" in r.json()["result"], r.text
+        out = wait_for(lambda: (k := kernel_entry(hub, kernel)) and k["state"] == "swapped_out" and k, 30,
+                       "the release")
+        assert out["last_swap_out_reason"] == "released by its user"
+        # and the admin may move it: the service asks alice's server again
+        r = httpx.post(service + f"kernels/{kernel}/swap-in", headers=hub.headers("teacher"), json={}, timeout=60)
+        assert r.status_code == 200 and r.json()["state"] == "resident", r.text
         r = httpx.post(service + f"kernels/{kernel}/swap-out", headers=hub.headers("teacher"), json={}, timeout=60)
         assert r.status_code == 200 and r.json()["state"] == "swapped_out", r.text
     finally:
