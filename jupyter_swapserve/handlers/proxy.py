@@ -35,6 +35,8 @@ NODE_HEADER = "x-swapserve-node"
 #: the routes whose body names the model that picks the node
 MODEL_ROUTES = ("v1/chat/completions", "v1/completions", "v1/embeddings")
 MODEL_ACTION = re.compile(r"api/models/([^/]+)/(swap-in|swap-out|prefetch)")
+#: a notebook kernel's routes (GET its state, POST its actions): to the node that books it
+KERNEL_ROUTE = re.compile(r"api/kernels/([^/]+)(?:/[^/]+)?")
 EVENTS_MIN_INTERVAL, EVENTS_KEEPALIVE = 0.1, 15.0
 #: routes the service offers to users' servers themselves (their kernels' reports and commands)
 OWNER_ROUTES = ("api/kernel-reports", "api/kernel-commands")
@@ -93,6 +95,11 @@ class ProxyHandler(SwapServeHandler):
                 await self._to_model_node(path, self._model_of_body())
             elif self.request.method == "POST" and (action := MODEL_ACTION.fullmatch(path)):
                 await self._model_action(path, action.group(1), action.group(2))
+            elif self.request.method == "GET" and path == "api/kernels" and len(self.directory.nodes) > 1:
+                await self.directory.refresh()
+                self.finish({"kernels": self.directory.kernels()})
+            elif kernel := KERNEL_ROUTE.fullmatch(path):
+                await self._kernel_action(path, kernel.group(1))
             else:
                 await self._to_any_node(path)
         except asyncio.CancelledError:
@@ -165,6 +172,18 @@ class ProxyHandler(SwapServeHandler):
                 raise self._not_served(model)
             node = chosen[0]
         await self._forward_once(node, path)
+
+    async def _kernel_action(self, path: str, kernel_id: str) -> None:
+        """A notebook kernel's route goes to the node that books it (each user's server reports its
+        kernels to every node; the node whose devices hold the kernel books it)."""
+        node = self._requested_node() or self.directory.kernel_node(kernel_id)
+        if node is None:
+            await self.directory.refresh()  # booked a moment ago: the cached statuses may not say yet
+            node = self.directory.kernel_node(kernel_id)
+        if node is None:
+            await self._to_any_node(path)  # which answers that no node books it
+        else:
+            await self._forward_once(node, path)
 
     async def _to_any_node(self, path: str) -> None:
         node = self._requested_node()

@@ -248,9 +248,18 @@ class NodeDirectory:
             })
         return {"object": "list", "data": data}
 
+    def kernel_node(self, kernel_id: str) -> Node | None:
+        """The node that books the notebook kernel (its status lists it), if any does."""
+        return next((n for n in self.nodes.values()
+                     if any(k.get("kernel_id") == kernel_id for k in (n.status or {}).get("kernels", []))), None)
+
+    def kernels(self) -> list[dict[str, Any]]:
+        """The notebook kernels the nodes book (each node lists its own), each with its node."""
+        return [{**k, "node": n.name} for n in self.nodes.values() for k in (n.status or {}).get("kernels", [])]
+
     def status(self) -> dict[str, Any]:
-        """The nodes' statuses as one: devices and models each with their node, and a ``nodes``
-        section (up or down, since when, why not, which models)."""
+        """The nodes' statuses as one: devices, models and kernels each with their node, and a
+        ``nodes`` section (up or down, since when, why not, which models)."""
         devices, models, errors, checkpointers = [], [], [], {}
         user, quotas, mode = None, False, None
         for node in self.nodes.values():
@@ -272,7 +281,7 @@ class NodeDirectory:
             else checkpointers,
             "devices": devices,
             "models": models,
-            "kernels": [],
+            "kernels": self.kernels(),
             "config_errors": errors,
             "quotas": quotas,
             **({"user": user} if user is not None else {}),
