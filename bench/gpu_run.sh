@@ -9,6 +9,7 @@
 #                                               # (--llama-server BIN --gguf FILE); carry interposer/build too
 #   bash bench/gpu_run.sh engines [ARGS...]     # bench/engines_gpu.py ARGS (vLLM, llama.cpp, reference; issue 25)
 #   bash bench/gpu_run.sh engine-tests          # tests/gpu/test_gpu_engines.py (after bench/gpu/device.sh staged them)
+#   bash bench/gpu_run.sh hub-kernels           # tests/gpu/test_gpu_hub_kernels.py and test_gpu_kernels.py (issue 21)
 # Every mode runs the gate first: the GPU tests of what the virtual device cannot prove (docs/testing.md):
 # the driver's answers, memory really leaving the GPU, the weights bit-identical after every swap
 # (tests/gpu/test_gpu_checkpoint.py, tests/gpu/test_gpu_swap.py; tests and all run the whole of tests/gpu).
@@ -74,6 +75,11 @@ fi
 if [ "$what" = engine-tests ]; then
   timeout "$TESTS_TIMEOUT" python3 -m pytest -q -s -rA -p no:cacheprovider -o addopts="" tests/gpu/test_gpu_engines.py \
     2>&1 | tee "$OUT/gpu-engine-tests.log"
+  rc=$((rc | ${PIPESTATUS[0]}))
+fi
+if [ "$what" = hub-kernels ]; then
+  timeout "$TESTS_TIMEOUT" python3 -m pytest -q -s -rA -p no:cacheprovider -o addopts="" \
+    tests/gpu/test_gpu_hub_kernels.py tests/gpu/test_gpu_kernels.py 2>&1 | tee "$OUT/gpu-hub-kernels.log"
   rc=$((rc | ${PIPESTATUS[0]}))
 fi
 # the engines' own logs (startup breakdown, sleep/wake timings, errors), as one file
