@@ -25,6 +25,7 @@ from jupyter_swapserve.runtime.procfs import boot_id, environ, exists, pids, sta
 
 from .hub import Hub, hub_available, run_hub
 from .test_kernels import V1, KernelSocket, texts
+from .test_status_schema import status_errors
 
 pytestmark = [pytest.mark.engines, pytest.mark.skipif(hub_available() is not None, reason=str(hub_available()))]
 
@@ -241,6 +242,7 @@ def test_an_idle_kernel_yields_to_another_users_model_and_comes_back_on_its_next
         # bob sees his kernel through his own server, as the sidebar does; alice sees none of it
         mine = httpx.get(hub.user_url("bob") + "swapserve/api/status", headers=hub.headers("bob"), timeout=30).json()
         assert [k["kernel_id"] for k in mine["kernels"]] == [kernel]
+        assert status_errors(mine) == [] and status_errors(service_status(hub)) == []  # the status schema's
         theirs = httpx.get(hub.user_url("alice") + "swapserve/api/status", headers=hub.headers("alice"),
                            timeout=30).json()
         assert theirs["kernels"] == []

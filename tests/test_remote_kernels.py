@@ -29,6 +29,8 @@ from jupyter_swapserve.service.reservations import ReservationManager
 from jupyter_swapserve.service.states import State
 from jupyter_swapserve.service.steps import DriverSteps, SwapRecord
 
+from .test_status_schema import status_errors
+
 HOST = "this-host"
 
 
@@ -92,6 +94,7 @@ async def test_a_reported_kernel_is_booked_evicted_by_its_owner_and_restored(
     answer = kernels.report(ServerReport("ada", "", HOST, (kernel_report("k1", pid),)))
     assert answer["kernels"]["k1"]["booked"] and [r.owner for r in manager.granted()] == ["kernel k1"]
     tenant = kernels.tenants["k1"]
+    assert status_errors(tenant.status(), "kernel") == [] and tenant.status()["owner"] == "not answering"
     # no channel open: nobody could move it, so it is no victim and a request cannot take its memory
     assert kernels.snapshots()[0].busy and not await kernels.swap_out("k1", "idle")
     channel = kernels.owners.open("ada", "")
