@@ -246,6 +246,10 @@ def test_an_idle_kernel_yields_to_another_users_model_and_comes_back_on_its_next
         theirs = httpx.get(hub.user_url("alice") + "swapserve/api/status", headers=hub.headers("alice"),
                            timeout=30).json()
         assert theirs["kernels"] == []
+        # an admin sees every user's kernels through their own server (the sidebar's list, with its buttons)
+        admins = httpx.get(hub.user_url("teacher") + "swapserve/api/status", headers=hub.headers("teacher"),
+                           timeout=30).json()
+        assert [(k["kernel_id"], k["user"]) for k in admins["kernels"]] == [(kernel, "bob")], admins["kernels"]
     finally:
         stop_kernel(hub, "bob", kernel)
     wait_for(lambda: kernel_entry(hub, kernel) is None, 30, "the shut-down kernel to leave the books")

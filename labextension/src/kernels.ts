@@ -24,6 +24,12 @@ export interface IKernelTenant {
   swaps_in: number;
   swaps_out: number;
   error?: string | null;
+  /** the shared service: the user's server that owns it ('' for the default one) */
+  server?: string;
+  /** the shared service: whether its server can be asked to swap it now */
+  owner?: 'answering' | 'not answering' | 'lost' | string;
+  /** client mode: the node that books it */
+  node?: string;
 }
 
 export type KernelAction = 'release' | 'pin' | 'unpin';
@@ -33,9 +39,26 @@ export function kernelLabel(k: IKernelTenant): string {
   return k.path ? k.path.split('/').pop() || k.path : `kernel ${k.kernel_id.slice(0, 8)}`;
 }
 
-/** One line of facts: "1.20 GiB · device 0 · busy · restored in 0.9 s · last run 3 min ago". */
-export function kernelFacts(k: IKernelTenant, nowSeconds: number): string {
-  const parts = [formatGiB(k.memory_gib), `device ${k.device}`];
+/**
+ * One line of facts: "1.20 GiB · device 0 · busy · restored in 0.9 s · last run 3 min ago". On a
+ * shared node an admin sees every user's kernels: another user's says whose it is ("bob's"), a
+ * named server's says which, and one whose server cannot be asked to swap it now says so.
+ */
+export function kernelFacts(k: IKernelTenant, nowSeconds: number, viewer?: string | null): string {
+  const parts: string[] = [];
+  if (viewer && k.user && k.user !== viewer) {
+    parts.push(`${k.user}'s`);
+  }
+  if (k.server) {
+    parts.push(`server ${k.server}`);
+  }
+  parts.push(formatGiB(k.memory_gib), `device ${k.device}`);
+  if (k.node) {
+    parts.push(`node ${k.node}`);
+  }
+  if (k.owner && k.owner !== 'answering') {
+    parts.push(`its server is ${k.owner === 'lost' ? 'gone' : 'not answering'}`);
+  }
   if (k.busy) {
     parts.push('busy');
   }
@@ -81,10 +104,13 @@ export class KernelSection {
     this.node.hidden = true;
   }
 
-  update(kernels: IKernelTenant[] | undefined, nowSeconds: number): void {
+  /** ``viewer``: who looks (status.user.name), so that other users' kernels say whose they are. */
+  update(kernels: IKernelTenant[] | undefined, nowSeconds: number, viewer?: string | null): void {
     const all = kernels ?? [];
     setHidden(this.node, all.length === 0);
-    const key = JSON.stringify(all.map(k => [k.kernel_id, k.state, k.pinned, k.busy, kernelFacts(k, nowSeconds), k.error]));
+    const key = JSON.stringify(
+      all.map(k => [k.kernel_id, k.state, k.pinned, k.busy, kernelFacts(k, nowSeconds, viewer), k.error])
+    );
     if (key === this.key) {
       return;
     }
@@ -96,7 +122,7 @@ export class KernelSection {
       const title = h('div', 'jp-SwapServe-kernelTitle');
       const state = h('span', `jp-SwapServe-state ${stateClass(k.state)}`, stateLabel(k.state));
       title.append(h('span', 'jp-SwapServe-kernelName', kernelLabel(k)), state);
-      const facts = h('div', 'jp-SwapServe-kernelFacts', kernelFacts(k, nowSeconds));
+      const facts = h('div', 'jp-SwapServe-kernelFacts', kernelFacts(k, nowSeconds, viewer));
       item.append(title, facts);
       if (k.error) {
         item.appendChild(h('div', 'jp-SwapServe-error', k.error));

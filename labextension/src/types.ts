@@ -97,7 +97,7 @@ export interface IStatus {
   checkpointer?: string | Record<string, string | null>;
   devices: IDevice[];
   models: IModel[];
-  /** notebook kernels holding GPU memory (standalone servers with kernel tenancy) */
+  /** notebook kernels holding GPU memory (a standalone server's own, or on the shared service a user's own; an admin's: all) */
   kernels?: IKernelTenant[];
   config_errors?: string[];
   /** who looks, and whether they administer the service (manual swaps, quotas) */

@@ -268,6 +268,6 @@ export class SwapServePanel extends Widget {
     this.view.update(this.state, Date.now(), this.usageDoc?.limits?.allowed_models ?? null);
     this.quotas.update(this.quotaDoc, this.state.status);
     this.usage.update(this.usageDoc, Date.now(), this.usageArrivedAt);
-    this.kernels.update(this.state.status?.kernels, Date.now() / 1000);
+    this.kernels.update(this.state.status?.kernels, Date.now() / 1000, this.state.status?.user?.name);
   }
 }

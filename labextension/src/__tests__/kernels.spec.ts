@@ -35,6 +35,20 @@ describe('kernels', () => {
     expect(out).toContain('out: idle for 600 s');
   });
 
+  it("says whose kernel it is to an admin of the shared node, its named server, and an owner that cannot answer", () => {
+    const mine = kernelFacts(kernel({ server: '', owner: 'answering' }), 1180, 'alice');
+    expect(mine).not.toContain("alice's");
+    expect(mine).not.toContain('server');
+    const theirs = kernelFacts(kernel({ user: 'bob', server: 'one', owner: 'not answering', node: 'gpu2' }), 1180, 'teacher');
+    expect(theirs.startsWith("bob's · server one · ")).toBe(true);
+    expect(theirs).toContain('node gpu2');
+    expect(theirs).toContain('its server is not answering');
+    expect(kernelFacts(kernel({ owner: 'lost' }), 1180, 'alice')).toContain('its server is gone');
+    const section = new KernelSection(async () => ({ status: 200, body: {} }));
+    section.update([kernel({ user: 'bob' })], 1100, 'teacher');
+    expect(section.node.querySelector('.jp-SwapServe-kernelFacts')?.textContent).toContain("bob's");
+  });
+
   it('offers release and pin to a resident kernel, only unpin to a pinned one', () => {
     expect(kernelActions(kernel())).toEqual(['release', 'pin']);
     expect(kernelActions(kernel({ state: 'swapped_out' }))).toEqual(['pin']);
