@@ -190,6 +190,11 @@ class BooksSampler:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        # a scenario that ran faster than a loaded machine answers statuses: the books are sampled on
+        # (after it, where they must hold as well) until there are enough, within a deadline
+        deadline = time.monotonic() + 60
+        while len(self.samples) <= 5 and time.monotonic() < deadline and self._thread.is_alive():
+            time.sleep(0.1)
         self._stop.set()
         self._thread.join(30)
         assert len(self.samples) > 5, "the books were hardly sampled"
