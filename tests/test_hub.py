@@ -15,6 +15,7 @@ from jupyter_client import BlockingKernelClient
 from openai import OpenAI, RateLimitError
 
 from .hub import Hub, hub_available, run_hub
+from .server_kernel import connect
 
 pytestmark = [pytest.mark.engines, pytest.mark.skipif(hub_available() is not None, reason=str(hub_available()))]
 
@@ -157,18 +158,15 @@ def test_the_service_refuses_strangers_and_offers_nothing_else(hub: Hub) -> None
 
 # ---- driving a kernel of a user's server ---------------------------------------------------------
 def kernel_client(hub: Hub, user: str, kernel_id: str) -> BlockingKernelClient:
-    """The kernel's connection file, in the user's runtime dir (SimpleLocalProcessSpawner's home)."""
+    """The kernel's client, from its connection file in the user's runtime dir (SimpleLocalProcessSpawner's home),
+    alive while the user's server says so (tests/server_kernel.py)."""
     deadline = time.monotonic() + 60
     pattern = str(hub.workdir / "home" / user / "**" / f"kernel-{kernel_id}.json")
     while not (found := glob.glob(pattern, recursive=True, include_hidden=True)):
         if time.monotonic() > deadline:
             raise TimeoutError(f"no connection file matching {pattern}")
         time.sleep(0.2)
-    client = BlockingKernelClient(connection_file=found[0])
-    client.load_connection_file()
-    client.start_channels()
-    client.wait_for_ready(timeout=120)
-    return client
+    return connect(found[0], hub.user_url(user) + f"api/kernels/{kernel_id}", hub.headers(user))
 
 
 def execute(client: BlockingKernelClient, code: str, timeout: float) -> tuple[dict, str]:

@@ -20,13 +20,13 @@ from typing import Any
 
 import httpx
 import pytest
-from jupyter_client import BlockingKernelClient
 from jupyter_core.paths import jupyter_runtime_dir
 
 from jupyter_swapserve.kernel.client import ServerError, seconds, wait_line
 from jupyter_swapserve.kernel.magics import interpolate, strip_fences
 
 from .server import ServerHandle, free_port, run_server
+from .server_kernel import connect
 
 pytestmark = pytest.mark.engines
 
@@ -89,10 +89,7 @@ class ServerKernel:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no connection file {path}")
             time.sleep(0.1)
-        self.client = BlockingKernelClient(connection_file=str(path))
-        self.client.load_connection_file()
-        self.client.start_channels()
-        self.client.wait_for_ready(timeout=120)
+        self.client = connect(str(path), f"{server.url}api/kernels/{self.id}", server.headers())
 
     def execute(self, code: str) -> str:
         return self.client.execute(textwrap.dedent(code).strip("\n"), store_history=True)
