@@ -207,6 +207,20 @@ def spec(base_url: str = "/") -> dict[str, Any]:
             ("401", "403", "404"), tag="kernels",
             params=[_path_param("kernel_id", "A kernel of this Jupyter server.")])},
         **{f"/swapserve/api/kernels/{{kernel_id}}/{a}": _kernel_action(a) for a in KERNEL_ACTIONS},
+        # the shared service's side of kernels on the shared node (handlers/kernel_reports.py): only a hub
+        # user's server calls these, for its own user's kernels; a standalone server answers 404
+        "/swapserve/api/kernel-reports": {"post": _op(
+            "A user's server reports its kernels that hold GPU memory (a lease: unrenewed, it expires).",
+            _ok("The kernels booked and when the lease ends."), ("400", "401", "403", "404"), tag="kernels")},
+        "/swapserve/api/kernel-commands": {"get": _op(
+            "A user's server's command channel: swap-out and swap-in commands for its kernels.",
+            _ok("Events.", {"type": "string"}, "text/event-stream"), ("400", "401", "403", "404"), tag="kernels",
+            params=[{"name": "server", "in": "query", "required": False,
+                     "schema": {"type": "string", "maxLength": 255}}])},
+        "/swapserve/api/kernel-commands/{command_id}": {"post": _op(
+            "The server's answer to a command: started, then done or failed.", _ok("The answer taken."),
+            ("400", "401", "403", "404"), tag="kernels",
+            params=[_path_param("command_id", "A command sent on the server's channel.")])},
         "/swapserve/api/quotas": {"get": _op("Every explicit quota row, the default ('*') first (admins).",
                                              _ok("Quota rows."), ("401", "403", "404"), tag="quotas")},
         "/swapserve/api/quotas/{user}": {
