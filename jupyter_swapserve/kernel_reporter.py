@@ -34,8 +34,8 @@ from typing import Any
 import httpx
 
 from .gpu.monitor import GpuMonitor
-from .runtime.procfs import boot_id, rss_bytes, start_ticks
-from .service.kernels import BUSY_GRACE_S, KernelFacts, KernelFactsSource, KernelSwapError
+from .runtime.procfs import boot_id, start_ticks
+from .service.kernels import BUSY_GRACE_S, KernelFacts, KernelFactsSource, KernelSwapError, measure_processes
 from .service.steps import DriverSteps, SwapStepError, SwapSteps
 
 log = logging.getLogger(__name__)
@@ -140,13 +140,7 @@ class KernelReporter:
 
     # ---- reports ---------------------------------------------------------------------------------
     def _measure(self, pids: tuple[int, ...]) -> tuple[int, float]:
-        per_device = self.monitor.process_memory_gib(list(pids))
-        if per_device:
-            device = max(per_device, key=lambda d: per_device[d])
-            return device, per_device[device]
-        if self.virtual and self.monitor.all_virtual([0]):
-            return 0, rss_bytes(pids) / 1024**3
-        return 0, 0.0
+        return measure_processes(self.monitor, pids, self.virtual)
 
     def _update(self, facts: list[KernelFacts]) -> None:
         seen = set()

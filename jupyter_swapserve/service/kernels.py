@@ -74,6 +74,26 @@ def no_limits(user: str) -> tuple[float | None, float | None]:
     return None, None
 
 
+class ProcessMemory(Protocol):
+    """What measuring a kernel's processes needs of the GPU monitor (gpu/monitor.py's GpuMonitor)."""
+
+    def process_memory_gib(self, pids: list[int]) -> dict[int, float]: ...
+
+    def all_virtual(self, devices: list[int]) -> bool: ...
+
+
+def measure_processes(monitor: ProcessMemory, pids: tuple[int, ...], virtual: bool) -> tuple[int, float]:
+    """(device, GiB) the processes hold: NVML on a real GPU; host memory when counted virtually.
+    The one measure of a kernel, whether the service books it or a user's server reports it."""
+    per_device = monitor.process_memory_gib(list(pids))
+    if per_device:
+        device = max(per_device, key=lambda d: per_device[d])
+        return device, per_device[device]
+    if virtual and monitor.all_virtual([0]):
+        return 0, rss_bytes(pids) / 1024**3  # the measure of an engine on a virtual device, too
+    return 0, 0.0
+
+
 @dataclass
 class KernelTenant(Tenant):
     kernel_id: str
@@ -199,14 +219,7 @@ class KernelTenants:
 
     # ---- facts from the server ---------------------------------------------------------------
     def _measure(self, pids: tuple[int, ...]) -> tuple[int, float]:
-        """(device, GiB) the processes hold: NVML on a real GPU; host memory when counted virtually."""
-        per_device = self.monitor.process_memory_gib(list(pids))
-        if per_device:
-            device = max(per_device, key=lambda d: per_device[d])
-            return device, per_device[device]
-        if self.virtual and self.monitor.all_virtual([0]):
-            return 0, rss_bytes(pids) / 1024**3  # the measure of an engine on a virtual device, too
-        return 0, 0.0
+        return measure_processes(self.monitor, pids, self.virtual)
 
     async def refresh(self) -> None:
         """A fresh sweep of the kernels' facts (busy or idle as of now), when there is a source."""

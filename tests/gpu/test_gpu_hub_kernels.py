@@ -15,7 +15,6 @@ Node.js for JupyterHub's proxy. Who may do what under a real hub is tests/test_h
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import time
@@ -28,8 +27,8 @@ import httpx
 import pytest
 
 from ..server import ServerHandle, run_server
-from ..test_kernels import V1, KernelSocket, texts, wait_for
-from .test_gpu_kernels import ALLOC_GIB, CHECK, SETUP, kernel_gpu_gib
+from ..test_kernels import wait_for
+from .test_gpu_kernels import ALLOC_GIB, CHECK, SETUP, kernel_gpu_gib, run_cells
 from .test_gpu_swap import server_env
 
 pytestmark = pytest.mark.gpu
@@ -66,23 +65,6 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedNode]:
                 yield SharedNode(service, server)
             finally:
                 print("\nSERVICE LOG TAIL\n" + service.log()[-4000:] + "\nSERVER LOG TAIL\n" + server.log()[-3000:])
-
-
-def run_cells(server: ServerHandle, kernel_id: str, cells: list[str]) -> list[list[str]]:
-    async def go() -> list[list[str]]:
-        sock = await KernelSocket.open(server, kernel_id, V1)
-        try:
-            out = []
-            for code in cells:
-                msg_id = await sock.send_execute(code)
-                got = (await sock.outputs_until_idle([msg_id]))[msg_id]
-                out.append(texts(got) + [f"{m['content'].get('ename')}: {m['content'].get('evalue')}"
-                                         for m in got if m["msg_type"] == "error"])
-            return out
-        finally:
-            sock.close()
-
-    return asyncio.run(go())
 
 
 def test_a_users_cuda_kernel_yields_to_the_nodes_model_and_comes_back(node: SharedNode) -> None:
