@@ -387,6 +387,10 @@ def test_a_users_kernel_limits_apply_across_their_named_servers(hub: Hub) -> Non
                        "the first kernel to be swapped out for the limit")
         assert out["last_swap_out_reason"] == "over the user's limit" and out["server"] == "one"
         assert kernel_entry(hub, kernels["two"])["state"] == "resident"  # type: ignore[index]
+        # the other one can make room only once the service knows it idle and its server answering (a
+        # busy kernel cannot go, and the swap-in is refused then: the reports come from its own server)
+        wait_for(lambda: (k := kernel_entry(hub, kernels["two"])) and not k["busy"] and k["owner"] == "answering",
+                 30, "the second kernel reported idle, its server answering")
         # its next cell brings it back, and the other one makes room within the limit
         (lines,) = run_cells(endpoint(hub, "dave", "one"), kernels["one"], "print(len(ballast))")
         assert lines[0].startswith("GPU state restored in ") and lines[1:] == [f"{300 << 20}\n"], lines
