@@ -65,14 +65,16 @@ class _ModelRow(w.HBox):
                           self.swap_in_button, self.swap_out_button])
 
     def update(self, m: dict[str, Any], capacity_gib: float) -> None:
-        self.state = m.get("state", "?")
-        self.state_html.value = _badge(self.state)
+        # the row's state is set last: the row is updated from the panel's thread, and whoever sees the
+        # new state (a cell waiting on it) must see the rest of the row updated for it too
+        state = m.get("state", "?")
+        self.state_html.value = _badge(state)
         size = m.get("memory_gib")
-        held = m.get("reserved_gib") or (size if self.state in RESIDENT and size else 0.0)
+        held = m.get("reserved_gib") or (size if state in RESIDENT and size else 0.0)
         self.memory_bar.max = max(capacity_gib, 1e-6)
         self.memory_bar.value = min(float(held or 0.0), self.memory_bar.max)
-        self.memory_bar.bar_style = "success" if self.state == "running" else (
-            "danger" if self.state == "failed" else "warning" if self.state in RESIDENT else "info")
+        self.memory_bar.bar_style = "success" if state == "running" else (
+            "danger" if state == "failed" else "warning" if state in RESIDENT else "info")
         self.memory_label.value = f"{size:.2f} GiB" if isinstance(size, (int, float)) else "? GiB"
         last = m.get("last_swap_in_seconds")
         parts = [f"queue {m.get('queue_depth', 0)}", f"in flight {m.get('in_flight', 0)}"]
@@ -81,8 +83,9 @@ class _ModelRow(w.HBox):
         self.info.value = " · ".join(parts)
         if m.get("error"):
             self.state_html.value += f' <span title="{html.escape(m["error"])}">⚠</span>'
-        self.swap_in_button.disabled = self.state in ("running", "swapping_in", "starting")
-        self.swap_out_button.disabled = self.state != "running" or bool(m.get("pinned"))
+        self.swap_in_button.disabled = state in ("running", "swapping_in", "starting")
+        self.swap_out_button.disabled = state != "running" or bool(m.get("pinned"))
+        self.state = state
 
 
 class ModelPanel(w.VBox):
