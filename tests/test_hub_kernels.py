@@ -24,7 +24,7 @@ import pytest
 from jupyter_swapserve.runtime.procfs import boot_id, environ, exists, pids, start_ticks
 
 from .hub import Hub, hub_available, run_hub
-from .test_kernels import V1, KernelSocket, texts
+from .test_kernels import V1, KernelSocket, texts, wait_for
 from .test_status_schema import status_errors
 
 pytestmark = [pytest.mark.engines, pytest.mark.skipif(hub_available() is not None, reason=str(hub_available()))]
@@ -100,16 +100,6 @@ def start_named_server(hub: Hub, user: str, server: str) -> None:
     assert r.status_code in (201, 202), r.text
     wait_for(lambda: ((hub.api(f"users/{user}").json().get("servers") or {}).get(server) or {}).get("ready"), 180,
              f"{user}'s server {server}")
-
-
-def wait_for(predicate: Any, timeout: float = 60.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def service_status(hub: Hub) -> dict[str, Any]:

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -24,6 +22,8 @@ from jupyter_swapserve.service.placement import Placement
 from jupyter_swapserve.service.reservations import ReservationManager
 from jupyter_swapserve.service.states import State
 from jupyter_swapserve.service.steps import DriverSteps, StepTiming, SwapRecord
+
+from .kernel_processes import kernel_process
 
 GIB = 1024**3
 
@@ -50,24 +50,6 @@ class Facts:
 
     async def facts(self) -> list[KernelFacts]:
         return list(self.kernels.values())
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in started:
-        proc.kill()
-        proc.wait()
-
-
-def kernel_process(processes: list[subprocess.Popen[bytes]]) -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    processes.append(proc)
-    deadline = time.monotonic() + 20
-    while rss_bytes([proc.pid]) < 2**20 and time.monotonic() < deadline:  # until the interpreter is up
-        time.sleep(0.02)
-    return proc.pid
 
 
 def tenants(capacity_gib: float, limits: object = None) -> tuple[KernelTenants, Facts, ReservationManager, Recorder]:

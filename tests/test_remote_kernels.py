@@ -7,11 +7,8 @@ The whole path, with real servers under a real JupyterHub, is tests/test_hub_ker
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -29,29 +26,10 @@ from jupyter_swapserve.service.reservations import ReservationManager
 from jupyter_swapserve.service.states import State
 from jupyter_swapserve.service.steps import DriverSteps, SwapRecord
 
+from .kernel_processes import kernel_process
 from .test_status_schema import status_errors
 
 HOST = "this-host"
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in started:
-        proc.kill()
-        proc.wait()
-
-
-def kernel_process(processes: list[subprocess.Popen[bytes]], user: str = "ada") -> int:
-    """A process of ``user``'s server, as JupyterHub starts them (JUPYTERHUB_USER in its environment)."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; b = b'x' * (50 << 20); time.sleep(120)"],
-                            env={**os.environ, "JUPYTERHUB_USER": user})
-    processes.append(proc)
-    deadline = time.monotonic() + 20
-    while rss_bytes([proc.pid]) < 50 << 20 and time.monotonic() < deadline:  # its 50 MiB held
-        time.sleep(0.02)
-    return proc.pid
 
 
 def kernel_report(kernel_id: str, pid: int, *, resident: bool = True, busy: bool = False, moves: int = 0,
